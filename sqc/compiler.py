@@ -1,0 +1,242 @@
+"""``sqc.compile``: trace, run the pass pipeline, return a drop-in compiled model."""
+from __future__ import annotations
+
+import gc
+import json
+import time
+from typing import Any, Callable, Sequence
+
+import torch
+from torch import nn
+
+from .codegen.target import TargetSpec, parse_target
+from .config import QuantConfig, resolve_config
+from .passes.annotate_sensitivity import AnnotateSensitivity
+from .passes.base import CompileContext, IRDumpInstrument, LayerReport, PassManager, TimingInstrument
+from .passes.fit_codebook import FitCodebook
+from .passes.lower import Lower
+from .passes.pack_layout import PackLayout
+from .passes.split_outliers import SplitOutliers
+from .runtime.qlinear import SqcLinear
+from .trace import trace
+
+__all__ = ["compile", "CompiledModel", "default_pipeline"]
+
+
+def default_pipeline() -> list:
+    """The pass list, in order. A disabled pass is left out of this list."""
+    return [
+        # analysis
+        AnnotateSensitivity(),
+        # dense-and-sparse decomposition
+        SplitOutliers(),
+        FitCodebook(),
+        # representation
+        PackLayout(),
+        # graph rewrite
+        Lower(),
+    ]
+
+
+class CompiledModel(nn.Module):
+    """A compiled model: call it like the original; attributes fall through to it.
+
+    ``compiled.generate(...)`` works for Hugging Face causal LMs because the
+    wrapped model is the original class with its linears replaced by
+    :class:`~sqc.runtime.qlinear.SqcLinear`.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        config: QuantConfig,
+        target: TargetSpec,
+        layers: Sequence[LayerReport],
+        notes: Sequence[str] = (),
+        stage_seconds: dict[str, float] | None = None,
+        graph_module: torch.fx.GraphModule | None = None,
+        float_weight_bytes: int = 0,
+    ) -> None:
+        super().__init__()
+        self.model = model
+        self.config = config
+        self.target = target
+        self.layers = list(layers)
+        self.notes = list(notes)
+        self.stage_seconds = dict(stage_seconds or {})
+        # not a submodule: it shares every tensor with ``model``
+        self.__dict__["graph_module"] = graph_module
+        self.float_weight_bytes = float_weight_bytes
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        return self.model(*args, **kwargs)
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            model = self._modules.get("model")
+            if model is None:
+                raise
+            return getattr(model, name)
+
+    # -- reporting ---------------------------------------------------------------
+    def quantized_modules(self) -> dict[str, SqcLinear]:
+        return {n: m for n, m in self.model.named_modules() if isinstance(m, SqcLinear)}
+
+    def weight_bytes(self) -> dict[str, int]:
+        """Resident bytes of the quantized layers' weights, before (float) and after (packed)."""
+        after = 0
+        for m in self.quantized_modules().values():
+            after += sum(t.numel() * t.element_size() for t in (m.codes, m.lut, m.crow, m.col, m.val))
+        return {"float_before": self.float_weight_bytes, "packed_after": after}
+
+    def report_dict(self) -> dict[str, Any]:
+        return {
+            "config": self.config.to_dict(),
+            "target": str(self.target),
+            "notes": self.notes,
+            "stage_seconds": self.stage_seconds,
+            "weight_bytes": self.weight_bytes(),
+            "layers": [
+                {
+                    "module": r.module,
+                    "shape": [r.out_features, r.in_features],
+                    "quantized": r.quantized,
+                    "reason": r.reason,
+                    "bits": r.bits,
+                    "sparse_nnz": r.sparse_nnz,
+                    "sparse_pct": r.sparse_pct,
+                    "weighted_error": r.weighted_error,
+                    "mse": r.mse,
+                    "bytes": r.packed_bytes,
+                    "bits_per_weight": r.bits_per_weight,
+                    "kernel": r.kernel,
+                    "notes": r.notes,
+                }
+                for r in self.layers
+            ],
+        }
+
+    def report(self) -> str:
+        """A per-layer table: bits, sparse %, weighted error, bytes, kernel used."""
+        lines = [
+            f"sqc compile report  config={self.config.to_json()}  target={self.target}",
+            f"{'layer':<44} {'shape':>12} {'bits':>4} {'sparse%':>8} {'w.error':>10} {'bytes':>10} {'b/w':>6}  kernel",
+        ]
+        for r in self.layers:
+            shape = f"{r.out_features}x{r.in_features}"
+            if not r.quantized:
+                lines.append(f"{r.module:<44} {shape:>12} {'-':>4} {'-':>8} {'-':>10} {'-':>10} {'-':>6}  float (not quantized: {r.reason})")
+                continue
+            nbytes = sum(r.packed_bytes.values())
+            err = f"{r.weighted_error:.3e}" if r.weighted_error is not None else "-"
+            bpw = f"{r.bits_per_weight:.3f}" if r.bits_per_weight is not None else "-"
+            kern = r.kernel or "-"
+            if kern == "reference":
+                kern = "reference (plain PyTorch op; no generated kernel for this target yet)"
+            lines.append(f"{r.module:<44} {shape:>12} {r.bits:>4} {r.sparse_pct:>8.3f} {err:>10} {nbytes:>10} {bpw:>6}  {kern}")
+        wb = self.weight_bytes()
+        nq = sum(r.quantized for r in self.layers)
+        lines.append(
+            f"{nq} of {len(self.layers)} linear layers quantized; weights of quantized layers: "
+            f"{wb['float_before'] / 2**20:.1f} MiB float -> {wb['packed_after'] / 2**20:.1f} MiB packed"
+        )
+        for note in self.notes:
+            lines.append(f"note: {note}")
+        if self.stage_seconds:
+            lines.append("stage seconds: " + json.dumps({k: round(v, 2) for k, v in self.stage_seconds.items()}))
+        return "\n".join(lines)
+
+
+def compile(  # noqa: A001 - the public name
+    model: nn.Module,
+    example_inputs: Sequence[Any] | None = None,
+    *,
+    config: QuantConfig | str | dict | None = None,
+    calibration: Sequence[tuple] | None = None,
+    loss_fn: Callable[[Any, tuple], torch.Tensor] | None = None,
+    target: Any = "llvm",
+    example_kwargs: dict[str, Any] | None = None,
+    dump_ir: str | None = None,
+    progress: Callable[[str, int, int], None] | None = None,
+) -> CompiledModel:
+    """Quantize every linear layer of ``model`` to a dense-and-sparse codebook.
+
+    Parameters
+    ----------
+    model : the float model; it is modified in place (its quantized
+        ``nn.Linear`` modules are replaced and their float weights released).
+    example_inputs : a tuple of ``forward`` arguments used for tracing. For a
+        model calibrated with ``calibration`` it defaults to the first sample.
+    config : a :class:`QuantConfig`, a preset name (``"w3-s0.45"``...) or a dict.
+    calibration : a list of input tuples; ``None`` means no Fisher information
+        (plain k-means, no sensitive weights).
+    loss_fn : ``loss_fn(output, sample) -> scalar``; required with calibration
+        unless the model is a Hugging Face causal LM (next-token loss).
+    target : ``"llvm"``, ``"llvm -mcpu=..."``, ``"cuda -arch=sm_86"``, a dict or
+        a ``tvm.target.Target``.
+    dump_ir : a folder to write the graph after every pass.
+    progress : ``progress(stage, done, total)`` callback.
+
+    Examples
+    --------
+    >>> import torch, sqc
+    >>> mlp = torch.nn.Sequential(torch.nn.Linear(64, 32), torch.nn.ReLU(), torch.nn.Linear(32, 8))
+    >>> x = torch.randn(4, 64)
+    >>> compiled = sqc.compile(mlp, (x,), config="w4")
+    >>> compiled(x).shape
+    torch.Size([4, 8])
+    """
+    cfg = resolve_config(config)
+    spec = parse_target(target)
+    if calibration is not None:
+        calibration = list(calibration)
+        if not calibration:
+            raise ValueError("calibration is an empty list: pass None for no calibration, or some samples")
+    if example_inputs is None:
+        if not calibration:
+            raise ValueError("sqc.compile needs example_inputs (a tuple of forward() arguments) to trace the model")
+        example_inputs = tuple(calibration[0])
+
+    t0 = time.perf_counter()
+    traced = trace(model, example_inputs, example_kwargs, skip=cfg.skip)
+    trace_s = time.perf_counter() - t0
+
+    ctx = CompileContext(
+        model=model,
+        config=cfg,
+        calibration=calibration,
+        loss_fn=loss_fn,
+        call_kwargs={k: v for k, v in traced.example_kwargs.items() if k == "use_cache"},
+        target=spec,
+        progress=progress,
+    )
+    ctx.stage_seconds["trace"] = trace_s
+    for site in traced.sites.values():
+        ctx.layer(site)
+    float_bytes = 0
+    params = dict(model.named_parameters())
+    for site in traced.sites.values():
+        if site.quantized:
+            w = params[site.weight]
+            float_bytes += w.numel() * w.element_size()
+    if spec.kernel_name() == "reference":
+        ctx.notes.append(f"no generated kernels for target '{spec}' yet: every quantized layer runs the reference op")
+
+    instruments: list = [TimingInstrument()]
+    if dump_ir:
+        instruments.append(IRDumpInstrument(dump_ir))
+    gm = PassManager(default_pipeline(), instruments).run(traced.graph_module, ctx)
+    del params, traced
+    gc.collect()
+    return CompiledModel(
+        model,
+        cfg,
+        spec,
+        list(ctx.layers.values()),
+        ctx.notes,
+        ctx.stage_seconds,
+        gm,
+        float_bytes,
+    )

@@ -1,0 +1,177 @@
+"""Typed, frozen, versioned quantization config.
+
+``QuantConfig`` is the single description of *what* sqc does to a model. It is
+validated at construction, immutable, and round-trips through JSON so that an
+artifact records exactly the settings it was produced with.
+
+Presets
+-------
+``"w4"``, ``"w3"`` (dense only) and ``"w4-s0.45"``, ``"w3-s0.45"`` (0.40 % of the
+largest-magnitude weights plus 0.05 % of the most sensitive ones kept exactly in
+the sparse part) are accepted wherever a config is.
+"""
+from __future__ import annotations
+
+import dataclasses
+import enum
+import json
+from typing import Any, Mapping
+
+CONFIG_VERSION = 1
+
+__all__ = ["QuantConfig", "TableDType", "PRESETS", "resolve_config", "CONFIG_VERSION"]
+
+
+class TableDType(str, enum.Enum):
+    """Storage dtype of the per-row lookup tables (centroids)."""
+
+    FLOAT16 = "float16"
+    BFLOAT16 = "bfloat16"
+    FLOAT32 = "float32"
+
+
+@dataclasses.dataclass(frozen=True)
+class QuantConfig:
+    """Settings of a dense-and-sparse quantization.
+
+    Parameters
+    ----------
+    bits : int
+        Code width of the dense part, 2..8. Each output row gets ``2**bits``
+        centroids.
+    outlier_pct : float
+        Percent (0..10) of each matrix's entries with the largest ``|w|`` that
+        are kept exactly in the sparse part.
+    sensitive_pct : float
+        Percent (0..10) of each matrix's entries with the largest Fisher value
+        kept exactly in the sparse part (needs calibration data; ignored,
+        with a report note, without it).
+    table_dtype : TableDType
+        Storage dtype of the lookup tables. fp16 by default.
+    kmeans_iters : int
+        Lloyd iterations per initialisation of the weighted 1-D k-means.
+    seed : int
+        Seed of the (deterministic) jittered initialisation.
+    skip : tuple of str
+        ``fnmatch`` patterns of module names that are left in floating point.
+    chunk_rows : int
+        Rows fitted per JAX call; bounds the fitting memory.
+
+    Examples
+    --------
+    >>> cfg = QuantConfig(bits=3, outlier_pct=0.40, sensitive_pct=0.05)
+    >>> QuantConfig.from_json(cfg.to_json()) == cfg
+    True
+    >>> resolve_config("w4-s0.45").bits
+    4
+    """
+
+    bits: int = 3
+    outlier_pct: float = 0.40
+    sensitive_pct: float = 0.05
+    table_dtype: TableDType = TableDType.FLOAT16
+    kmeans_iters: int = 32
+    seed: int = 0
+    skip: tuple[str, ...] = ()
+    chunk_rows: int = 2048
+    version: int = CONFIG_VERSION
+
+    def __post_init__(self) -> None:
+        if isinstance(self.bits, bool) or not isinstance(self.bits, int) or not 2 <= self.bits <= 8:
+            raise ValueError(
+                f"QuantConfig.bits must be an integer in 2..8, got {self.bits!r}. "
+                "Use 3 or 4 for the SqueezeLLM settings."
+            )
+        for name in ("outlier_pct", "sensitive_pct"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise TypeError(f"QuantConfig.{name} must be a number, got {value!r}")
+            if not 0.0 <= float(value) <= 10.0 or value != value:
+                raise ValueError(
+                    f"QuantConfig.{name} is a percentage of each matrix and must lie in [0, 10], "
+                    f"got {value!r} (0.40 / 0.05 are the SqueezeLLM values)."
+                )
+            object.__setattr__(self, name, float(value))
+        if not isinstance(self.table_dtype, TableDType):
+            try:
+                object.__setattr__(self, "table_dtype", TableDType(self.table_dtype))
+            except ValueError:
+                valid = ", ".join(t.value for t in TableDType)
+                raise ValueError(
+                    f"QuantConfig.table_dtype {self.table_dtype!r} is not one of: {valid}"
+                ) from None
+        if not isinstance(self.kmeans_iters, int) or not 1 <= self.kmeans_iters <= 10_000:
+            raise ValueError(f"QuantConfig.kmeans_iters must be in 1..10000, got {self.kmeans_iters!r}")
+        if not isinstance(self.chunk_rows, int) or self.chunk_rows < 1:
+            raise ValueError(f"QuantConfig.chunk_rows must be a positive int, got {self.chunk_rows!r}")
+        if isinstance(self.skip, str):
+            raise TypeError("QuantConfig.skip is a tuple of patterns, e.g. ('lm_head',), not a string")
+        object.__setattr__(self, "skip", tuple(str(s) for s in self.skip))
+        if self.version != CONFIG_VERSION:
+            raise ValueError(
+                f"QuantConfig version {self.version} is not supported by this sqc "
+                f"(it reads version {CONFIG_VERSION}); upgrade sqc."
+            )
+
+    # -- derived -----------------------------------------------------------------
+    @property
+    def n_centroids(self) -> int:
+        return 1 << self.bits
+
+    @property
+    def sparse_pct(self) -> float:
+        return self.outlier_pct + self.sensitive_pct
+
+    # -- serialisation -----------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["table_dtype"] = self.table_dtype.value
+        d["skip"] = list(self.skip)
+        return d
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "QuantConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise ValueError(f"unknown QuantConfig fields {sorted(unknown)}; known: {sorted(known)}")
+        d = dict(d)
+        if "skip" in d:
+            d["skip"] = tuple(d["skip"])
+        return cls(**d)
+
+    @classmethod
+    def from_json(cls, s: str) -> "QuantConfig":
+        return cls.from_dict(json.loads(s))
+
+    def replace(self, **changes: Any) -> "QuantConfig":
+        return dataclasses.replace(self, **changes)
+
+
+PRESETS: dict[str, QuantConfig] = {
+    "w4": QuantConfig(bits=4, outlier_pct=0.0, sensitive_pct=0.0),
+    "w3": QuantConfig(bits=3, outlier_pct=0.0, sensitive_pct=0.0),
+    "w4-s0.45": QuantConfig(bits=4, outlier_pct=0.40, sensitive_pct=0.05),
+    "w3-s0.45": QuantConfig(bits=3, outlier_pct=0.40, sensitive_pct=0.05),
+}
+
+
+def resolve_config(config: "QuantConfig | str | Mapping[str, Any] | None") -> QuantConfig:
+    """Turn a config, preset name, or dict into a ``QuantConfig``."""
+    if config is None:
+        return PRESETS["w3-s0.45"]
+    if isinstance(config, QuantConfig):
+        return config
+    if isinstance(config, str):
+        try:
+            return PRESETS[config]
+        except KeyError:
+            raise ValueError(
+                f"unknown preset {config!r}; valid presets: {', '.join(PRESETS)}"
+            ) from None
+    if isinstance(config, Mapping):
+        return QuantConfig.from_dict(config)
+    raise TypeError(f"config must be a QuantConfig, a preset name or a dict, got {type(config).__name__}")

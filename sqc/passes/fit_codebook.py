@@ -1,0 +1,107 @@
+"""FitCodebook: one sensitivity-weighted k-means codebook per output row.
+
+Reads ``sqc.site``, ``sqc.fisher``, ``sqc.sparse``; writes ``sqc.codebook``
+(store key of ``(lut, codes)``: the table in the config's table dtype and the
+``[R, K]`` uint8 codes, each the nearest entry of the *stored* table).
+
+Rows of all layers that share ``in_features`` are fitted together in JAX
+(:func:`sqc.quant.kmeans.fit_rows`: jit + vmap over rows, in fixed-size
+chunks), in batches of whole layers so memory stays bounded. Split-off
+entries carry zero weight; without calibration every weight counts equally.
+"""
+from __future__ import annotations
+
+from collections import defaultdict
+
+import numpy as np
+import torch
+
+from ..quant.kmeans import fit_rows
+from ..trace import SITE
+from .base import CompileContext, Pass, PassResult, require_meta, unique_sites
+from .split_outliers import check_finite
+
+__all__ = ["FitCodebook", "assign_codes"]
+
+_TABLE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+_MAX_ROWS_PER_BATCH = 1 << 17
+
+
+def assign_codes(w: torch.Tensor, lut: torch.Tensor) -> torch.Tensor:
+    """Index of the nearest table entry for every weight (tables ascending per row)."""
+    c = lut.float()
+    mid = 0.5 * (c[:, 1:] + c[:, :-1])
+    return torch.searchsorted(mid.contiguous(), w.float().contiguous(), side="left").to(torch.uint8)
+
+
+class FitCodebook(Pass):
+    name = "FitCodebook"
+    requires = (SITE, "sqc.fisher", "sqc.sparse")
+    ensures = ("sqc.codebook",)
+
+    def run(self, gm, ctx: CompileContext) -> PassResult:
+        cfg = ctx.config
+        table_dtype = _TABLE_DTYPES[cfg.table_dtype.value]
+        params = dict(ctx.model.named_parameters())
+        groups: dict[int, list] = defaultdict(list)
+        for site, nodes in unique_sites(gm):
+            groups[site.in_features].append((site, nodes))
+
+        done = 0
+        total = sum(len(v) for v in groups.values())
+        for K, members in sorted(groups.items()):
+            # batches of whole layers, at most _MAX_ROWS_PER_BATCH rows each
+            batch: list = []
+            rows = 0
+            for item in members + [None]:
+                if item is not None and (not batch or rows + item[0].out_features <= _MAX_ROWS_PER_BATCH):
+                    batch.append(item)
+                    rows += item[0].out_features
+                    continue
+                self._fit_batch(batch, params, ctx, table_dtype)
+                done += len(batch)
+                ctx.tick("fit codebooks", done, total)
+                batch, rows = ([item], item[0].out_features) if item is not None else ([], 0)
+        return PassResult(gm, False, {"layers": total})
+
+    def _fit_batch(self, batch, params, ctx: CompileContext, table_dtype) -> None:
+        cfg = ctx.config
+        ws, fs, acts = [], [], []
+        any_fisher = False
+        for site, nodes in batch:
+            w = params[site.weight].detach()
+            check_finite(site.module, w)
+            fkey = require_meta(nodes[0], "sqc.fisher")
+            mask = ctx.store.get("sparse", require_meta(nodes[0], "sqc.sparse"))
+            f = ctx.store.get("fisher", fkey) if fkey is not None else None
+            any_fisher |= f is not None
+            ws.append(w.float().numpy())
+            fs.append(None if f is None else f.numpy())
+            acts.append((~mask).numpy())
+        W = np.concatenate(ws)
+        F = None if not any_fisher else np.concatenate(
+            [f if f is not None else np.ones_like(w) for f, w in zip(fs, ws)]
+        )
+        A = np.concatenate(acts)
+        res = fit_rows(W, F, A, cfg.bits, iters=cfg.kmeans_iters, chunk_rows=cfg.chunk_rows)
+        start = 0
+        for (site, nodes), w_np, f_np, act in zip(batch, ws, fs, acts):
+            R = site.out_features
+            cents = torch.from_numpy(res.centroids[start : start + R])
+            start += R
+            lut = cents.to(table_dtype)
+            # rounding to the table dtype keeps the order; re-sort to be safe
+            lut = torch.sort(lut.float(), dim=1).values.to(table_dtype)
+            w = torch.from_numpy(w_np)
+            codes = assign_codes(w, lut)
+            key = ctx.store.put("codebook", site.weight, (lut, codes))
+            for n in nodes:
+                n.meta["sqc.codebook"] = key
+            # weighted error over the whole matrix; sparse entries are exact (zero error)
+            err = (torch.gather(lut.float(), 1, codes.long()) - w) ** 2
+            err = err * torch.from_numpy(act)
+            f = torch.from_numpy(f_np) if f_np is not None else torch.ones_like(w)
+            rep = ctx.layer(site)
+            rep.bits = cfg.bits
+            rep.weighted_error = float((f.double() * err.double()).sum() / w.numel())
+            rep.mse = float(err.double().sum() / w.numel())

@@ -1,0 +1,323 @@
+"""The on-disk artifact: ``model.safetensors`` + ``manifest.json``, written atomically.
+
+Layout of an artifact folder::
+
+    manifest.json        format name + version, QuantConfig, target, model
+                         description, quantized layers, per-tensor sha256,
+                         tensor aliases (tied weights), the compile report
+    model.safetensors    every tensor of the compiled model (packed codes,
+                         tables, CSR parts, the float layers left unquantized,
+                         non-persistent buffers too)
+    report.json          the compile report (human and tool readable)
+
+The folder is first written under a temporary name next to the destination
+and renamed into place, so a crash never leaves a half-written artifact.
+Loading reads JSON and safetensors only (no pickle), checks the format
+version and every tensor's checksum.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..config import QuantConfig
+from .layout import PackedLinear
+from .qlinear import SqcLinear
+
+__all__ = ["save", "load", "ArtifactError", "FORMAT_NAME", "FORMAT_VERSION", "artifact_bits_per_weight"]
+
+FORMAT_NAME = "sqc-artifact"
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+TENSORS = "model.safetensors"
+
+
+class ArtifactError(RuntimeError):
+    """The artifact cannot be read; the message names the file and the fix."""
+
+
+def _sha256(t: torch.Tensor) -> str:
+    t = t.detach().contiguous().cpu()
+    return hashlib.sha256(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"").hexdigest()
+
+
+def _model_description(model: nn.Module) -> dict[str, Any]:
+    from ..trace import is_hf_model
+
+    if is_hf_model(model):
+        desc = {
+            "kind": "huggingface",
+            "class": type(model).__name__,
+            "config": model.config.to_dict(),
+        }
+        gen = getattr(model, "generation_config", None)
+        if gen is not None:
+            desc["generation_config"] = gen.to_dict()
+        return desc
+    return {"kind": "module", "class": f"{type(model).__module__}.{type(model).__qualname__}"}
+
+
+def _collect_tensors(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """All parameters and buffers (non-persistent ones too), tied tensors stored once."""
+    named: dict[str, torch.Tensor] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        named[name] = p.detach()
+    for name, b in model.named_buffers(remove_duplicate=False):
+        if b is not None:
+            named[name] = b.detach()
+    tensors: dict[str, torch.Tensor] = {}
+    aliases: dict[str, str] = {}
+    seen: dict[tuple, str] = {}
+    for name, t in named.items():
+        if t.device.type == "meta":
+            raise ArtifactError(f"tensor {name} is on the meta device; nothing to save")
+        key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), tuple(t.stride()), t.dtype)
+        if t.numel() and key in seen:
+            aliases[name] = seen[key]
+            continue
+        seen[key] = name
+        tensors[name] = t.contiguous()
+    return tensors, aliases
+
+
+def save(compiled, path: str | os.PathLike, overwrite: bool = False) -> str:
+    """Write ``compiled`` to the folder ``path`` atomically. Returns the path."""
+    from safetensors.torch import save_file
+
+    path = os.path.abspath(os.fspath(path))
+    if os.path.exists(path) and not overwrite:
+        raise FileExistsError(f"{path} already exists; pass overwrite=True or choose another folder")
+    parent = os.path.dirname(path)
+    os.makedirs(parent, exist_ok=True)
+    model = compiled.model
+    tensors, aliases = _collect_tensors(model)
+    report = compiled.report_dict()
+    layers = {
+        name: {
+            "bits": m.bits,
+            "in_features": m.in_features,
+            "out_features": m.out_features,
+            "bias": m.bias is not None,
+            "kernel": m.kernel,
+        }
+        for name, m in compiled.quantized_modules().items()
+    }
+    manifest = {
+        "format": FORMAT_NAME,
+        "format_version": FORMAT_VERSION,
+        "config": compiled.config.to_dict(),
+        "target": str(compiled.target),
+        "model": _model_description(model),
+        "layers": layers,
+        "persistent": sorted(model.state_dict().keys()),
+        "tensors": {
+            n: {"dtype": str(t.dtype).replace("torch.", ""), "shape": list(t.shape), "sha256": _sha256(t)}
+            for n, t in tensors.items()
+        },
+        "aliases": aliases,
+        "float_weight_bytes": compiled.float_weight_bytes,
+    }
+    tmp = tempfile.mkdtemp(prefix=".sqc-tmp-", dir=parent)
+    try:
+        save_file(tensors, os.path.join(tmp, TENSORS), metadata={"format": FORMAT_NAME})
+        for fname, obj in ((MANIFEST, manifest), ("report.json", report)):
+            with open(os.path.join(tmp, fname), "w") as fh:
+                json.dump(obj, fh, indent=1, default=str)
+                fh.flush()
+                os.fsync(fh.fileno())
+        if os.path.exists(path):
+            old = tempfile.mkdtemp(prefix=".sqc-old-", dir=parent)
+            os.rename(path, os.path.join(old, "a"))
+            os.rename(tmp, path)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.rename(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return path
+
+
+def _read_manifest(path: str) -> dict[str, Any]:
+    mpath = os.path.join(path, MANIFEST)
+    if not os.path.isdir(path):
+        raise ArtifactError(f"{path} is not a folder; sqc.load takes the folder written by sqc.save")
+    if not os.path.exists(mpath):
+        raise ArtifactError(f"{mpath} is missing: {path} is not an sqc artifact (or an interrupted save)")
+    try:
+        with open(mpath) as fh:
+            manifest = json.load(fh)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ArtifactError(f"{mpath} is corrupted (not valid JSON: {e}); re-create the artifact with sqc.save") from e
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT_NAME:
+        raise ArtifactError(f"{mpath} is not an sqc manifest (format {manifest.get('format') if isinstance(manifest, dict) else None!r})")
+    version = manifest.get("format_version")
+    if not isinstance(version, int):
+        raise ArtifactError(f"{mpath} has no integer format_version")
+    if version > FORMAT_VERSION:
+        raise ArtifactError(
+            f"{path} has artifact format version {version}, newer than this sqc reads ({FORMAT_VERSION}); upgrade sqc"
+        )
+    if version < FORMAT_VERSION:
+        raise ArtifactError(
+            f"{path} has artifact format version {version}, older than this sqc reads ({FORMAT_VERSION}); "
+            "re-create it with sqc.save"
+        )
+    return manifest
+
+
+def _read_tensors(path: str, manifest: dict[str, Any]) -> dict[str, torch.Tensor]:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    tpath = os.path.join(path, TENSORS)
+    if not os.path.exists(tpath):
+        raise ArtifactError(f"{tpath} is missing; re-create the artifact with sqc.save")
+    try:
+        tensors = load_file(tpath)
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        raise ArtifactError(f"{tpath} is truncated or corrupted ({e}); re-create the artifact with sqc.save") from e
+    expected = manifest.get("tensors", {})
+    missing = sorted(set(expected) - set(tensors))
+    extra = sorted(set(tensors) - set(expected))
+    if missing or extra:
+        raise ArtifactError(f"{tpath} does not match {MANIFEST}: missing {missing[:5]}, unexpected {extra[:5]}")
+    for name, info in expected.items():
+        if _sha256(tensors[name]) != info["sha256"]:
+            raise ArtifactError(
+                f"{tpath}: tensor {name} fails its checksum (the file is corrupted); re-create the artifact"
+            )
+    return tensors
+
+
+def _instantiate_hf(desc: dict[str, Any]) -> nn.Module:
+    import transformers
+
+    cls = getattr(transformers, desc["class"], None)
+    if cls is None:
+        raise ArtifactError(f"transformers has no class {desc['class']}; install a transformers that does")
+    cfg_dict = dict(desc["config"])
+    config = cls.config_class.from_dict(cfg_dict)
+    with torch.device("meta"):
+        model = cls._from_config(config)
+    if "generation_config" in desc:
+        model.generation_config = transformers.GenerationConfig.from_dict(desc["generation_config"])
+    return model
+
+
+def _set_tensor(model: nn.Module, name: str, t: torch.Tensor, persistent: bool) -> None:
+    mod_name, _, attr = name.rpartition(".")
+    mod = model.get_submodule(mod_name) if mod_name else model
+    if attr in mod._parameters:
+        mod._parameters[attr] = nn.Parameter(t, requires_grad=False)
+    elif attr in mod._buffers:
+        mod._buffers[attr] = t
+    else:
+        raise ArtifactError(f"the model has no parameter or buffer {name}; is it the architecture that was compiled?")
+
+
+def load(path: str | os.PathLike, model: nn.Module | None = None):
+    """Load an artifact written by :func:`save`; no re-quantization.
+
+    A Hugging Face model is rebuilt from the config stored in the artifact. Any
+    other model must be passed as ``model``: an instance of the original
+    architecture (its weights may be on the meta device).
+    """
+    from ..codegen.target import parse_target
+    from ..compiler import CompiledModel
+    from ..passes.base import LayerReport
+    from ..passes.lower import replace_module
+
+    path = os.path.abspath(os.fspath(path))
+    manifest = _read_manifest(path)
+    tensors = _read_tensors(path, manifest)
+    try:
+        config = QuantConfig.from_dict(manifest["config"])
+    except (KeyError, ValueError, TypeError) as e:
+        raise ArtifactError(f"{path}: invalid config in manifest ({e})") from e
+    desc = manifest["model"]
+    if model is None:
+        if desc.get("kind") != "huggingface":
+            raise ArtifactError(
+                f"{path} holds a {desc.get('class')} model: pass model=<an instance of that class> to sqc.load "
+                "(its weights may be on the meta device)"
+            )
+        model = _instantiate_hf(desc)
+    for name, info in manifest["layers"].items():
+        try:
+            packed = PackedLinear(
+                info["bits"], info["in_features"], info["out_features"],
+                *(tensors[f"{name}.{t}"] for t in PackedLinear.TENSORS),
+            )
+        except KeyError as e:
+            raise ArtifactError(f"{path}: layer {name} lacks tensor {e}") from e
+        bias = tensors.get(f"{name}.bias") if info["bias"] else None
+        try:
+            model.get_submodule(name)
+        except AttributeError as e:
+            raise ArtifactError(f"{path}: the model has no module {name}; pass the architecture that was compiled") from e
+        replace_module(model, name, SqcLinear(packed, bias, kernel=info.get("kernel", "reference")))
+    persistent = set(manifest.get("persistent", []))
+    for name, t in tensors.items():
+        _set_tensor(model, name, t, name in persistent)
+    for alias, target in manifest.get("aliases", {}).items():
+        _set_tensor(model, alias, tensors[target], alias in persistent)
+    leftovers = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t is not None and t.device.type == "meta"]
+    if leftovers:
+        raise ArtifactError(f"{path}: no data for {leftovers[:5]}; the artifact does not match this model")
+    model.eval()
+    report = {}
+    rpath = os.path.join(path, "report.json")
+    if os.path.exists(rpath):
+        with open(rpath) as fh:
+            report = json.load(fh)
+    layers = []
+    for r in report.get("layers", []):
+        out_f, in_f = r["shape"]
+        layers.append(LayerReport(
+            r["module"], in_f, out_f, r["quantized"], r["reason"], r["bits"], r["sparse_nnz"], r["sparse_pct"],
+            r["weighted_error"], r["mse"], 0, r["bytes"] or {}, r["kernel"], r.get("notes", []),
+        ))
+    return CompiledModel(
+        model, config, parse_target(manifest["target"]), layers, report.get("notes", []),
+        report.get("stage_seconds", {}), None, manifest.get("float_weight_bytes", 0),
+    )
+
+
+def artifact_bits_per_weight(path: str | os.PathLike) -> dict[str, Any]:
+    """Stored bits per weight of every quantized layer, read from the saved file's header.
+
+    Counts codes + tables + sparse values, column indices and row pointers
+    (bias and unquantized layers are not weights of the quantized matrices).
+    """
+    from safetensors import safe_open
+
+    path = os.fspath(path)
+    manifest = _read_manifest(path)
+    per_layer = {}
+    total_bits = 0
+    total_weights = 0
+    with safe_open(os.path.join(path, TENSORS), framework="pt") as fh:
+        for name, info in manifest["layers"].items():
+            nbytes = 0
+            for t in PackedLinear.TENSORS:
+                sl = fh.get_slice(f"{name}.{t}")
+                n = 1
+                for s in sl.get_shape():
+                    n *= s
+                nbytes += n * _DTYPE_BYTES[sl.get_dtype()]
+            n_w = info["in_features"] * info["out_features"]
+            per_layer[name] = 8.0 * nbytes / n_w
+            total_bits += 8 * nbytes
+            total_weights += n_w
+    return {"layers": per_layer, "overall": total_bits / max(total_weights, 1)}
+
+
+_DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}

@@ -1,0 +1,188 @@
+"""The canonical (interchange) packed layout of a dense-and-sparse linear weight.
+
+Bit layout of the codes
+-----------------------
+A row of ``K`` codes of ``b`` bits (2 <= b <= 8) is padded with code 0 to
+``K_pad = 32 * ceil(K / 32)`` and cut into groups of 32 consecutive columns.
+Group ``g`` (columns ``32g .. 32g+31``) is stored in the ``b`` int32 words
+``words[row, g*b : g*b + b]``. Read those words as one little-endian bit
+stream of ``32*b`` bits (word ``g*b`` holds stream bits 0..31, word
+``g*b+1`` bits 32..63, ...). Code ``i`` of the group occupies stream bits
+``i*b .. i*b + b - 1``, least significant bit first. So
+
+* b = 4: 8 codes per word, code ``i`` at bits ``4*(i % 8)`` of word ``i // 8``;
+* b = 3: 32 codes in 3 words; codes 10 and 21 straddle a word boundary;
+* b = 8: 4 codes per word, one per byte.
+
+Words are stored as int32 (the bit pattern of the uint32 word).
+
+The sparse part
+---------------
+A CSR matrix over the same ``[out_features, in_features]`` grid:
+``crow`` int32 ``[R + 1]``, ``col`` in the narrowest integer type that holds
+``in_features - 1`` (uint8 up to 256 columns, int16 up to 32768, else int32),
+``val`` the *original* weight values in the weight's own dtype, exact.
+
+Semantics (the reference op implements exactly this)::
+
+    W_hat[r, c] = lut[r, code[r, c]]           if (r, c) not in S
+    W_hat[r, c] = val at (r, c)                if (r, c) in S
+
+i.e. ``W_hat = LUT[code] + D`` where ``D`` is the exact difference
+``W - LUT[code]`` at the sparse positions. Storing ``W`` rather than a
+rounded difference is what makes ``W_hat == W`` hold bit for bit there;
+kernels form the difference in fp32 when they need an additive correction.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+__all__ = ["PackedLinear", "pack_codes", "unpack_codes", "words_per_row", "col_dtype_for"]
+
+_GROUP = 32
+
+
+def words_per_row(in_features: int, bits: int) -> int:
+    return -(-in_features // _GROUP) * bits
+
+
+def col_dtype_for(in_features: int) -> torch.dtype:
+    """Narrowest integer dtype that holds every column index of the matrix."""
+    if in_features <= 1 << 8:
+        return torch.uint8
+    if in_features <= 1 << 15:
+        return torch.int16
+    return torch.int32
+
+
+def _check_bits(bits: int) -> None:
+    if not 2 <= bits <= 8:
+        raise ValueError(f"code width must be in 2..8, got {bits}")
+
+
+def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """Pack ``[R, K]`` integer codes (each < 2**bits) into ``[R, words_per_row]`` int32."""
+    _check_bits(bits)
+    if codes.ndim != 2:
+        raise ValueError(f"codes must be 2-D [rows, in_features], got shape {tuple(codes.shape)}")
+    R, K = codes.shape
+    c = codes.to(torch.int64)
+    if c.numel() and (int(c.min()) < 0 or int(c.max()) >= 1 << bits):
+        raise ValueError(f"codes out of range for {bits}-bit packing")
+    G = -(-K // _GROUP)
+    if G * _GROUP != K:
+        c = torch.nn.functional.pad(c, (0, G * _GROUP - K))
+    c = c.view(R, G, _GROUP)
+    words = torch.zeros((R, G, bits), dtype=torch.int64)
+    for i in range(_GROUP):
+        pos = i * bits
+        w, sh = divmod(pos, 32)
+        words[:, :, w] |= c[:, :, i] << sh
+        if sh + bits > 32:
+            words[:, :, w + 1] |= c[:, :, i] >> (32 - sh)
+    words &= 0xFFFFFFFF
+    words = torch.where(words >= 1 << 31, words - (1 << 32), words)
+    return words.view(R, G * bits).to(torch.int32)
+
+
+def unpack_codes(words: torch.Tensor, bits: int, in_features: int) -> torch.Tensor:
+    """Inverse of :func:`pack_codes`: ``[R, words_per_row]`` int32 -> ``[R, in_features]`` int64."""
+    _check_bits(bits)
+    R, W = words.shape
+    if W != words_per_row(in_features, bits):
+        raise ValueError(
+            f"{W} words per row do not hold {in_features} {bits}-bit codes "
+            f"(expected {words_per_row(in_features, bits)})"
+        )
+    G = W // bits
+    u = words.to(torch.int64).view(R, G, bits) & 0xFFFFFFFF
+    out = torch.empty((R, G, _GROUP), dtype=torch.int64)
+    mask = (1 << bits) - 1
+    for i in range(_GROUP):
+        pos = i * bits
+        w, sh = divmod(pos, 32)
+        v = u[:, :, w] >> sh
+        if sh + bits > 32:
+            v = v | (u[:, :, w + 1] << (32 - sh))
+        out[:, :, i] = v & mask
+    return out.view(R, G * _GROUP)[:, :in_features]
+
+
+@dataclasses.dataclass
+class PackedLinear:
+    """One quantized weight in the canonical layout (see the module docstring)."""
+
+    bits: int
+    in_features: int
+    out_features: int
+    codes: torch.Tensor  # int32 [R, words_per_row]
+    lut: torch.Tensor  # [R, 2**bits], table dtype
+    crow: torch.Tensor  # int32 [R + 1]
+    col: torch.Tensor  # narrow int [nnz]
+    val: torch.Tensor  # weight dtype [nnz]
+
+    TENSORS = ("codes", "lut", "crow", "col", "val")
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self, name: str = "layer") -> None:
+        R, K, b = self.out_features, self.in_features, self.bits
+        _check_bits(b)
+        problems = []
+        if self.codes.dtype != torch.int32 or tuple(self.codes.shape) != (R, words_per_row(K, b)):
+            problems.append(f"codes {self.codes.dtype} {tuple(self.codes.shape)} != int32 {(R, words_per_row(K, b))}")
+        if not self.lut.is_floating_point() or tuple(self.lut.shape) != (R, 1 << b):
+            problems.append(f"lut {self.lut.dtype} {tuple(self.lut.shape)} != float {(R, 1 << b)}")
+        if self.crow.dtype != torch.int32 or tuple(self.crow.shape) != (R + 1,):
+            problems.append(f"crow {self.crow.dtype} {tuple(self.crow.shape)} != int32 {(R + 1,)}")
+        if self.col.dtype not in (torch.uint8, torch.int16, torch.int32) or self.col.ndim != 1:
+            problems.append(f"col {self.col.dtype} {tuple(self.col.shape)} is not a 1-D uint8/int16/int32 index")
+        if self.val.ndim != 1 or self.val.shape != self.col.shape or not self.val.is_floating_point():
+            problems.append(f"val {self.val.dtype} {tuple(self.val.shape)} does not match col {tuple(self.col.shape)}")
+        if not problems and self.crow.numel() and int(self.crow[-1]) != self.col.numel():
+            problems.append(f"crow[-1] = {int(self.crow[-1])} but {self.col.numel()} sparse values")
+        if problems:
+            raise ValueError(f"{name}: malformed packed weight: " + "; ".join(problems))
+
+    @property
+    def nnz(self) -> int:
+        return int(self.col.numel())
+
+    def unpack(self) -> torch.Tensor:
+        """Codes as ``[R, K]`` int64."""
+        return unpack_codes(self.codes, self.bits, self.in_features)
+
+    def sparse_coo(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(row, col) int64 index vectors of the sparse entries."""
+        counts = (self.crow[1:] - self.crow[:-1]).to(torch.int64)
+        rows = torch.repeat_interleave(torch.arange(self.out_features), counts)
+        return rows, self.col.to(torch.int64)
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """``W_hat`` as a dense ``[R, K]`` matrix (see the semantics above)."""
+        return dequantize(self.codes, self.lut, self.crow, self.col, self.val, self.bits, self.in_features, dtype)
+
+    def nbytes(self) -> dict[str, int]:
+        """Stored bytes by part: codes, tables, sparse (values + indices + row pointers)."""
+        nb = lambda t: t.numel() * t.element_size()  # noqa: E731
+        return {
+            "codes": nb(self.codes),
+            "tables": nb(self.lut),
+            "sparse": nb(self.val) + nb(self.col) + nb(self.crow),
+        }
+
+    def bits_per_weight(self) -> float:
+        return 8.0 * sum(self.nbytes().values()) / (self.in_features * self.out_features)
+
+
+def dequantize(codes, lut, crow, col, val, bits: int, in_features: int, dtype=torch.float32) -> torch.Tensor:
+    idx = unpack_codes(codes, bits, in_features)
+    w = torch.gather(lut.to(dtype), 1, idx)
+    if col.numel():
+        counts = (crow[1:] - crow[:-1]).to(torch.int64)
+        rows = torch.repeat_interleave(torch.arange(lut.shape[0], device=lut.device), counts)
+        w[rows, col.to(torch.int64)] = val.to(dtype)
+    return w
