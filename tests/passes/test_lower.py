@@ -1,0 +1,46 @@
+import torch
+
+import sqc
+from sqc.runtime.qlinear import SqcLinear
+
+OP = torch.ops.sqc.lut_linear.default
+
+
+def count(gm, target):
+    return sum(1 for n in gm.graph.nodes if n.op == "call_function" and n.target is target)
+
+
+def test_every_quantized_call_lowered(llama):
+    ids = torch.randint(0, 128, (1, 12))
+    compiled = sqc.compile(llama, (ids,), config="w4")
+    gm = compiled.graph_module
+    n_quantized = sum(r.quantized for r in compiled.layers)
+    assert n_quantized == 14
+    assert count(gm, OP) == n_quantized
+    assert count(gm, torch.ops.aten.linear.default) == 1  # lm_head, kept in float
+    assert all(n.meta["sqc.lowered"] == "reference" for n in gm.graph.nodes if n.target is OP)
+    # a report entry for every linear, the unquantized one with its reason
+    assert len(compiled.layers) == 15
+    (kept,) = [r for r in compiled.layers if not r.quantized]
+    assert kept.module == "lm_head" and "output embedding" in kept.reason
+    # the eager model runs the same op
+    assert len(compiled.quantized_modules()) == 14
+    assert not any(isinstance(m, torch.nn.Linear) for n, m in compiled.model.named_modules() if n != "lm_head")
+    out_graph = gm(ids, use_cache=False).logits
+    torch.testing.assert_close(out_graph, compiled(ids).logits, rtol=0, atol=0)
+
+
+def test_float_weights_released(mlp):
+    x = torch.randn(2, 100)
+    import weakref
+
+    ref = weakref.ref(mlp[0].weight)
+    compiled = sqc.compile(mlp, (x,), config="w3")
+    import gc
+
+    gc.collect()
+    assert ref() is None
+    assert isinstance(compiled.model[0], SqcLinear)
+    wb = compiled.weight_bytes()
+    assert wb["float_before"] == 4 * (100 * 53 + 53 * 33 + 33 * 3)
+    assert 0 < wb["packed_after"] < wb["float_before"]

@@ -1,0 +1,73 @@
+import pytest
+import torch
+
+import sqc
+from tests.conftest import tiny_llama
+
+
+def test_llama_logits_within_quantization_error():
+    ref = tiny_llama()
+    model = tiny_llama()
+    ids = torch.randint(0, 128, (2, 16))
+    calib = [(torch.randint(0, 128, (1, 16)),) for _ in range(4)]
+    with torch.no_grad():
+        want = ref(ids).logits
+    compiled = sqc.compile(model, (ids,), config="w4-s0.45", calibration=calib)
+    with torch.no_grad():
+        got = compiled(ids)
+    assert type(got).__name__ == "CausalLMOutputWithPast"
+    err = (got.logits - want).abs().max()
+    assert 0 < err < 0.25 * want.abs().max()
+    # more bits, less error
+    model8 = tiny_llama()
+    c8 = sqc.compile(model8, (ids,), config=sqc.QuantConfig(bits=8, outlier_pct=0.4, sensitive_pct=0.05), calibration=calib)
+    with torch.no_grad():
+        err8 = (c8(ids).logits - want).abs().max()
+    assert err8 < err / 4
+
+
+def test_generate_still_works(llama):
+    ids = torch.randint(0, 128, (1, 5))
+    compiled = sqc.compile(llama, (ids,), config="w3")
+    out = compiled.generate(ids, max_new_tokens=6, do_sample=False)
+    assert out.shape == (1, 11) and torch.equal(out[:, :5], ids)
+
+
+def test_report_lists_every_layer(llama):
+    compiled = sqc.compile(llama, (torch.randint(0, 128, (1, 8)),), config="w3-s0.45")
+    text = compiled.report()
+    assert "model.layers.1.mlp.down_proj" in text and "64x100" in text
+    assert "lm_head" in text and "not quantized: output embedding" in text
+    assert "reference (plain PyTorch op" in text
+    assert "sensitive_pct ignored" not in text  # a per-layer note lives in the dict form
+    d = compiled.report_dict()
+    assert len(d["layers"]) == 15
+    assert any("unweighted" in n for n in d["notes"])
+
+
+def test_targets_parsed():
+    mlp = torch.nn.Sequential(torch.nn.Linear(8, 4))
+    c = sqc.compile(mlp, (torch.randn(1, 8),), config="w4", target="cuda -arch=sm_86")
+    assert c.target.as_dict() == {"kind": "cuda", "arch": "sm_86"}
+    with pytest.raises(ValueError, match="unknown target"):
+        sqc.compile(torch.nn.Sequential(torch.nn.Linear(8, 4)), (torch.randn(1, 8),), target="metal")
+
+
+def test_bad_config_in_compile():
+    with pytest.raises(ValueError, match="valid presets"):
+        sqc.compile(torch.nn.Sequential(torch.nn.Linear(8, 4)), (torch.randn(1, 8),), config="w9")
+
+
+def test_minilm_style_bert_compiles():
+    from transformers import BertConfig, BertModel
+
+    torch.manual_seed(0)
+    cfg = BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=48)
+    bert = BertModel(cfg).eval()
+    ref = BertModel(cfg).eval()
+    ref.load_state_dict(bert.state_dict())
+    ids = torch.randint(0, 64, (1, 7))
+    compiled = sqc.compile(bert, (ids,), config="w4")
+    assert sum(r.quantized for r in compiled.layers) == 7  # q, k, v, o, intermediate, output, pooler
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(ids).last_hidden_state, ref(ids).last_hidden_state, atol=0.3, rtol=0)
