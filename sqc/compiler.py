@@ -11,7 +11,7 @@ from torch import nn
 
 from .codegen.target import TargetSpec, parse_target
 from .config import QuantConfig, resolve_config
-from .passes.annotate_sensitivity import AnnotateSensitivity
+from .passes.annotate_sensitivity import AnnotateSensitivity, AttachSensitivity
 from .passes.base import CompileContext, IRDumpInstrument, LayerReport, PassManager, TimingInstrument
 from .passes.fit_codebook import FitCodebook
 from .passes.lower import Lower
@@ -23,11 +23,11 @@ from .trace import trace
 __all__ = ["compile", "CompiledModel", "default_pipeline"]
 
 
-def default_pipeline() -> list:
+def default_pipeline(sensitivity: dict[str, torch.Tensor] | None = None) -> list:
     """The pass list, in order. A disabled pass is left out of this list."""
     return [
-        # analysis
-        AnnotateSensitivity(),
+        # analysis: Fisher from calibration data, or one computed earlier
+        AnnotateSensitivity() if sensitivity is None else AttachSensitivity(sensitivity),
         # dense-and-sparse decomposition
         SplitOutliers(),
         FitCodebook(),
@@ -160,6 +160,7 @@ def compile(  # noqa: A001 - the public name
     example_kwargs: dict[str, Any] | None = None,
     dump_ir: str | None = None,
     progress: Callable[[str, int, int], None] | None = None,
+    sensitivity: dict[str, torch.Tensor] | None = None,
 ) -> CompiledModel:
     """Quantize every linear layer of ``model`` to a dense-and-sparse codebook.
 
@@ -178,6 +179,9 @@ def compile(  # noqa: A001 - the public name
         a ``tvm.target.Target``.
     dump_ir : a folder to write the graph after every pass.
     progress : ``progress(stage, done, total)`` callback.
+    sensitivity : Fisher diagonals by weight name, computed earlier with
+        :func:`sqc.passes.annotate_sensitivity.fisher_information`; replaces
+        the calibration pass (e.g. to try several bit widths on one Fisher).
 
     Examples
     --------
@@ -194,6 +198,8 @@ def compile(  # noqa: A001 - the public name
         calibration = list(calibration)
         if not calibration:
             raise ValueError("calibration is an empty list: pass None for no calibration, or some samples")
+    if sensitivity is not None and calibration is not None:
+        raise ValueError("pass either calibration (Fisher is computed) or sensitivity (Fisher given), not both")
     if example_inputs is None:
         if not calibration:
             raise ValueError("sqc.compile needs example_inputs (a tuple of forward() arguments) to trace the model")
@@ -227,7 +233,7 @@ def compile(  # noqa: A001 - the public name
     instruments: list = [TimingInstrument()]
     if dump_ir:
         instruments.append(IRDumpInstrument(dump_ir))
-    gm = PassManager(default_pipeline(), instruments).run(traced.graph_module, ctx)
+    gm = PassManager(default_pipeline(sensitivity), instruments).run(traced.graph_module, ctx)
     del params, traced
     gc.collect()
     return CompiledModel(

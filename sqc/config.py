@@ -70,7 +70,7 @@ class QuantConfig:
     outlier_pct: float = 0.40
     sensitive_pct: float = 0.05
     table_dtype: TableDType = TableDType.FLOAT16
-    kmeans_iters: int = 32
+    kmeans_iters: int = 8
     seed: int = 0
     skip: tuple[str, ...] = ()
     chunk_rows: int = 2048

@@ -35,6 +35,24 @@ import numpy as np
 __all__ = ["KMeansResult", "fit_rows", "lloyd_trace"]
 
 SEARCH_METHOD = "scan"
+# Lloyd starts, run side by side; the best per row is kept
+DP_MAX_CENTROIDS = 16
+
+
+def _starts(n_centroids: int) -> tuple[str, ...]:
+    """Lloyd starts: the RTN grid (the no-worse-than-RTN guarantee) plus the
+    binned exact DP up to 16 centroids, quantile starts above that."""
+    if n_centroids <= DP_MAX_CENTROIDS:
+        return ("grid", "dp")
+    return ("grid", "uquant", "squant")
+
+
+def _bins(n_centroids: int) -> int:
+    return BINS_PER_CENTROID * n_centroids if n_centroids > 8 else 32
+
+
+BINS_PER_CENTROID = 4
+POWERS = {"wquant": 1.0, "uquant": 0.0, "squant": 0.5}
 
 
 @dataclass(frozen=True)
@@ -71,7 +89,11 @@ def _row_solver(n_centroids: int, iters: int, trace: bool):
 
     def assign_bounds(xs, c):
         mid = 0.5 * (c[:-1] + c[1:])
-        hi = jnp.searchsorted(xs, mid, side="left", method=SEARCH_METHOD)
+        if SEARCH_METHOD == "count":
+            # number of values below each boundary: C-1 contiguous reductions
+            hi = jnp.sum(xs[None, :] < mid[:, None], axis=1, dtype=jnp.int32)
+        else:
+            hi = jnp.searchsorted(xs, mid, side="left", method=SEARCH_METHOD)
         K = xs.shape[0]
         lo = jnp.concatenate([jnp.zeros((1,), hi.dtype), hi])
         hi = jnp.concatenate([hi, jnp.full((1,), K, hi.dtype)])
@@ -104,6 +126,56 @@ def _row_solver(n_centroids: int, iters: int, trace: bool):
         c = jax.lax.fori_loop(0, iters, lambda _, c: step(xs, p0, p1, c), c0)
         return c, objective(xs, ws, c)
 
+    def quantile_start(xs, ws, act, power, fallback):
+        # centre of each equal-mass slice of the row, mass = weight ** power
+        mass = jnp.where(act, ws ** power if power != 0 else 1.0, 0.0)
+        cum = jnp.cumsum(mass)
+        q = (jnp.arange(C, dtype=xs.dtype) + 0.5) / C * cum[-1]
+        qi = jnp.clip(jnp.searchsorted(cum, q, side="left"), 0, xs.shape[0] - 1)
+        return jnp.sort(jnp.where(act.any(), xs[qi], fallback))
+
+    def dp_start(xs, ws, fallback):
+        # Exact optimal weighted k-means over M contiguous bins of equal
+        # count (a min-plus dynamic program over bin boundaries): a start
+        # near the global optimum that Lloyd then refines on every point.
+        K = xs.shape[0]
+        M = _bins(C)
+        per = -(-K // M)
+        pad = per * M - K
+        # pad with copies of the largest value at zero weight (keeps the order)
+        xp = jnp.concatenate([xs, jnp.full((pad,), xs[-1], xs.dtype)]).reshape(M, per)
+        wp = jnp.concatenate([ws, jnp.zeros((pad,), ws.dtype)]).reshape(M, per)
+        zero = jnp.zeros((1,), xs.dtype)
+        q0 = jnp.concatenate([zero, jnp.cumsum(wp.sum(1))])
+        q1 = jnp.concatenate([zero, jnp.cumsum((wp * xp).sum(1))])
+        q2 = jnp.concatenate([zero, jnp.cumsum((wp * xp * xp).sum(1))])
+        # cost_t[j, i]: weighted SSE of the bins [i, j) about their mean
+        s0 = q0[:, None] - q0[None, :]
+        s1 = q1[:, None] - q1[None, :]
+        s2 = q2[:, None] - q2[None, :]
+        cost_t = jnp.maximum(s2 - s1 * s1 / jnp.where(s0 > 0, s0, 1.0), 0.0)
+        valid = jnp.arange(M + 1)[:, None] > jnp.arange(M + 1)[None, :]
+        cost_t = jnp.where(valid, cost_t, jnp.inf)  # a segment [i, j) needs i < j
+
+        def layer(D, _):
+            D2 = (D[None, :] + cost_t).min(axis=1)  # contiguous min-plus
+            return D2, D
+
+        D_last, Ds = jax.lax.scan(layer, cost_t[:, 0], None, length=C - 1)
+        # Ds[k] is the best cost of k+1 clusters over bins [0, i). Walk back
+        # from bin M, recovering each boundary with one small argmin.
+        def back(j, D):
+            i = jnp.argmin(D + cost_t[j]).astype(j.dtype)
+            return i, i
+
+        _, bounds = jax.lax.scan(back, jnp.asarray(M, jnp.int32), Ds, reverse=True)
+        lo = jnp.concatenate([jnp.zeros((1,), jnp.int32), bounds])
+        hi = jnp.concatenate([bounds, jnp.full((1,), M, jnp.int32)])
+        w_seg = q0[hi] - q0[lo]
+        first_x = xp[jnp.clip(lo, 0, M - 1), 0]
+        c = jnp.where(w_seg > 0, (q1[hi] - q1[lo]) / jnp.where(w_seg > 0, w_seg, 1.0), first_x)
+        return jax.lax.cummax(c, axis=0)
+
     def solve_row(xs, ws_raw):
         # inactive (split-off) entries arrive with weight -1
         act = ws_raw >= 0
@@ -115,21 +187,26 @@ def _row_solver(n_centroids: int, iters: int, trace: bool):
         mean_all = xs.mean()
         lo_v = jnp.where(any_active, lo_v, mean_all)
         hi_v = jnp.where(any_active, hi_v, mean_all)
-        # init 1: uniform min-max grid == the round-to-nearest codebook
+        # the uniform min-max grid == the round-to-nearest codebook
         c_grid = lo_v + (hi_v - lo_v) * jnp.arange(C, dtype=xs.dtype) / (C - 1)
-        # init 2: weighted quantiles (centre of each equal-weight slice)
-        total = p0[-1]
-        q = (jnp.arange(C, dtype=xs.dtype) + 0.5) / C * total
-        qi = jnp.clip(jnp.searchsorted(p0[1:], q, side="left"), 0, xs.shape[0] - 1)
-        c_quant = jnp.sort(jnp.where(any_active, xs[qi], mean_all))
         if trace:
             return run(xs, ws, p0, p1, c_grid)
-        # Lloyd from the quantile start; the RTN grid is kept where it is
-        # better, so the result is never worse than round-to-nearest
-        c1, o1 = run(xs, ws, p0, p1, c_quant)
+        starts = []
+        for name in _starts(C):
+            if name == "grid":
+                continue
+            elif name == "dp":
+                starts.append(dp_start(xs, ws, mean_all))
+            else:
+                starts.append(quantile_start(xs, ws, act, POWERS[name], mean_all))
+        cs, objs = jax.vmap(lambda c: run(xs, ws, p0, p1, c))(jnp.stack(starts))
+        best = jnp.argmin(objs)
+        c_best, o_best = cs[best], objs[best]
+        # the RTN grid is kept wherever it scores better, so the result is
+        # never worse than round-to-nearest
         o_grid = objective(xs, ws, c_grid)
-        better = o_grid < o1
-        return jnp.where(better, c_grid, c1), jnp.where(better, o_grid, o1)
+        better = o_grid < o_best
+        return jnp.where(better, c_grid, c_best), jnp.where(better, o_grid, o_best)
 
     return jax.jit(jax.vmap(solve_row))
 
@@ -168,7 +245,7 @@ def fit_rows(
     f: np.ndarray | None,
     active: np.ndarray | None,
     bits: int,
-    iters: int = 32,
+    iters: int = 8,
     chunk_rows: int = 2048,
 ) -> KMeansResult:
     """Fit one weighted k-means codebook per row.
