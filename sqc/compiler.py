@@ -23,6 +23,17 @@ from .trace import trace
 __all__ = ["compile", "CompiledModel", "default_pipeline"]
 
 
+def _release_memory() -> None:
+    """Collect garbage and hand freed heap pages back to the OS (glibc only)."""
+    gc.collect()
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # pragma: no cover - not glibc
+        pass
+
+
 def default_pipeline(sensitivity: dict[str, torch.Tensor] | None = None) -> list:
     """The pass list, in order. A disabled pass is left out of this list."""
     return [
@@ -235,7 +246,7 @@ def compile(  # noqa: A001 - the public name
         instruments.append(IRDumpInstrument(dump_ir))
     gm = PassManager(default_pipeline(sensitivity), instruments).run(traced.graph_module, ctx)
     del params, traced
-    gc.collect()
+    _release_memory()
     return CompiledModel(
         model,
         cfg,

@@ -76,6 +76,8 @@ class FitCodebook(Pass):
             f = ctx.store.get("fisher", fkey) if fkey is not None else None
             any_fisher |= f is not None
             ws.append(w.float().numpy())
+            if f is not None and cfg.fisher_damp > 0:
+                f = f + cfg.fisher_damp * f.mean(dim=1, keepdim=True)
             fs.append(None if f is None else f.numpy())
             acts.append((~mask).numpy())
         W = np.concatenate(ws)
@@ -99,9 +101,11 @@ class FitCodebook(Pass):
                 n.meta["sqc.codebook"] = key
             # weighted error over the whole matrix; sparse entries are exact (zero error)
             err = (torch.gather(lut.float(), 1, codes.long()) - w) ** 2
-            err = err * torch.from_numpy(act)
-            f = torch.from_numpy(f_np) if f_np is not None else torch.ones_like(w)
+            err.mul_(torch.from_numpy(act))
             rep = ctx.layer(site)
             rep.bits = cfg.bits
-            rep.weighted_error = float((f.double() * err.double()).sum() / w.numel())
-            rep.mse = float(err.double().sum() / w.numel())
+            rep.mse = float(err.sum(dtype=torch.float64)) / w.numel()
+            if f_np is None:
+                rep.weighted_error = rep.mse
+            else:
+                rep.weighted_error = float(err.mul_(torch.from_numpy(f_np)).sum(dtype=torch.float64)) / w.numel()

