@@ -278,10 +278,33 @@ def _workers() -> int:
         return max(1, os.cpu_count() or 1)
 
 
+class _Blocks:
+    """Row blocks of equal width read as one matrix, without concatenating them.
+
+    A block given as None reads as ``fill`` (with the shape of the matching
+    weight block).
+    """
+
+    def __init__(self, blocks, dtype, shapes=None, fill=None):
+        self.dtype = dtype
+        self.fill = fill
+        self.blocks = [None if b is None else np.asarray(b, dtype=dtype) for b in blocks]
+        self.shapes = shapes or [b.shape for b in self.blocks]
+        self.starts = np.cumsum([0] + [s[0] for s in self.shapes]).tolist()
+
+    def rows(self, start: int, stop: int) -> np.ndarray:
+        parts = []
+        for b, shape, b0, b1 in zip(self.blocks, self.shapes, self.starts[:-1], self.starts[1:]):
+            lo, hi = max(start, b0), min(stop, b1)
+            if lo < hi:
+                parts.append(np.full((hi - lo, shape[1]), self.fill, self.dtype) if b is None else b[lo - b0 : hi - b0])
+        return parts[0] if len(parts) == 1 else np.concatenate(parts)
+
+
 def fit_rows(
-    w: np.ndarray,
-    f: np.ndarray | None,
-    active: np.ndarray | None,
+    w,
+    f,
+    active,
     bits: int,
     iters: int = 8,
     chunk_rows: int = 2048,
@@ -290,23 +313,35 @@ def fit_rows(
 
     Parameters
     ----------
-    w : [R, K] float array of weights (any float dtype; fitted in float32).
-    f : [R, K] non-negative sample weights (Fisher diagonal) or None (unweighted).
-    active : [R, K] bool, False for entries excluded from fitting, or None.
+    w : [R, K] float array of weights (fitted in float32), or a list of
+        [R_i, K] blocks read as their row-wise concatenation (no copy).
+    f : non-negative sample weights (Fisher diagonal) shaped like ``w``
+        (array or list of blocks), or None (unweighted).
+    active : bool, False for entries excluded from fitting, shaped like
+        ``w``, or None (all active).
     bits : centroids per row is ``2**bits``.
-    iters : Lloyd iterations per start.
+    iters : Lloyd refinement steps after the start.
     chunk_rows : rows per JAX call; the last chunk is padded so each shape
         compiles once.
     """
-    w = np.asarray(w, dtype=np.float32)
-    if w.ndim != 2:
-        raise ValueError(f"fit_rows expects a 2-D matrix, got shape {w.shape}")
-    R, K = w.shape
-    f = None if f is None else np.asarray(f, dtype=np.float32)
-    active = None if active is None else np.asarray(active, dtype=bool)
-    for name, a in (("f", f), ("active", active)):
-        if a is not None and a.shape != w.shape:
-            raise ValueError(f"shape mismatch: w {w.shape}, {name} {a.shape}")
+    blocks = list(w) if isinstance(w, (list, tuple)) else [w]
+    nb = len(blocks)
+    fb = [None] * nb if f is None else (list(f) if isinstance(f, (list, tuple)) else [f])
+    ab = [None] * nb if active is None else (list(active) if isinstance(active, (list, tuple)) else [active])
+    W = _Blocks(blocks, np.float32)
+    for blk in W.blocks:
+        if blk.ndim != 2 or blk.shape[1] != W.blocks[0].shape[1]:
+            raise ValueError(f"fit_rows expects 2-D blocks of equal width, got shape {blk.shape}")
+    for name, bl in (("f", fb), ("active", ab)):
+        if len(bl) != nb:
+            raise ValueError(f"{name} has {len(bl)} blocks, w has {nb}")
+        for a, blk in zip(bl, W.blocks):
+            if a is not None and np.shape(a) != blk.shape:
+                raise ValueError(f"shape mismatch: w {blk.shape}, {name} {np.shape(a)}")
+    shapes = [b.shape for b in W.blocks]
+    Fb = _Blocks(fb, np.float32, shapes, fill=1.0)
+    Ab = _Blocks(ab, bool, shapes, fill=True)
+    R, K = W.starts[-1], W.blocks[0].shape[1]
 
     _, jnp = _jax()
     solver = _row_solver(1 << bits, int(iters), False)
@@ -320,14 +355,14 @@ def fit_rows(
         stop = min(start + chunk, R)
         n = stop - start
         sl = slice(start, stop)
-        wc = w[sl]
+        wc = W.rows(start, stop)
         if not np.isfinite(wc).all():
             raise ValueError("fit_rows got NaN/Inf weights")
-        fc = np.ones_like(wc) if f is None else f[sl]
-        if f is not None and (not np.isfinite(fc).all() or (fc < 0).any()):
+        fc = Fb.rows(start, stop)
+        if not np.isfinite(fc).all() or (fc < 0).any():
             raise ValueError("sample weights must be finite and non-negative")
-        if active is not None:
-            fc = np.where(active[sl], fc, np.float32(-1.0))
+        ac = Ab.rows(start, stop)
+        fc = np.where(ac, fc, np.float32(-1.0))
         # unit max-abs per row for conditioning; undone on the centroids
         sc = np.abs(wc).max(axis=1, keepdims=True)
         sc[sc == 0] = 1.0
