@@ -20,8 +20,8 @@ def test_smollm2_few_layers_end_to_end(smollm2, tmp_path):
     from sqc.real import calibration_windows, eval_windows, perplexity
 
     model, tok = smollm2
-    window = eval_windows(tok, 1, 128)
-    calib = calibration_windows(tok, 2, 64)
+    window = eval_windows(tok, 2, 128)
+    calib = calibration_windows(tok, 4, 128)
     ppl_fp = perplexity(model, window)
     # quantize the first two decoder layers only (14 linears); the rest stay float
     skip = tuple(f"model.layers.{i}.*" for i in range(2, 30))
@@ -31,7 +31,8 @@ def test_smollm2_few_layers_end_to_end(smollm2, tmp_path):
     assert layers["model.layers.5.mlp.up_proj"].reason == "matched QuantConfig.skip"
     assert layers["lm_head"].reason.startswith("output embedding")
     ppl_q = perplexity(compiled, window)
-    assert ppl_fp < ppl_q < ppl_fp * 1.3
+    # two 4-bit layers: perplexity within a few percent of float (either side, on 256 tokens)
+    assert 0.95 * ppl_fp < ppl_q < 1.15 * ppl_fp, (ppl_fp, ppl_q)
     ids = tok("def main():", return_tensors="pt", add_special_tokens=False)["input_ids"]
     out = compiled.generate(ids, max_new_tokens=8, do_sample=False)
     assert out.shape[1] == ids.shape[1] + 8
