@@ -71,3 +71,24 @@ def test_minilm_style_bert_compiles():
     assert sum(r.quantized for r in compiled.layers) == 7  # q, k, v, o, intermediate, output, pooler
     with torch.no_grad():
         torch.testing.assert_close(compiled(ids).last_hidden_state, ref(ids).last_hidden_state, atol=0.3, rtol=0)
+
+
+def test_nan_weight_stops_compile_naming_layer(mlp):
+    with torch.no_grad():
+        mlp[4].weight[0, 0] = float("inf")
+    with pytest.raises(ValueError, match="layer 4: weight has 1 NaN/Inf"):
+        sqc.compile(mlp, (torch.randn(2, 100),), config="w3")
+
+
+def test_precomputed_sensitivity(mlp):
+    from sqc.passes.annotate_sensitivity import fisher_information
+
+    calib = [(torch.randn(2, 100),) for _ in range(2)]
+    loss = lambda o, s: o.pow(2).sum()  # noqa: E731
+    f = fisher_information(mlp, calib, ["0.weight", "2.weight", "4.weight"], loss)
+    compiled = sqc.compile(mlp, calib[0], config="w4-s0.45", sensitivity=f)
+    assert compiled.stage_seconds.keys() >= {"AttachSensitivity", "FitCodebook"}
+    with pytest.raises(ValueError, match="no Fisher diagonal for 0.weight"):
+        sqc.compile(torch.nn.Sequential(torch.nn.Linear(100, 4)), calib[0], sensitivity={})
+    with pytest.raises(ValueError, match="not both"):
+        sqc.compile(mlp, calib[0], calibration=calib, sensitivity=f)
