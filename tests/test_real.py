@@ -60,3 +60,21 @@ def test_minilm_bert_encoder():
         got = compiled(*args).last_hidden_state.mean(1)
     cos = torch.nn.functional.cosine_similarity(want, got)
     assert (cos > 0.95).all(), cos
+
+
+def test_main_job_runs(tmp_path):
+    """The README's main job, on a reduced protocol, as a user runs it."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "art"
+    proc = subprocess.run(
+        [sys.executable, "-m", "sqc.demo", "--calib-samples", "2", "--eval-windows", "1", "--seq-len", "64",
+         "--out", str(out)],
+        capture_output=True, text=True, timeout=900,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    text = proc.stdout
+    for needle in ("perplexity (tutorial", "stored bits / weight", "quantized-layer weights, MiB", "process RSS", "sample: "):
+        assert needle in text
+    assert (out / "manifest.json").exists() and (out / "model.safetensors").exists()
