@@ -9,6 +9,7 @@ Layout of an artifact folder::
                          tables, CSR parts, the float layers left unquantized,
                          non-persistent buffers too)
     report.json          the compile report (human and tool readable)
+    tokenizer/           optional: the model's tokenizer (``sqc compile`` writes it)
 
 The folder is first written under a temporary name next to the destination
 and renamed into place, so a crash never leaves a half-written artifact.
@@ -87,8 +88,19 @@ def _collect_tensors(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[st
     return tensors, aliases
 
 
-def save(compiled, path: str | os.PathLike, overwrite: bool = False) -> str:
-    """Write ``compiled`` to the folder ``path`` atomically. Returns the path."""
+def save(
+    compiled,
+    path: str | os.PathLike,
+    overwrite: bool = False,
+    tokenizer: Any = None,
+    source: str | None = None,
+) -> str:
+    """Write ``compiled`` to the folder ``path`` atomically. Returns the path.
+
+    ``tokenizer`` (anything with ``save_pretrained``) is stored under
+    ``tokenizer/``; ``source`` records where the float model came from (for
+    baselines).
+    """
     from safetensors.torch import save_file
 
     path = os.path.abspath(os.fspath(path))
@@ -123,10 +135,13 @@ def save(compiled, path: str | os.PathLike, overwrite: bool = False) -> str:
         },
         "aliases": aliases,
         "float_weight_bytes": compiled.float_weight_bytes,
+        "source": source,
     }
     tmp = tempfile.mkdtemp(prefix=".sqc-tmp-", dir=parent)
     try:
         save_file(tensors, os.path.join(tmp, TENSORS), metadata={"format": FORMAT_NAME})
+        if tokenizer is not None:
+            tokenizer.save_pretrained(os.path.join(tmp, "tokenizer"))
         for fname, obj in ((MANIFEST, manifest), ("report.json", report)):
             with open(os.path.join(tmp, fname), "w") as fh:
                 json.dump(obj, fh, indent=1, default=str)

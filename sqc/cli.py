@@ -1,0 +1,380 @@
+"""The ``sqc`` command line: compile, eval, bench, generate.
+
+Exit codes: 0 success, 2 usage error, 1 failure. ``--json`` prints one JSON
+object on stdout for scripting; ``--quiet`` silences progress.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from typing import Any
+
+__all__ = ["main"]
+
+SMOLLM2 = "smollm2"
+
+
+class CLIError(Exception):
+    """A failure with a message for the user (exit code 1)."""
+
+
+class UsageError(Exception):
+    """Bad arguments (exit code 2)."""
+
+
+# -- progress ------------------------------------------------------------------
+
+class Progress:
+    """A progress bar on a terminal; plain log lines otherwise."""
+
+    def __init__(self, quiet: bool = False, stream=None) -> None:
+        self.quiet = quiet
+        self.stream = stream or sys.stderr
+        self.tty = self.stream.isatty()
+        self._start: dict[str, float] = {}
+        self._last_line: dict[str, float] = {}
+
+    def __call__(self, stage: str, done: int, total: int) -> None:
+        if self.quiet:
+            return
+        now = time.perf_counter()
+        t0 = self._start.setdefault(stage, now)
+        rate = done / max(now - t0, 1e-9)
+        eta = (total - done) / rate if rate > 0 else float("inf")
+        msg = f"{stage}: {done}/{total} ({rate:.2f}/s, ETA {eta:.0f}s)"
+        if self.tty:
+            width = 24
+            filled = int(width * done / max(total, 1))
+            self.stream.write(f"\r{stage} [{'#' * filled}{'.' * (width - filled)}] {done}/{total} {rate:.2f}/s ETA {eta:.0f}s")
+            if done >= total:
+                self.stream.write("\n")
+            self.stream.flush()
+        elif done >= total or now - self._last_line.get(stage, 0.0) >= 5.0 or done == 1:
+            self._last_line[stage] = now
+            print(msg, file=self.stream, flush=True)
+
+    def log(self, msg: str) -> None:
+        if not self.quiet:
+            print(msg, file=self.stream, flush=True)
+
+
+# -- model sources -------------------------------------------------------------
+
+def load_source(source: str):
+    """(model, tokenizer) from 'smollm2', a Hugging Face folder, or a GGUF file."""
+    import torch
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    if source == SMOLLM2:
+        from .real import load_smollm2
+
+        return load_smollm2()
+    if not os.path.exists(source):
+        raise CLIError(f"model path {source} does not exist (give a Hugging Face model folder, a .gguf file, or '{SMOLLM2}')")
+    import transformers
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    transformers.logging.set_verbosity_error()
+    try:
+        if os.path.isfile(source):
+            if not source.endswith(".gguf"):
+                raise CLIError(f"{source} is a file but not a .gguf model; give a model folder or a .gguf file")
+            d, f = os.path.split(os.path.abspath(source))
+            model = AutoModelForCausalLM.from_pretrained(d, gguf_file=f, dtype=torch.float32)
+            tok = AutoTokenizer.from_pretrained(d, gguf_file=f)
+        else:
+            if not os.path.exists(os.path.join(source, "config.json")):
+                raise CLIError(f"{source} has no config.json: it is not a Hugging Face model folder")
+            model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32)
+            tok = AutoTokenizer.from_pretrained(source)
+    except CLIError:
+        raise
+    except Exception as e:  # noqa: BLE001 - reported with the path
+        raise CLIError(f"could not load a causal LM from {source}: {type(e).__name__}: {e}") from e
+    return model.eval(), tok
+
+
+def _windows(tok, text: str, n: int, seq_len: int, spread: bool):
+    import torch
+
+    ids = torch.tensor(tok(text, add_special_tokens=False)["input_ids"], dtype=torch.long)
+    if len(ids) < seq_len + 1:
+        raise CLIError(f"the text has {len(ids)} tokens, fewer than one window of {seq_len}; give more text or a smaller --seq-len")
+    if spread:
+        last = len(ids) - seq_len
+        offsets = [0] if n == 1 else [round(i * last / (n - 1)) for i in range(n)]
+    else:
+        offsets = [i * seq_len for i in range(min(n, len(ids) // seq_len))]
+    return [ids[o : o + seq_len].unsqueeze(0) for o in offsets]
+
+
+def _read_text(path: str) -> str:
+    if not os.path.isfile(path):
+        raise CLIError(f"text file {path} does not exist")
+    with open(path, encoding="utf-8") as fh:
+        return fh.read()
+
+
+def _load_artifact(path: str):
+    import sqc
+
+    if not os.path.isdir(path):
+        raise CLIError(f"{path} is not an sqc artifact folder (run `sqc compile ... --out {path}` first)")
+    compiled = sqc.load(path)
+    tok_dir = os.path.join(path, "tokenizer")
+    if not os.path.isdir(tok_dir):
+        raise CLIError(f"{path} has no tokenizer/ folder; it was not written by `sqc compile`")
+    from transformers import AutoTokenizer
+
+    return compiled, AutoTokenizer.from_pretrained(tok_dir)
+
+
+def _source_of(path: str) -> str:
+    with open(os.path.join(path, "manifest.json")) as fh:
+        src = json.load(fh).get("source")
+    if not src:
+        raise CLIError(f"{path} does not record the model it was compiled from; --baseline needs it")
+    return src
+
+
+# -- subcommands -----------------------------------------------------------------
+
+def cmd_compile(args, progress: Progress) -> dict[str, Any]:
+    import sqc
+    from .config import resolve_config
+
+    try:
+        cfg = resolve_config(args.preset)
+        overrides = {
+            k: v for k, v in (
+                ("bits", args.bits), ("outlier_pct", args.outlier_pct), ("sensitive_pct", args.sensitive_pct),
+                ("table_dtype", args.table_dtype), ("kmeans_iters", args.kmeans_iters),
+            ) if v is not None
+        }
+        if overrides:
+            cfg = cfg.replace(**overrides)
+        from .codegen.target import parse_target
+
+        target = parse_target(args.target)
+    except (ValueError, TypeError) as e:
+        raise UsageError(str(e)) from e
+    if target.kind == "cuda":
+        import shutil
+
+        if shutil.which("nvcc") is None:
+            raise CLIError("target cuda needs nvcc on PATH to compile the generated kernels; install the CUDA toolkit")
+    out = os.path.abspath(args.out)
+    if os.path.exists(out) and not args.force:
+        raise CLIError(f"output folder {out} exists; pass --force to replace it")
+
+    progress.log(f"loading {args.model} ...")
+    model, tok = load_source(args.model)
+    if args.no_calib:
+        calibration = None
+    else:
+        if args.calib:
+            text = _read_text(args.calib)
+        elif args.model == SMOLLM2:
+            from .real import protocol_text
+
+            text = protocol_text("library")
+        else:
+            raise UsageError("give --calib TEXTFILE (calibration text) or --no-calib (plain k-means)")
+        calibration = [(w,) for w in _windows(tok, text, args.calib_samples, args.seq_len, spread=True)]
+    example = calibration[0] if calibration else (_windows(tok, "sqc " * (args.seq_len + 8), 1, min(args.seq_len, 16), False)[0],)
+    t = time.perf_counter()
+    compiled = sqc.compile(model, example, config=cfg, calibration=calibration, target=target, progress=progress)
+    compile_s = time.perf_counter() - t
+    if not args.tune:
+        progress.log("note: --no-tune given; no tuning exists yet (reference kernels)")
+    sqc.save(compiled, out, overwrite=args.force, tokenizer=tok, source=os.path.abspath(args.model) if args.model != SMOLLM2 else SMOLLM2)
+    from .runtime.artifact import artifact_bits_per_weight
+
+    wb = compiled.weight_bytes()
+    result = {
+        "out": out,
+        "config": cfg.to_dict(),
+        "target": str(target),
+        "compile_s": compile_s,
+        "stage_seconds": compiled.stage_seconds,
+        "bits_per_weight": artifact_bits_per_weight(out)["overall"],
+        "quantized_layers": sum(r.quantized for r in compiled.layers),
+        "linear_layers": len(compiled.layers),
+        "weight_bytes": wb,
+        "notes": compiled.notes,
+    }
+    if not args.json:
+        print(compiled.report() if args.verbose else
+              f"compiled {result['quantized_layers']}/{result['linear_layers']} linear layers in {compile_s:.1f} s: "
+              f"{result['bits_per_weight']:.3f} bits/weight, {wb['float_before'] / 2**20:.1f} -> "
+              f"{wb['packed_after'] / 2**20:.1f} MiB -> {out}")
+    return result
+
+
+def cmd_eval(args, progress: Progress) -> dict[str, Any]:
+    from .real import perplexity
+
+    compiled, tok = _load_artifact(args.dir)
+    text = _read_text(args.text)
+    windows = _windows(tok, text, args.windows, args.seq_len, spread=False)
+    result = {"windows": len(windows), "seq_len": args.seq_len, "ppl": perplexity(compiled, windows)}
+    if args.baseline:
+        model, _ = load_source(_source_of(args.dir))
+        result["baseline_ppl"] = perplexity(model, windows)
+    if not args.json:
+        line = f"perplexity {result['ppl']:.3f} over {len(windows)} x {args.seq_len} tokens"
+        if "baseline_ppl" in result:
+            line += f" (float baseline {result['baseline_ppl']:.3f})"
+        print(line)
+    return result
+
+
+def _peak_rss_mib() -> float:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _time_model(model, ids, new_tokens: int) -> dict[str, float]:
+    import torch
+
+    with torch.no_grad():
+        model(ids[:, :8], use_cache=False)  # warm-up
+        t = time.perf_counter()
+        model(ids, use_cache=False)
+        prefill = ids.numel() / (time.perf_counter() - t)
+        t = time.perf_counter()
+        out = model.generate(ids[:, :8], max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
+        decode = (out.shape[1] - 8) / (time.perf_counter() - t)
+    return {"prefill_tok_s": prefill, "decode_tok_s": decode}
+
+
+def cmd_bench(args, progress: Progress) -> dict[str, Any]:
+    compiled, tok = _load_artifact(args.dir)
+    ids = _windows(tok, "The quick brown fox jumps over the lazy dog. " * (args.prompt_len // 4 + 8), 1, args.prompt_len, False)[0]
+    result: dict[str, Any] = {"prompt_len": args.prompt_len, "new_tokens": args.new_tokens}
+    result["sqc"] = _time_model(compiled, ids, args.new_tokens)
+    result["sqc"]["peak_rss_mib"] = _peak_rss_mib()
+    result["sqc"]["weight_bytes"] = compiled.weight_bytes()
+    model, _ = load_source(_source_of(args.dir))
+    result["float"] = _time_model(model, ids, args.new_tokens)
+    result["float"]["peak_rss_mib"] = _peak_rss_mib()
+    if not args.json:
+        print(f"{'':<8}{'prefill tok/s':>14}{'decode tok/s':>14}")
+        for k in ("float", "sqc"):
+            print(f"{k:<8}{result[k]['prefill_tok_s']:>14.1f}{result[k]['decode_tok_s']:>14.1f}")
+        print(f"peak RSS {result['float']['peak_rss_mib']:.0f} MiB (process; float model loaded second)")
+    return result
+
+
+def cmd_generate(args, progress: Progress) -> dict[str, Any]:
+    import torch
+
+    compiled, tok = _load_artifact(args.dir)
+    ids = tok(args.prompt, return_tensors="pt", add_special_tokens=False)["input_ids"]
+    if ids.numel() == 0:
+        raise UsageError("--prompt is empty")
+    kwargs: dict[str, Any] = {"max_new_tokens": args.max_new_tokens}
+    if args.temperature > 0:
+        torch.manual_seed(args.seed)
+        kwargs.update(do_sample=True, temperature=args.temperature, top_p=args.top_p)
+    else:
+        kwargs["do_sample"] = False
+    with torch.no_grad():
+        out = compiled.generate(ids, **kwargs)
+    text = tok.decode(out[0], skip_special_tokens=True)
+    if not args.json:
+        print(text)
+    return {"prompt": args.prompt, "text": text, "new_tokens": int(out.shape[1] - ids.shape[1])}
+
+
+# -- parser --------------------------------------------------------------------
+
+def build_parser() -> argparse.ArgumentParser:
+    from .config import PRESETS, TableDType
+
+    p = argparse.ArgumentParser(prog="sqc", description="SqueezeLLM dense-and-sparse quantization compiler")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def common(sp):
+        sp.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+        sp.add_argument("--quiet", action="store_true", help="no progress output")
+
+    c = sub.add_parser("compile", help="quantize a model and write an artifact folder")
+    c.add_argument("model", help=f"Hugging Face model folder, .gguf file, or '{SMOLLM2}'")
+    c.add_argument("--preset", default="w3-s0.45", choices=list(PRESETS))
+    c.add_argument("--target", default="llvm", help="llvm, 'llvm -mcpu=...', 'cuda -arch=sm_86'")
+    c.add_argument("--calib", help="calibration text file")
+    c.add_argument("--no-calib", action="store_true", help="no Fisher information: plain k-means")
+    c.add_argument("--calib-samples", type=int, default=32)
+    c.add_argument("--seq-len", type=int, default=512)
+    c.add_argument("--out", required=True, help="artifact folder")
+    c.add_argument("--force", action="store_true", help="replace an existing output folder")
+    c.add_argument("--tune", dest="tune", action="store_true", default=True)
+    c.add_argument("--no-tune", dest="tune", action="store_false")
+    c.add_argument("--bits", type=int)
+    c.add_argument("--outlier-pct", type=float)
+    c.add_argument("--sensitive-pct", type=float)
+    c.add_argument("--table-dtype", choices=[t.value for t in TableDType])
+    c.add_argument("--kmeans-iters", type=int)
+    c.add_argument("--verbose", action="store_true", help="print the per-layer report")
+    common(c)
+
+    e = sub.add_parser("eval", help="perplexity of a compiled model")
+    e.add_argument("dir")
+    e.add_argument("--text", required=True)
+    e.add_argument("--baseline", action="store_true", help="also the float model it was compiled from")
+    e.add_argument("--windows", type=int, default=16)
+    e.add_argument("--seq-len", type=int, default=512)
+    common(e)
+
+    b = sub.add_parser("bench", help="prefill / decode tokens/s and peak memory vs the float model")
+    b.add_argument("dir")
+    b.add_argument("--prompt-len", type=int, default=128)
+    b.add_argument("--new-tokens", type=int, default=32)
+    common(b)
+
+    g = sub.add_parser("generate", help="generate text with a compiled model")
+    g.add_argument("dir")
+    g.add_argument("--prompt", required=True)
+    g.add_argument("--max-new-tokens", type=int, default=40)
+    g.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
+    g.add_argument("--top-p", type=float, default=0.95)
+    g.add_argument("--seed", type=int, default=0)
+    common(g)
+    return p
+
+
+COMMANDS = {"compile": cmd_compile, "eval": cmd_eval, "bench": cmd_bench, "generate": cmd_generate}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)  # exits 2 on usage errors
+    progress = Progress(quiet=args.quiet or args.json)
+    try:
+        result = COMMANDS[args.command](args, progress)
+    except UsageError as e:
+        parser.error(str(e))  # exit code 2
+    except KeyboardInterrupt:
+        print("sqc: interrupted; nothing was written (artifacts are renamed into place only when complete)", file=sys.stderr)
+        return 1
+    except Exception as e:  # noqa: BLE001 - every failure becomes a message and exit code 1
+        from .runtime.artifact import ArtifactError
+        from .trace import TraceError
+
+        known = (CLIError, ArtifactError, TraceError, FileExistsError, FileNotFoundError, ValueError)
+        if not isinstance(e, known):
+            raise
+        print(f"sqc {args.command}: error: {e}", file=sys.stderr)
+        return 1
+    if args.json:
+        print(json.dumps(result, default=str))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

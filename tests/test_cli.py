@@ -1,0 +1,111 @@
+"""The ``sqc`` command, run for real in a subprocess on a tiny random LLaMA folder."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+TEXT = "\n".join(
+    f"Line {i}: the quick brown fox jumps over the lazy dog while sqc packs {i % 7} codes per word."
+    for i in range(400)
+)
+
+
+def run(*args, check_rc=None):
+    proc = subprocess.run([sys.executable, "-m", "sqc", *args], capture_output=True, text=True, timeout=600)
+    if check_rc is not None:
+        assert proc.returncode == check_rc, (proc.returncode, proc.stdout[-1500:], proc.stderr[-1500:])
+    return proc
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    root = tmp_path_factory.mktemp("cli")
+    text = root / "text.txt"
+    text.write_text(TEXT)
+    tk = Tokenizer(models.BPE(unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tk.decoder = decoders.ByteLevel()
+    tk.train_from_iterator([TEXT], trainers.BpeTrainer(vocab_size=300, special_tokens=["<unk>", "<s>", "</s>"]))
+    tok = PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=tok.vocab_size, hidden_size=64, intermediate_size=100, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                      bos_token_id=1, eos_token_id=2)
+    model_dir = root / "tiny-llama"
+    LlamaForCausalLM(cfg).save_pretrained(model_dir)
+    tok.save_pretrained(model_dir)
+    return root, model_dir, text
+
+
+@pytest.fixture(scope="module")
+def compiled_dir(workspace):
+    root, model_dir, text = workspace
+    out = root / "art"
+    proc = run("compile", str(model_dir), "--preset", "w4-s0.45", "--calib", str(text), "--calib-samples", "4",
+               "--seq-len", "32", "--out", str(out), "--json", check_rc=0)
+    return out, json.loads(proc.stdout)
+
+
+def test_compile_json(compiled_dir):
+    out, res = compiled_dir
+    assert res["quantized_layers"] == 14 and res["linear_layers"] == 15
+    assert res["config"]["bits"] == 4 and 4.0 < res["bits_per_weight"] < 12  # 64-wide rows: fp16 tables add 4 b/w
+    assert (out / "tokenizer").is_dir() and (out / "manifest.json").exists()
+
+
+def test_eval_with_baseline(compiled_dir, workspace):
+    out, _ = compiled_dir
+    _, _, text = workspace
+    res = json.loads(run("eval", str(out), "--text", str(text), "--windows", "2", "--seq-len", "32", "--baseline",
+                         "--json", check_rc=0).stdout)
+    assert res["windows"] == 2 and res["ppl"] > 1 and res["baseline_ppl"] > 1
+
+
+def test_generate_and_bench(compiled_dir):
+    out, _ = compiled_dir
+    res = json.loads(run("generate", str(out), "--prompt", "the quick", "--max-new-tokens", "5", "--json",
+                         check_rc=0).stdout)
+    assert res["new_tokens"] <= 5 and res["text"].startswith("the quick")
+    res = json.loads(run("bench", str(out), "--prompt-len", "16", "--new-tokens", "4", "--json", check_rc=0).stdout)
+    for k in ("sqc", "float"):
+        assert res[k]["prefill_tok_s"] > 0 and res[k]["decode_tok_s"] > 0
+
+
+def test_progress_lines_when_not_a_tty(workspace, tmp_path):
+    _, model_dir, text = workspace
+    proc = run("compile", str(model_dir), "--preset", "w3", "--calib", str(text), "--calib-samples", "3",
+               "--seq-len", "32", "--out", str(tmp_path / "a"), check_rc=0)
+    assert "calibration: 3/3" in proc.stderr
+    assert "compiled 14/15 linear layers" in proc.stdout
+
+
+@pytest.mark.parametrize(
+    "args,rc,msg",
+    [
+        (["compile", "/no/such/model", "--out", "X", "--no-calib"], 1, "does not exist"),
+        (["compile", "MODEL", "--preset", "w9", "--out", "X"], 2, "invalid choice: 'w9'"),
+        (["compile", "MODEL", "--out", "X", "--no-calib", "--bits", "9"], 2, "bits must be an integer in 2..8"),
+        (["compile", "MODEL", "--out", "X", "--no-calib", "--target", "metal"], 2, "unknown target"),
+        (["compile", "MODEL", "--out", "EXISTING", "--no-calib"], 1, "exists; pass --force"),
+        (["compile", "MODEL", "--out", "X"], 2, "give --calib TEXTFILE"),
+        (["compile", "NOTAMODEL", "--out", "X", "--no-calib"], 1, "not a Hugging Face model folder"),
+        (["eval", "/no/such/dir", "--text", "T"], 1, "is not an sqc artifact folder"),
+        (["frobnicate"], 2, "invalid choice"),
+    ],
+)
+def test_errors(workspace, tmp_path, args, rc, msg):
+    _, model_dir, text = workspace
+    (tmp_path / "EXISTING").mkdir()
+    (tmp_path / "NOTAMODEL").mkdir()
+    subst = {"MODEL": str(model_dir), "X": str(tmp_path / "x"), "EXISTING": str(tmp_path / "EXISTING"),
+             "NOTAMODEL": str(tmp_path / "NOTAMODEL"), "T": str(text)}
+    proc = run(*[subst.get(a, a) for a in args])
+    assert proc.returncode == rc, (proc.stdout, proc.stderr)
+    assert msg in proc.stderr
+    assert not (tmp_path / "x").exists()
