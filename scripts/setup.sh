@@ -3,11 +3,16 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-# the evaluation / calibration text: the Python docs' reST sources
-if [ ! -d /usr/share/doc/python3.11/html/_sources/tutorial ]; then
+# Debian packages: the evaluation / calibration text (the Python docs' reST
+# sources) and headless Chromium + ChromeDriver for the HTML report test
+need=()
+[ -d /usr/share/doc/python3.11/html/_sources/tutorial ] || need+=(python3.11-doc)
+command -v chromium >/dev/null || need+=(chromium)
+command -v chromedriver >/dev/null || need+=(chromium-driver)
+if [ ${#need[@]} -gt 0 ]; then
     export DEBIAN_FRONTEND=noninteractive
     apt-get update -q
-    apt-get install -y -q python3.11-doc
+    apt-get install -y -q "${need[@]}"
 fi
 
 # sqc with the real-model and test extras (torch==2.13.0 comes from the local wheel here)

@@ -1,4 +1,4 @@
-"""The ``sqc`` command line: compile, eval, bench, generate.
+"""The ``sqc`` command line: compile, eval, bench, generate, report.
 
 Exit codes: 0 success, 2 usage error, 1 failure. ``--json`` prints one JSON
 object on stdout for scripting; ``--quiet`` silences progress.
@@ -191,8 +191,10 @@ def cmd_compile(args, progress: Progress) -> dict[str, Any]:
     if not args.tune:
         progress.log("note: --no-tune given; no tuning exists yet (reference kernels)")
     sqc.save(compiled, out, overwrite=args.force, tokenizer=tok, source=os.path.abspath(args.model) if args.model != SMOLLM2 else SMOLLM2)
+    from .report_html import write_report
     from .runtime.artifact import artifact_bits_per_weight
 
+    write_report(out)
     wb = compiled.weight_bytes()
     result = {
         "out": out,
@@ -345,10 +347,29 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--top-p", type=float, default=0.95)
     g.add_argument("--seed", type=int, default=0)
     common(g)
+
+    r = sub.add_parser("report", help="write the self-contained HTML report into the artifact folder")
+    r.add_argument("dir")
+    common(r)
     return p
 
 
-COMMANDS = {"compile": cmd_compile, "eval": cmd_eval, "bench": cmd_bench, "generate": cmd_generate}
+def cmd_report(args, progress: Progress) -> dict[str, Any]:
+    from .report_html import write_report
+    from .runtime.artifact import _read_manifest
+
+    if not os.path.isdir(args.dir):
+        raise CLIError(f"{args.dir} is not an sqc artifact folder (run `sqc compile ... --out {args.dir}` first)")
+    _read_manifest(os.path.abspath(args.dir))  # clear errors for a non-artifact
+    path = write_report(args.dir)
+    if not args.json:
+        print(path)
+    return {"report": path}
+
+
+COMMANDS = {
+    "compile": cmd_compile, "eval": cmd_eval, "bench": cmd_bench, "generate": cmd_generate, "report": cmd_report,
+}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -120,6 +120,7 @@ class CompiledModel(nn.Module):
                     "sparse_pct": r.sparse_pct,
                     "weighted_error": r.weighted_error,
                     "mse": r.mse,
+                    "weight_power": r.weight_power,
                     "bytes": r.packed_bytes,
                     "bits_per_weight": r.bits_per_weight,
                     "kernel": r.kernel,

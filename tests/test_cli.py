@@ -109,3 +109,46 @@ def test_errors(workspace, tmp_path, args, rc, msg):
     assert proc.returncode == rc, (proc.stdout, proc.stderr)
     assert msg in proc.stderr
     assert not (tmp_path / "x").exists()
+
+
+def test_report_in_headless_chromium(compiled_dir, tmp_path):
+    """The HTML report loads in a real browser with its plots and table and no console errors."""
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+    from selenium.webdriver.common.by import By
+
+    out, _ = compiled_dir
+    res = json.loads(run("report", str(out), "--json", check_rc=0).stdout)
+    page = res["report"]
+    assert os.path.exists(page)
+    html_text = open(page).read()
+    import re
+
+    # self-contained: nothing is fetched (namespace URIs inside the SVG are not fetches)
+    assert not re.search(r"""(src|href)\s*=\s*["']https?://""", html_text)
+    assert "<link" not in html_text and "<script" not in html_text
+
+    opts = webdriver.ChromeOptions()
+    opts.binary_location = "/usr/bin/chromium"
+    for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--no-first-run",
+                 "--disable-quic", "--disable-component-update", "--disable-sync", f"--user-data-dir={tmp_path / 'prof'}"):
+        opts.add_argument(flag)
+    opts.set_capability("goog:loggingPrefs", {"browser": "ALL"})
+    driver = webdriver.Chrome(options=opts, service=Service(executable_path="/usr/bin/chromedriver"))
+    try:
+        driver.set_window_size(1400, 1000)
+        driver.get("file://" + page)
+        assert driver.title == "sqc report"
+        assert len(driver.find_elements(By.CSS_SELECTOR, "figure svg")) == 2
+        assert len(driver.find_elements(By.CSS_SELECTOR, "#layers tbody tr")) == 15
+        shot = tmp_path / "report.png"
+        assert driver.save_screenshot(str(shot)) and shot.stat().st_size > 10_000
+        errors = [e for e in driver.get_log("browser") if e["level"] == "SEVERE"]
+        assert not errors, errors
+    finally:
+        driver.quit()
+
+
+def test_report_on_non_artifact(tmp_path):
+    proc = run("report", str(tmp_path))
+    assert proc.returncode == 1 and "not an sqc artifact" in proc.stderr

@@ -122,6 +122,7 @@ class LayerReport:
     packed_bytes: dict[str, int] = dataclasses.field(default_factory=dict)
     kernel: str | None = None
     notes: list[str] = dataclasses.field(default_factory=list)
+    weight_power: float | None = None  # mean W^2, for the SNR of the report
 
     @property
     def bits_per_weight(self) -> float | None:

@@ -109,6 +109,7 @@ class FitCodebook(Pass):
             rep = ctx.layer(site)
             rep.bits = cfg.bits
             rep.mse = float(err.sum(dtype=torch.float64)) / w.numel()
+            rep.weight_power = float((w * w).sum(dtype=torch.float64)) / w.numel()
             if f_np is None:
                 rep.weighted_error = rep.mse
             else:

@@ -299,6 +299,7 @@ def load(path: str | os.PathLike, model: nn.Module | None = None):
         layers.append(LayerReport(
             r["module"], in_f, out_f, r["quantized"], r["reason"], r["bits"], r["sparse_nnz"], r["sparse_pct"],
             r["weighted_error"], r["mse"], 0, r["bytes"] or {}, r["kernel"], r.get("notes", []),
+            r.get("weight_power"),
         ))
     return CompiledModel(
         model, config, parse_target(manifest["target"]), layers, report.get("notes", []),

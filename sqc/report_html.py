@@ -1,0 +1,139 @@
+"""A self-contained HTML report of a compiled artifact (no network: plots are inline SVG).
+
+Sections: model and config summary; per-layer table (shape, bits, sparse %,
+weighted error, SNR in dB, bytes, kernel, tuned latency); plots of weighted
+error and sparse fraction per layer and of the bits-per-weight breakdown
+(codes / tables / sparse). Kernel-latency and tuning-curve plots appear once
+tuned kernels exist; until then the report says that every layer runs the
+reference op and that no tuning was done.
+"""
+from __future__ import annotations
+
+import html
+import io
+import json
+import math
+import os
+from typing import Any
+
+__all__ = ["write_report", "render_report"]
+
+
+def _svg(fig) -> str:
+    buf = io.StringIO()
+    fig.savefig(buf, format="svg", bbox_inches="tight")
+    text = buf.getvalue()
+    return text[text.index("<svg") :]
+
+
+def _plots(layers: list[dict[str, Any]]) -> list[tuple[str, str]]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    q = [r for r in layers if r["quantized"]]
+    out = []
+    if not q:
+        return out
+    idx = list(range(len(q)))
+    fig, ax = plt.subplots(2, 1, figsize=(10, 5), sharex=True)
+    ax[0].semilogy(idx, [max(r["weighted_error"] or 0, 1e-30) for r in q], ".-", lw=0.8)
+    ax[0].set_ylabel("weighted error")
+    ax[1].plot(idx, [r["sparse_pct"] for r in q], ".-", lw=0.8, color="tab:orange")
+    ax[1].set_ylabel("sparse %")
+    ax[1].set_xlabel("quantized layer (graph order)")
+    out.append(("Weighted error and sparse fraction per layer", _svg(fig)))
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(10, 3))
+    parts = ("codes", "tables", "sparse")
+    bottom = [0.0] * len(q)
+    for part in parts:
+        vals = [8.0 * (r["bytes"] or {}).get(part, 0) / (r["shape"][0] * r["shape"][1]) for r in q]
+        ax.bar(idx, vals, bottom=bottom, label=part, width=0.9)
+        bottom = [b + v for b, v in zip(bottom, vals)]
+    ax.set_ylabel("bits / weight")
+    ax.set_xlabel("quantized layer (graph order)")
+    ax.legend(loc="upper right")
+    out.append(("Bits per weight: codes / tables / sparse", _svg(fig)))
+    plt.close(fig)
+    return out
+
+
+def _snr_db(r: dict[str, Any], weight_power: float | None) -> str:
+    if r.get("mse") in (None, 0) or not weight_power:
+        return "-"
+    return f"{10 * math.log10(weight_power / r['mse']):.1f}"
+
+
+def render_report(path: str) -> str:
+    """HTML text for the artifact folder ``path``."""
+    with open(os.path.join(path, "manifest.json")) as fh:
+        manifest = json.load(fh)
+    with open(os.path.join(path, "report.json")) as fh:
+        report = json.load(fh)
+    layers = report["layers"]
+    esc = html.escape
+    rows = []
+    for r in layers:
+        shape = f"{r['shape'][0]}x{r['shape'][1]}"
+        if not r["quantized"]:
+            rows.append(f"<tr class='float'><td>{esc(r['module'])}</td><td>{shape}</td><td colspan='6'>float: {esc(r['reason'] or '')}</td><td>-</td></tr>")
+            continue
+        nbytes = sum((r["bytes"] or {}).values())
+        rows.append(
+            "<tr>" + "".join(f"<td>{c}</td>" for c in (
+                esc(r["module"]), shape, r["bits"], f"{r['sparse_pct']:.3f}",
+                f"{r['weighted_error']:.3e}" if r["weighted_error"] is not None else "-",
+                _snr_db(r, r.get("weight_power")), nbytes, esc(str(r["kernel"])),
+                "not tuned",
+            )) + "</tr>"
+        )
+    plots = "".join(f"<figure><figcaption>{esc(t)}</figcaption>{svg}</figure>" for t, svg in _plots(layers))
+    wb = report.get("weight_bytes", {})
+    cfg = manifest["config"]
+    n_q = sum(r["quantized"] for r in layers)
+    notes = "".join(f"<li>{esc(n)}</li>" for n in report.get("notes", []))
+    return f"""<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8"><title>sqc report</title>
+<style>
+body {{ font-family: sans-serif; margin: 2em; }}
+table {{ border-collapse: collapse; font-size: 12px; }}
+td, th {{ border: 1px solid #ccc; padding: 2px 6px; text-align: right; }}
+td:first-child {{ text-align: left; }}
+tr.float td {{ color: #777; }}
+figure {{ margin: 1em 0; }}
+</style></head><body>
+<h1>sqc compile report</h1>
+<h2>Summary</h2>
+<ul>
+<li>model: {esc(str(manifest['model'].get('class')))} (source: {esc(str(manifest.get('source')))})</li>
+<li>config: <code>{esc(json.dumps(cfg, sort_keys=True))}</code></li>
+<li>target: {esc(manifest['target'])}</li>
+<li>{n_q} of {len(layers)} linear layers quantized; quantized weights
+{wb.get('float_before', 0) / 2**20:.1f} MiB float &rarr; {wb.get('packed_after', 0) / 2**20:.1f} MiB packed</li>
+<li>kernels: no tuned kernels exist yet; every quantized layer runs the reference op (no tuning data to plot)</li>
+{notes}
+</ul>
+<h2>Plots</h2>
+{plots}
+<h2>Layers</h2>
+<table id="layers"><thead><tr><th>layer</th><th>shape</th><th>bits</th><th>sparse %</th>
+<th>weighted error</th><th>SNR dB</th><th>bytes</th><th>kernel</th><th>tuned latency</th></tr></thead>
+<tbody>
+{''.join(rows)}
+</tbody></table>
+</body></html>
+"""
+
+
+def write_report(path: str) -> str:
+    """Write ``report.html`` into the artifact folder atomically; return its path."""
+    text = render_report(path)
+    out = os.path.join(path, "report.html")
+    tmp = out + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as fh:
+        fh.write(text)
+    os.replace(tmp, out)
+    return out
