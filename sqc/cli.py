@@ -152,6 +152,8 @@ def cmd_compile(args, progress: Progress) -> dict[str, Any]:
             k: v for k, v in (
                 ("bits", args.bits), ("outlier_pct", args.outlier_pct), ("sensitive_pct", args.sensitive_pct),
                 ("table_dtype", args.table_dtype), ("kmeans_iters", args.kmeans_iters),
+                ("fisher_damp", args.fisher_damp), ("chunk_rows", args.chunk_rows),
+                ("skip", tuple(args.skip) if args.skip else None),
             ) if v is not None
         }
         if overrides:
@@ -322,6 +324,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--sensitive-pct", type=float)
     c.add_argument("--table-dtype", choices=[t.value for t in TableDType])
     c.add_argument("--kmeans-iters", type=int)
+    c.add_argument("--fisher-damp", type=float)
+    c.add_argument("--chunk-rows", type=int)
+    c.add_argument("--skip", action="append", metavar="PATTERN", help="module-name pattern left in float (repeatable)")
     c.add_argument("--verbose", action="store_true", help="print the per-layer report")
     common(c)
 

@@ -152,3 +152,67 @@ def test_report_in_headless_chromium(compiled_dir, tmp_path):
 def test_report_on_non_artifact(tmp_path):
     proc = run("report", str(tmp_path))
     assert proc.returncode == 1 and "not an sqc artifact" in proc.stderr
+
+
+def test_cuda_target_without_nvcc(workspace, tmp_path):
+    _, model_dir, _ = workspace
+    env = dict(os.environ, PATH=os.path.dirname(sys.executable))
+    proc = subprocess.run(
+        [sys.executable, "-m", "sqc", "compile", str(model_dir), "--no-calib", "--target", "cuda -arch=sm_86",
+         "--out", str(tmp_path / "x")], capture_output=True, text=True, timeout=300, env=env,
+    )
+    assert proc.returncode == 1 and "needs nvcc on PATH" in proc.stderr
+
+
+def test_ctrl_c_leaves_no_half_written_artifact(workspace, tmp_path):
+    import signal
+    import time
+
+    _, model_dir, text = workspace
+    out = tmp_path / "x"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "sqc", "compile", str(model_dir), "--calib", str(text), "--calib-samples", "2000",
+         "--seq-len", "64", "--out", str(out)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    deadline = time.time() + 120
+    # wait until calibration is under way, then interrupt
+    line = ""
+    while time.time() < deadline and "calibration" not in line:
+        line = proc.stderr.readline()
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 1, err[-1000:]
+    assert "interrupted; nothing was written" in err
+    assert not out.exists()
+    assert not [p for p in os.listdir(tmp_path) if p.startswith(".sqc-")]
+
+
+def test_flags_reach_the_config(workspace, tmp_path):
+    _, model_dir, _ = workspace
+    res = json.loads(run("compile", str(model_dir), "--no-calib", "--bits", "3", "--outlier-pct", "1.0",
+                         "--table-dtype", "float32", "--skip", "model.layers.1.*", "--out", str(tmp_path / "a"),
+                         "--json", check_rc=0).stdout)
+    assert res["config"]["bits"] == 3 and res["config"]["outlier_pct"] == 1.0
+    assert res["config"]["table_dtype"] == "float32" and res["config"]["skip"] == ["model.layers.1.*"]
+    assert res["quantized_layers"] == 7
+
+
+@pytest.mark.slow
+def test_smollm2_compile_eval_bench_generate_report(tmp_path):
+    from sqc.real import DOC_SOURCES
+
+    out = tmp_path / "smol"
+    res = json.loads(run("compile", "smollm2", "--preset", "w4-s0.45", "--calib-samples", "2", "--seq-len", "64",
+                         "--out", str(out), "--json", check_rc=0).stdout)
+    assert res["quantized_layers"] == 210
+    text = os.path.join(DOC_SOURCES, "tutorial", "introduction.rst.txt")
+    res = json.loads(run("eval", str(out), "--text", text, "--windows", "1", "--seq-len", "128", "--json",
+                         check_rc=0).stdout)
+    assert 1 < res["ppl"] < 100
+    res = json.loads(run("generate", str(out), "--prompt", "def main():", "--max-new-tokens", "4", "--json",
+                         check_rc=0).stdout)
+    assert res["text"].startswith("def main():")
+    res = json.loads(run("bench", str(out), "--prompt-len", "32", "--new-tokens", "2", "--json", check_rc=0).stdout)
+    assert res["sqc"]["weight_bytes"]["packed_after"] < res["sqc"]["weight_bytes"]["float_before"] / 6  # 4.64 bits/weight
+    res = json.loads(run("report", str(out), "--json", check_rc=0).stdout)
+    assert os.path.getsize(res["report"]) > 50_000
