@@ -355,6 +355,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     r = sub.add_parser("report", help="write the self-contained HTML report into the artifact folder")
     r.add_argument("dir")
+    r.add_argument("--latency", action="store_true", help="measure each layer shape's kernel vs torch fp32 / bf16")
+    r.add_argument("--repeats", type=int, default=15)
     common(r)
     return p
 
@@ -366,7 +368,14 @@ def cmd_report(args, progress: Progress) -> dict[str, Any]:
     if not os.path.isdir(args.dir):
         raise CLIError(f"{args.dir} is not an sqc artifact folder (run `sqc compile ... --out {args.dir}` first)")
     _read_manifest(os.path.abspath(args.dir))  # clear errors for a non-artifact
-    path = write_report(args.dir)
+    latency = None
+    if args.latency:
+        from .runtime.latency import measure_kernels
+
+        compiled, _ = _load_artifact(args.dir)
+        progress.log("measuring kernel latency (batch 1 / 8 / 64) ...")
+        latency = measure_kernels(compiled, repeats=args.repeats)
+    path = write_report(args.dir, latency)
     if not args.json:
         print(path)
     return {"report": path}

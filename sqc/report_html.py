@@ -26,6 +26,28 @@ def _svg(fig) -> str:
     return text[text.index("<svg") :]
 
 
+def _latency_plot(latency: list[dict[str, Any]]):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    shapes = sorted({(r["shape"][0], r["shape"][1], r["bits"]) for r in latency})
+    fig, axes = plt.subplots(1, len(shapes), figsize=(3.2 * len(shapes), 3), squeeze=False)
+    for ax, (o, i, bits) in zip(axes[0], shapes):
+        rs = sorted((r for r in latency if r["shape"] == [o, i] and r["bits"] == bits), key=lambda r: r["batch"])
+        xs = [r["batch"] for r in rs]
+        for key, label in (("sqc_ms", f"sqc ({rs[0]['kernel']})"), ("torch_fp32_ms", "torch fp32"), ("torch_bf16_ms", "torch bf16")):
+            ax.loglog(xs, [r[key] for r in rs], "o-", label=label)
+        ax.set_title(f"{o}x{i}, {bits}-bit", fontsize=9)
+        ax.set_xlabel("batch")
+    axes[0][0].set_ylabel("ms (median)")
+    axes[0][-1].legend(fontsize=7)
+    text = _svg(fig)
+    plt.close(fig)
+    return text
+
+
 def _plots(layers: list[dict[str, Any]]) -> list[tuple[str, str]]:
     import matplotlib
 
@@ -90,7 +112,14 @@ def render_report(path: str) -> str:
                 "not tuned",
             )) + "</tr>"
         )
-    plots = "".join(f"<figure><figcaption>{esc(t)}</figcaption>{svg}</figure>" for t, svg in _plots(layers))
+    figures = _plots(layers)
+    latency = None
+    lpath = os.path.join(path, "latency.json")
+    if os.path.exists(lpath):
+        with open(lpath) as fh:
+            latency = json.load(fh)
+        figures.append(("Latency of each layer shape's kernel vs torch F.linear, by batch size", _latency_plot(latency)))
+    plots = "".join(f"<figure><figcaption>{esc(t)}</figcaption>{svg}</figure>" for t, svg in figures)
     wb = report.get("weight_bytes", {})
     cfg = manifest["config"]
     n_q = sum(r["quantized"] for r in layers)
@@ -113,7 +142,7 @@ figure {{ margin: 1em 0; }}
 <li>target: {esc(manifest['target'])}</li>
 <li>{n_q} of {len(layers)} linear layers quantized; quantized weights
 {wb.get('float_before', 0) / 2**20:.1f} MiB float &rarr; {wb.get('packed_after', 0) / 2**20:.1f} MiB packed</li>
-<li>kernels: no tuned kernels exist yet; every quantized layer runs the reference op (no tuning data to plot)</li>
+<li>kernels: no tuned kernels exist yet; every quantized layer runs the reference op, so there are no tuning curves to plot{'' if latency else '; no latency measured (run sqc report --latency)'}</li>
 {notes}
 </ul>
 <h2>Plots</h2>
@@ -128,8 +157,13 @@ figure {{ margin: 1em 0; }}
 """
 
 
-def write_report(path: str) -> str:
-    """Write ``report.html`` into the artifact folder atomically; return its path."""
+def write_report(path: str, latency: list[dict[str, Any]] | None = None) -> str:
+    """Write ``report.html`` (and ``latency.json`` when given) into the artifact folder; return its path."""
+    if latency is not None:
+        lpath = os.path.join(path, "latency.json")
+        with open(lpath + ".tmp", "w") as fh:
+            json.dump(latency, fh, indent=1)
+        os.replace(lpath + ".tmp", lpath)
     text = render_report(path)
     out = os.path.join(path, "report.html")
     tmp = out + ".tmp"

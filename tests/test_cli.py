@@ -118,8 +118,10 @@ def test_report_in_headless_chromium(compiled_dir, tmp_path):
     from selenium.webdriver.common.by import By
 
     out, _ = compiled_dir
-    res = json.loads(run("report", str(out), "--json", check_rc=0).stdout)
+    res = json.loads(run("report", str(out), "--latency", "--repeats", "3", "--json", check_rc=0).stdout)
     page = res["report"]
+    latency = json.load(open(out / "latency.json"))
+    assert {r["batch"] for r in latency} == {1, 8, 64} and all(r["sqc_ms"] > 0 for r in latency)
     assert os.path.exists(page)
     html_text = open(page).read()
     import re
@@ -139,7 +141,7 @@ def test_report_in_headless_chromium(compiled_dir, tmp_path):
         driver.set_window_size(1400, 1000)
         driver.get("file://" + page)
         assert driver.title == "sqc report"
-        assert len(driver.find_elements(By.CSS_SELECTOR, "figure svg")) == 2
+        assert len(driver.find_elements(By.CSS_SELECTOR, "figure svg")) == 3
         assert len(driver.find_elements(By.CSS_SELECTOR, "#layers tbody tr")) == 15
         shot = tmp_path / "report.png"
         assert driver.save_screenshot(str(shot)) and shot.stat().st_size > 10_000
