@@ -15,10 +15,19 @@ of the sorted values, so after one sort per row each Lloyd step is
   ``f * w`` (two subtractions per centroid).
 
 A step therefore costs O(C log K) per row instead of O(K C). Lloyd's algorithm
-never increases the objective. Lloyd starts from weighted quantiles (the
-centre of each equal-weight slice of the row); the uniform min-max grid (the
-round-to-nearest codebook) is kept instead wherever it scores better, so the
-result is never worse than round-to-nearest.
+never increases the objective, so everything depends on where it starts.
+
+Start (up to 16 centroids): the exact optimum over a coarse version of the
+row. The sorted row is cut into M contiguous bins (cosine-spaced: a point
+or two wide at the ends, where the extreme values need centroids of their
+own, widest in the dense middle), and a min-plus dynamic program over bin
+boundaries finds the optimal weighted clustering of the bins in
+O(C M^2) per row. Lloyd then refines it on every point. Above 16 centroids
+the starts are quantiles of the row. In every case the uniform min-max grid
+(the round-to-nearest codebook) is kept wherever it scores better, so the
+result is never worse than round-to-nearest. On SmolLM2 rows the objective
+lands 6-9 % below scikit-learn's weighted KMeans
+(benchmarks/kmeans_vs_sklearn.py).
 
 Edge cases: rows with fewer distinct values than centroids (duplicate
 centroids, zero error), rows whose active weights are all zero (fall back to
@@ -34,14 +43,16 @@ import numpy as np
 
 __all__ = ["KMeansResult", "fit_rows", "lloyd_trace"]
 
-SEARCH_METHOD = "scan"
-# Lloyd starts, run side by side; the best per row is kept
+SEARCH_METHOD = "scan"  # jnp.searchsorted method of the Lloyd assignment
 DP_MAX_CENTROIDS = 16
+# mass exponent of the quantile starts: weight ** p
+POWERS = {"wquant": 1.0, "uquant": 0.0, "squant": 0.5}
 
 
 def _starts(n_centroids: int) -> tuple[str, ...]:
-    """Lloyd starts: the RTN grid (the no-worse-than-RTN guarantee) plus the
-    binned exact DP up to 16 centroids, quantile starts above that."""
+    """Starts: the RTN grid (scored, not refined: the no-worse-than-RTN
+    guarantee) plus the binned exact DP up to 16 centroids, quantile starts
+    above that. Several Lloyd starts run side by side; the best per row wins."""
     if n_centroids <= DP_MAX_CENTROIDS:
         return ("grid", "dp")
     return ("grid", "uquant", "squant")
@@ -68,7 +79,6 @@ def _bins(n_centroids: int) -> int:
     give a weighted error 6 % above 64 bins at 0.6x the fitting time.
     """
     return 32 if n_centroids <= 8 else 3 * n_centroids
-POWERS = {"wquant": 1.0, "uquant": 0.0, "squant": 0.5}
 
 
 @dataclass(frozen=True)
