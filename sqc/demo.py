@@ -23,6 +23,14 @@ def _rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # pragma: no cover
 
 
+def _decode_tok_s(model, ids, new_tokens: int = 16) -> float:
+    with torch.no_grad():
+        model.generate(ids, max_new_tokens=2, do_sample=False)  # warm-up
+        t = time.perf_counter()
+        out = model.generate(ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
+    return (out.shape[1] - ids.shape[1]) / (time.perf_counter() - t)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m sqc.demo", description=__doc__)
     ap.add_argument("--preset", default="w3-s0.45", help="w3, w4, w3-s0.45, w4-s0.45")
@@ -43,6 +51,8 @@ def main(argv: list[str] | None = None) -> int:
     windows = eval_windows(tok, args.eval_windows, args.seq_len)
     calib = calibration_windows(tok, args.calib_samples, args.seq_len)
     rss_fp = _rss_mib()
+    prompt_ids = tok(args.prompt, return_tensors="pt", add_special_tokens=False)["input_ids"]
+    decode_fp = _decode_tok_s(model, prompt_ids)
     t = time.perf_counter()
     ppl_fp = perplexity(model, windows)
     print(f"FP32 perplexity {ppl_fp:.3f} ({time.perf_counter() - t:.0f} s)", flush=True)
@@ -67,17 +77,20 @@ def main(argv: list[str] | None = None) -> int:
     bpw = artifact_bits_per_weight(out)["overall"]
     wb = compiled.weight_bytes()
 
-    ids = tok(args.prompt, return_tensors="pt", add_special_tokens=False)["input_ids"]
+    decode_q = _decode_tok_s(compiled, prompt_ids)
     with torch.no_grad():
-        gen = compiled.generate(ids, max_new_tokens=20, do_sample=False)
+        gen = compiled.generate(prompt_ids, max_new_tokens=20, do_sample=False)
     sample = tok.decode(gen[0], skip_special_tokens=True)
 
     print()
     print(f"{'':<34}{'FP32':>12}{'sqc ' + args.preset:>16}")
-    print(f"{'perplexity (tutorial, 16x512)':<34}{ppl_fp:>12.3f}{ppl_q:>16.3f}")
+    label = f"perplexity (tutorial, {len(windows)}x{args.seq_len})"
+    print(f"{label:<34}{ppl_fp:>12.3f}{ppl_q:>16.3f}")
     print(f"{'stored bits / weight (artifact)':<34}{32.0:>12.2f}{bpw:>16.3f}")
     print(f"{'quantized-layer weights, MiB':<34}{wb['float_before'] / 2**20:>12.1f}{wb['packed_after'] / 2**20:>16.1f}")
     print(f"{'process RSS, MiB':<34}{rss_fp:>12.0f}{_rss_mib():>16.0f}")
+    print(f"{'greedy decode, tokens/s':<34}{decode_fp:>12.1f}{decode_q:>16.1f}"
+          "   (sqc runs the reference op until TVM kernels land)")
     print(f"compile {compile_s:.0f} s (stages: " + ", ".join(f"{k} {v:.1f}s" for k, v in compiled.stage_seconds.items()) + f"); sqc eval {eval_s:.0f} s")
     print(f"artifact: {out}")
     print(f"sample: {sample!r}")
