@@ -97,20 +97,6 @@ def load_source(source: str):
     return model.eval(), tok
 
 
-def _windows(tok, text: str, n: int, seq_len: int, spread: bool):
-    import torch
-
-    ids = torch.tensor(tok(text, add_special_tokens=False)["input_ids"], dtype=torch.long)
-    if len(ids) < seq_len + 1:
-        raise CLIError(f"the text has {len(ids)} tokens, fewer than one window of {seq_len}; give more text or a smaller --seq-len")
-    if spread:
-        last = len(ids) - seq_len
-        offsets = [0] if n == 1 else [round(i * last / (n - 1)) for i in range(n)]
-    else:
-        offsets = [i * seq_len for i in range(min(n, len(ids) // seq_len))]
-    return [ids[o : o + seq_len].unsqueeze(0) for o in offsets]
-
-
 def _read_text(path: str) -> str:
     if not os.path.isfile(path):
         raise CLIError(f"text file {path} does not exist")
@@ -145,6 +131,7 @@ def _source_of(path: str) -> str:
 def cmd_compile(args, progress: Progress) -> dict[str, Any]:
     import sqc
     from .config import resolve_config
+    from .real import calibration_windows
 
     try:
         cfg = resolve_config(args.preset)
@@ -152,7 +139,7 @@ def cmd_compile(args, progress: Progress) -> dict[str, Any]:
             k: v for k, v in (
                 ("bits", args.bits), ("outlier_pct", args.outlier_pct), ("sensitive_pct", args.sensitive_pct),
                 ("table_dtype", args.table_dtype), ("kmeans_iters", args.kmeans_iters),
-                ("fisher_damp", args.fisher_damp), ("chunk_rows", args.chunk_rows),
+                ("chunk_rows", args.chunk_rows),
                 ("skip", tuple(args.skip) if args.skip else None),
             ) if v is not None
         }
@@ -185,8 +172,8 @@ def cmd_compile(args, progress: Progress) -> dict[str, Any]:
             text = protocol_text("library")
         else:
             raise UsageError("give --calib TEXTFILE (calibration text) or --no-calib (plain k-means)")
-        calibration = [(w,) for w in _windows(tok, text, args.calib_samples, args.seq_len, spread=True)]
-    example = calibration[0] if calibration else (_windows(tok, "sqc " * (args.seq_len + 8), 1, min(args.seq_len, 16), False)[0],)
+        calibration = [(w,) for w in calibration_windows(tok, args.calib_samples, args.seq_len, text=text)]
+    example = calibration[0] if calibration else (tok("an example input", return_tensors="pt")["input_ids"],)
     t = time.perf_counter()
     compiled = sqc.compile(model, example, config=cfg, calibration=calibration, target=target, progress=progress)
     compile_s = time.perf_counter() - t
@@ -219,11 +206,11 @@ def cmd_compile(args, progress: Progress) -> dict[str, Any]:
 
 
 def cmd_eval(args, progress: Progress) -> dict[str, Any]:
-    from .real import perplexity
+    from .real import eval_windows, perplexity
 
     compiled, tok = _load_artifact(args.dir)
     text = _read_text(args.text)
-    windows = _windows(tok, text, args.windows, args.seq_len, spread=False)
+    windows = eval_windows(tok, args.windows, args.seq_len, text=text)
     result = {"windows": len(windows), "seq_len": args.seq_len, "ppl": perplexity(compiled, windows)}
     if args.baseline:
         model, _ = load_source(_source_of(args.dir))
@@ -245,20 +232,22 @@ def _peak_rss_mib() -> float:
 def _time_model(model, ids, new_tokens: int) -> dict[str, float]:
     import torch
 
+    from .real import decode_tokens_per_s
+
     with torch.no_grad():
         model(ids[:, :8], use_cache=False)  # warm-up
         t = time.perf_counter()
         model(ids, use_cache=False)
         prefill = ids.numel() / (time.perf_counter() - t)
-        t = time.perf_counter()
-        out = model.generate(ids[:, :8], max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
-        decode = (out.shape[1] - 8) / (time.perf_counter() - t)
-    return {"prefill_tok_s": prefill, "decode_tok_s": decode}
+    return {"prefill_tok_s": prefill, "decode_tok_s": decode_tokens_per_s(model, ids[:, :8], new_tokens)}
 
 
 def cmd_bench(args, progress: Progress) -> dict[str, Any]:
+    from .real import eval_windows
+
     compiled, tok = _load_artifact(args.dir)
-    ids = _windows(tok, "The quick brown fox jumps over the lazy dog. " * (args.prompt_len // 4 + 8), 1, args.prompt_len, False)[0]
+    text = "The quick brown fox jumps over the lazy dog. " * (args.prompt_len // 4 + 8)
+    ids = eval_windows(tok, 1, args.prompt_len, text=text)[0]
     result: dict[str, Any] = {"prompt_len": args.prompt_len, "new_tokens": args.new_tokens}
     result["sqc"] = _time_model(compiled, ids, args.new_tokens)
     result["sqc"]["peak_rss_mib"] = _peak_rss_mib()
@@ -324,7 +313,6 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--sensitive-pct", type=float)
     c.add_argument("--table-dtype", choices=[t.value for t in TableDType])
     c.add_argument("--kmeans-iters", type=int)
-    c.add_argument("--fisher-damp", type=float)
     c.add_argument("--chunk-rows", type=int)
     c.add_argument("--skip", action="append", metavar="PATTERN", help="module-name pattern left in float (repeatable)")
     c.add_argument("--verbose", action="store_true", help="print the per-layer report")

@@ -51,10 +51,6 @@ class QuantConfig:
     kmeans_iters : int
         Lloyd refinement steps after the exact binned start. Fitting has no
         random component, so equal inputs give equal codebooks.
-    fisher_damp : float
-        k-means sample weight is ``F + fisher_damp * mean(F of the row)``:
-        damping keeps weights whose (noisy, finite-sample) Fisher estimate is
-        tiny from being ignored.
     skip : tuple of str
         ``fnmatch`` patterns of module names that are left in floating point.
     chunk_rows : int
@@ -74,7 +70,6 @@ class QuantConfig:
     sensitive_pct: float = 0.05
     table_dtype: TableDType = TableDType.FLOAT16
     kmeans_iters: int = 8
-    fisher_damp: float = 0.0
     skip: tuple[str, ...] = ()
     chunk_rows: int = 2048
     version: int = CONFIG_VERSION
@@ -105,9 +100,6 @@ class QuantConfig:
                 ) from None
         if not isinstance(self.kmeans_iters, int) or not 1 <= self.kmeans_iters <= 10_000:
             raise ValueError(f"QuantConfig.kmeans_iters must be in 1..10000, got {self.kmeans_iters!r}")
-        if isinstance(self.fisher_damp, bool) or not isinstance(self.fisher_damp, (int, float)) or not 0 <= self.fisher_damp < float("inf"):
-            raise ValueError(f"QuantConfig.fisher_damp must be a finite number >= 0, got {self.fisher_damp!r}")
-        object.__setattr__(self, "fisher_damp", float(self.fisher_damp))
         if not isinstance(self.chunk_rows, int) or self.chunk_rows < 1:
             raise ValueError(f"QuantConfig.chunk_rows must be a positive int, got {self.chunk_rows!r}")
         if isinstance(self.skip, str):

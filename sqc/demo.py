@@ -23,14 +23,6 @@ def _rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # pragma: no cover
 
 
-def _decode_tok_s(model, ids, new_tokens: int = 16) -> float:
-    with torch.no_grad():
-        model.generate(ids, max_new_tokens=2, do_sample=False)  # warm-up
-        t = time.perf_counter()
-        out = model.generate(ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
-    return (out.shape[1] - ids.shape[1]) / (time.perf_counter() - t)
-
-
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m sqc.demo", description=__doc__)
     ap.add_argument("--preset", default="w3-s0.45", help="w3, w4, w3-s0.45, w4-s0.45")
@@ -42,7 +34,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
 
     import sqc
-    from sqc.real import calibration_windows, eval_windows, load_smollm2, perplexity
+    from sqc.real import calibration_windows, decode_tokens_per_s, eval_windows, load_smollm2, perplexity
     from sqc.runtime.artifact import artifact_bits_per_weight
 
     torch.manual_seed(0)
@@ -52,7 +44,7 @@ def main(argv: list[str] | None = None) -> int:
     calib = calibration_windows(tok, args.calib_samples, args.seq_len)
     rss_fp = _rss_mib()
     prompt_ids = tok(args.prompt, return_tensors="pt", add_special_tokens=False)["input_ids"]
-    decode_fp = _decode_tok_s(model, prompt_ids)
+    decode_fp = decode_tokens_per_s(model, prompt_ids)
     t = time.perf_counter()
     ppl_fp = perplexity(model, windows)
     print(f"FP32 perplexity {ppl_fp:.3f} ({time.perf_counter() - t:.0f} s)", flush=True)
@@ -77,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
     bpw = artifact_bits_per_weight(out)["overall"]
     wb = compiled.weight_bytes()
 
-    decode_q = _decode_tok_s(compiled, prompt_ids)
+    decode_q = decode_tokens_per_s(compiled, prompt_ids)
     with torch.no_grad():
         gen = compiled.generate(prompt_ids, max_new_tokens=20, do_sample=False)
     sample = tok.decode(gen[0], skip_special_tokens=True)

@@ -16,6 +16,7 @@ import glob
 import importlib.util
 import math
 import os
+import time
 from typing import Any
 
 import torch
@@ -28,6 +29,7 @@ __all__ = [
     "eval_windows",
     "calibration_windows",
     "perplexity",
+    "decode_tokens_per_s",
 ]
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -85,7 +87,10 @@ def _token_ids(tok, text: str) -> torch.Tensor:
 def eval_windows(tok, n_windows: int = 16, seq_len: int = 512, text: str | None = None) -> list[torch.Tensor]:
     ids = _token_ids(tok, protocol_text("tutorial") if text is None else text)
     if len(ids) < seq_len:
-        raise ValueError(f"evaluation text has {len(ids)} tokens, fewer than one window of {seq_len}")
+        raise ValueError(
+            f"evaluation text has {len(ids)} tokens, fewer than one window of {seq_len}; "
+            "give more text or a shorter window (--seq-len)"
+        )
     n = min(n_windows, len(ids) // seq_len)
     return [ids[i * seq_len : (i + 1) * seq_len].unsqueeze(0) for i in range(n)]
 
@@ -93,7 +98,10 @@ def eval_windows(tok, n_windows: int = 16, seq_len: int = 512, text: str | None 
 def calibration_windows(tok, n_samples: int = 32, seq_len: int = 512, text: str | None = None) -> list[torch.Tensor]:
     ids = _token_ids(tok, protocol_text("library") if text is None else text)
     if len(ids) < seq_len:
-        raise ValueError(f"calibration text has {len(ids)} tokens, fewer than one window of {seq_len}")
+        raise ValueError(
+            f"calibration text has {len(ids)} tokens, fewer than one window of {seq_len}; "
+            "give more text or a shorter window (--seq-len)"
+        )
     last = len(ids) - seq_len
     if n_samples == 1:
         offsets = [0]
@@ -117,3 +125,12 @@ def perplexity(model: Any, windows: list[torch.Tensor], batch_size: int = 4) -> 
         total_nll += float(nll)
         total_tokens += batch[:, 1:].numel()
     return math.exp(total_nll / total_tokens)
+
+
+@torch.no_grad()
+def decode_tokens_per_s(model: Any, ids: torch.Tensor, new_tokens: int = 16) -> float:
+    """Greedy ``generate`` throughput after a short warm-up, in new tokens per second."""
+    model.generate(ids, max_new_tokens=2, do_sample=False)
+    t = time.perf_counter()
+    out = model.generate(ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
+    return (out.shape[1] - ids.shape[1]) / (time.perf_counter() - t)

@@ -146,7 +146,7 @@ def trace(
         mod_name = weight.rsplit(".", 1)[0] if "." in weight else ""
         w_val = w_node.meta.get("val")
         if w_val is None:
-            w_val = gm.get_parameter(weight) if weight in dict(gm.named_parameters()) else None
+            w_val = gm.get_parameter(weight)
         out_f, in_f = (int(s) for s in w_val.shape)
         bias = str(b_node.target) if isinstance(b_node, torch.fx.Node) and b_node.op == "get_attr" else None
         reason = None

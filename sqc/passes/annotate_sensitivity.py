@@ -151,5 +151,5 @@ class AttachSensitivity(Pass):
                     f"sensitivity for {site.weight} has shape {tuple(f.shape)}, the weight is "
                     f"{(site.out_features, site.in_features)}"
                 )
-        _attach(sites, {k: v.float() for k, v in self.fisher.items()}, ctx)
+        _attach(sites, {s.weight: self.fisher[s.weight].float() for s, _ in sites}, ctx)
         return PassResult(gm, False, {})

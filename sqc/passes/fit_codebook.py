@@ -18,7 +18,6 @@ import torch
 from ..quant.kmeans import fit_rows
 from ..trace import SITE
 from .base import CompileContext, Pass, PassResult, require_meta, unique_sites
-from .split_outliers import check_finite
 
 __all__ = ["FitCodebook", "assign_codes"]
 
@@ -41,6 +40,19 @@ def assign_codes(w: torch.Tensor, lut: torch.Tensor) -> torch.Tensor:
     return codes
 
 
+def _batches(members: list, max_rows: int):
+    """Consecutive runs of whole layers with at most ``max_rows`` rows (one layer may exceed it)."""
+    batch, rows = [], 0
+    for item in members:
+        if batch and rows + item[0].out_features > max_rows:
+            yield batch
+            batch, rows = [], 0
+        batch.append(item)
+        rows += item[0].out_features
+    if batch:
+        yield batch
+
+
 class FitCodebook(Pass):
     name = "FitCodebook"
     requires = (SITE, "sqc.fisher", "sqc.sparse")
@@ -56,19 +68,11 @@ class FitCodebook(Pass):
 
         done = 0
         total = sum(len(v) for v in groups.values())
-        for K, members in sorted(groups.items()):
-            # batches of whole layers, at most _MAX_ROWS_PER_BATCH rows each
-            batch: list = []
-            rows = 0
-            for item in members + [None]:
-                if item is not None and (not batch or rows + item[0].out_features <= _MAX_ROWS_PER_BATCH):
-                    batch.append(item)
-                    rows += item[0].out_features
-                    continue
+        for _, members in sorted(groups.items()):
+            for batch in _batches(members, _MAX_ROWS_PER_BATCH):
                 self._fit_batch(batch, params, ctx, table_dtype)
                 done += len(batch)
                 ctx.tick("fit codebooks", done, total)
-                batch, rows = ([item], item[0].out_features) if item is not None else ([], 0)
         return PassResult(gm, False, {"layers": total})
 
     def _fit_batch(self, batch, params, ctx: CompileContext, table_dtype) -> None:
@@ -76,15 +80,12 @@ class FitCodebook(Pass):
         ws, fs, acts = [], [], []
         any_fisher = False
         for site, nodes in batch:
-            w = params[site.weight].detach()
-            check_finite(site.module, w)
+            w = params[site.weight].detach()  # finite: SplitOutliers checked it
             fkey = require_meta(nodes[0], "sqc.fisher")
             mask = ctx.store.get("sparse", require_meta(nodes[0], "sqc.sparse"))
             f = ctx.store.get("fisher", fkey) if fkey is not None else None
             any_fisher |= f is not None
             ws.append(w.float().numpy())
-            if f is not None and cfg.fisher_damp > 0:
-                f = f + cfg.fisher_damp * f.mean(dim=1, keepdim=True)
             fs.append(None if f is None else f.numpy())
             acts.append((~mask).numpy())
         res = fit_rows(
@@ -95,9 +96,8 @@ class FitCodebook(Pass):
             R = site.out_features
             cents = torch.from_numpy(res.centroids[start : start + R])
             start += R
+            # the solver returns ascending centroids; rounding keeps the order
             lut = cents.to(table_dtype)
-            # rounding to the table dtype keeps the order; re-sort to be safe
-            lut = torch.sort(lut.float(), dim=1).values.to(table_dtype)
             w = torch.from_numpy(w_np)
             codes = assign_codes(w, lut)
             key = ctx.store.put("codebook", site.weight, (lut, codes))

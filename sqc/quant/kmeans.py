@@ -43,19 +43,18 @@ import numpy as np
 
 __all__ = ["KMeansResult", "fit_rows", "lloyd_trace"]
 
-SEARCH_METHOD = "scan"  # jnp.searchsorted method of the Lloyd assignment
 DP_MAX_CENTROIDS = 16
-# mass exponent of the quantile starts: weight ** p
-POWERS = {"wquant": 1.0, "uquant": 0.0, "squant": 0.5}
+# mass exponent of the quantile starts (above 16 centroids): weight ** p
+POWERS = {"uquant": 0.0, "squant": 0.5}
 
 
 def _starts(n_centroids: int) -> tuple[str, ...]:
-    """Starts: the RTN grid (scored, not refined: the no-worse-than-RTN
-    guarantee) plus the binned exact DP up to 16 centroids, quantile starts
-    above that. Several Lloyd starts run side by side; the best per row wins."""
+    """Lloyd starts: the binned exact DP up to 16 centroids, quantile starts
+    above that. They run side by side and the best per row wins; the RTN grid
+    is then scored (not refined) against it."""
     if n_centroids <= DP_MAX_CENTROIDS:
-        return ("grid", "dp")
-    return ("grid", "uquant", "squant")
+        return ("dp",)
+    return ("uquant", "squant")
 
 
 def _bin_bounds(K: int, M: int) -> np.ndarray:
@@ -136,11 +135,7 @@ def _row_solver(n_centroids: int, iters: int, trace: bool):
 
     def assign_bounds(xs, c):
         mid = 0.5 * (c[:-1] + c[1:])
-        if SEARCH_METHOD == "count":
-            # number of values below each boundary: C-1 contiguous reductions
-            hi = jnp.sum(xs[None, :] < mid[:, None], axis=1, dtype=jnp.int32)
-        else:
-            hi = jnp.searchsorted(xs, mid, side="left", method=SEARCH_METHOD)
+        hi = jnp.searchsorted(xs, mid, side="left", method="scan")
         K = xs.shape[0]
         lo = jnp.concatenate([jnp.zeros((1,), hi.dtype), hi])
         hi = jnp.concatenate([hi, jnp.full((1,), K, hi.dtype)])
@@ -181,7 +176,7 @@ def _row_solver(n_centroids: int, iters: int, trace: bool):
         qi = jnp.clip(jnp.searchsorted(cum, q, side="left"), 0, xs.shape[0] - 1)
         return jnp.sort(jnp.where(act.any(), xs[qi], fallback))
 
-    def dp_start(xs, ws, fallback):
+    def dp_start(xs, ws):
         # Exact optimal weighted k-means over M contiguous bins of the sorted
         # row (a min-plus dynamic program over bin boundaries): a start near
         # the global optimum that Lloyd then refines on every point.
@@ -207,7 +202,7 @@ def _row_solver(n_centroids: int, iters: int, trace: bool):
             D2 = (D[None, :] + cost_t).min(axis=1)  # contiguous min-plus
             return D2, D
 
-        D_last, Ds = jax.lax.scan(layer, cost_t[:, 0], None, length=C - 1)
+        _, Ds = jax.lax.scan(layer, cost_t[:, 0], None, length=C - 1)
         # Ds[k] is the best cost of k+1 clusters over bins [0, i). Walk back
         # from bin M, recovering each boundary with one small argmin.
         def back(j, D):
@@ -237,16 +232,10 @@ def _row_solver(n_centroids: int, iters: int, trace: bool):
         c_grid = lo_v + (hi_v - lo_v) * jnp.arange(C, dtype=xs.dtype) / (C - 1)
         if trace:
             return run(xs, ws, p0, p1, c_grid)
-        starts = []
-        for name in _starts(C):
-            if name == "grid":
-                continue  # scored without Lloyd below
-            elif name == "grid_lloyd":
-                starts.append(c_grid)
-            elif name == "dp":
-                starts.append(dp_start(xs, ws, mean_all))
-            else:
-                starts.append(quantile_start(xs, ws, act, POWERS[name], mean_all))
+        starts = [
+            dp_start(xs, ws) if name == "dp" else quantile_start(xs, ws, act, POWERS[name], mean_all)
+            for name in _starts(C)
+        ]
         cs, objs = jax.vmap(lambda c: run(xs, ws, p0, p1, c))(jnp.stack(starts))
         best = jnp.argmin(objs)
         c_best, o_best = cs[best], objs[best]
