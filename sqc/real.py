@@ -80,28 +80,25 @@ def protocol_text(part: str) -> str:
     return "\n\n".join(texts)
 
 
-def _token_ids(tok, text: str) -> torch.Tensor:
-    return torch.tensor(tok(text, add_special_tokens=False)["input_ids"], dtype=torch.long)
+def _token_ids(tok, text: str, seq_len: int, what: str) -> torch.Tensor:
+    """Token ids of ``text`` (no BOS); at least one window of ``seq_len``."""
+    ids = torch.tensor(tok(text, add_special_tokens=False)["input_ids"], dtype=torch.long)
+    if len(ids) < seq_len:
+        raise ValueError(
+            f"{what} text has {len(ids)} tokens, fewer than one window of {seq_len}; "
+            "give more text or a shorter window (--seq-len)"
+        )
+    return ids
 
 
 def eval_windows(tok, n_windows: int = 16, seq_len: int = 512, text: str | None = None) -> list[torch.Tensor]:
-    ids = _token_ids(tok, protocol_text("tutorial") if text is None else text)
-    if len(ids) < seq_len:
-        raise ValueError(
-            f"evaluation text has {len(ids)} tokens, fewer than one window of {seq_len}; "
-            "give more text or a shorter window (--seq-len)"
-        )
+    ids = _token_ids(tok, protocol_text("tutorial") if text is None else text, seq_len, "evaluation")
     n = min(n_windows, len(ids) // seq_len)
     return [ids[i * seq_len : (i + 1) * seq_len].unsqueeze(0) for i in range(n)]
 
 
 def calibration_windows(tok, n_samples: int = 32, seq_len: int = 512, text: str | None = None) -> list[torch.Tensor]:
-    ids = _token_ids(tok, protocol_text("library") if text is None else text)
-    if len(ids) < seq_len:
-        raise ValueError(
-            f"calibration text has {len(ids)} tokens, fewer than one window of {seq_len}; "
-            "give more text or a shorter window (--seq-len)"
-        )
+    ids = _token_ids(tok, protocol_text("library") if text is None else text, seq_len, "calibration")
     last = len(ids) - seq_len
     if n_samples == 1:
         offsets = [0]
