@@ -73,6 +73,8 @@ def _collect_tensors(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[st
     for name, b in model.named_buffers(remove_duplicate=False):
         if b is not None:
             named[name] = b.detach()
+    for name, t in model.state_dict().items():  # tensors a module rebuilds on demand (SqcLinear codes)
+        named.setdefault(name, t.detach())
     tensors: dict[str, torch.Tensor] = {}
     aliases: dict[str, str] = {}
     seen: dict[tuple, str] = {}

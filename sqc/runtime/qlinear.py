@@ -16,7 +16,12 @@ class SqcLinear(nn.Module):
     Buffers: ``codes``, ``lut``, ``crow``, ``col``, ``val`` (see
     :mod:`sqc.runtime.layout`) and ``bias`` (or none). ``kernel`` names the
     implementation the forward pass runs; ``"reference"`` is the plain
-    PyTorch op.
+    PyTorch op, ``"reference (why)"`` says why no generated kernel runs.
+
+    Once generated kernels are attached (:meth:`set_kernel`), the canonical
+    ``codes`` buffer is dropped: the kernels hold the codes in their own
+    layout, and ``codes`` / ``state_dict()`` rebuild the canonical words on
+    demand, so saving stays lossless while memory holds one copy.
     """
 
     def __init__(self, packed: PackedLinear, bias: torch.Tensor | None, kernel: str = "reference"):
@@ -31,6 +36,33 @@ class SqcLinear(nn.Module):
             self.register_buffer("bias", bias.detach())
         else:
             self.bias = None
+        self._kernels = None
+
+    def set_kernel(self, kernels, name: str) -> None:
+        """Run ``kernels`` (or the reference op when None); ``name`` is what reports show."""
+        if kernels is None and self._kernels is not None:
+            self.register_buffer("codes", self._kernels.canonical_codes())
+        self._kernels = kernels
+        self.kernel = name
+        if kernels is not None and "codes" in self._buffers:
+            del self._buffers["codes"]
+
+    def __getattr__(self, name: str):
+        if name == "codes" and self.__dict__.get("_kernels") is not None:
+            return self.__dict__["_kernels"].canonical_codes()
+        return super().__getattr__(name)
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        if self._kernels is not None:
+            destination[prefix + "codes"] = self._kernels.canonical_codes()
+
+    def resident_bytes(self) -> int:
+        """Bytes of weight data this layer holds in memory (codes in whatever layout, tables, sparse)."""
+        nb = lambda t: t.numel() * t.element_size()  # noqa: E731
+        total = sum(nb(getattr(self, n)) for n in ("lut", "crow", "col", "val"))
+        total += self._kernels.nbytes() if self._kernels is not None else nb(self.codes)
+        return total
 
     @property
     def packed(self) -> PackedLinear:
@@ -40,6 +72,8 @@ class SqcLinear(nn.Module):
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._kernels is not None:
+            return self._kernels(x, self.lut, self.crow, self.col, self.val, self.bias)
         return torch.ops.sqc.lut_linear(
             x, self.codes, self.lut, self.crow, self.col, self.val, self.bias, self.bits, self.in_features
         )

@@ -1,0 +1,192 @@
+"""Building kernels: the on-disk kernel library cache, the tuning database, the knob search.
+
+Everything persistent lives under :func:`cache_dir` (``$SQC_CACHE_DIR``, else
+``~/.cache/sqc``):
+
+* ``kernels/<hash>.so``: a compiled kernel library. The hash covers the
+  kernel's TVMScript text, the target and the TVM version, so a changed
+  kernel, target or TVM never loads a stale library. Written to a temporary
+  name and renamed, so a crash never leaves a half-written library.
+* ``tuning.json``: for every (target, TVM version, kernel key, batch bucket),
+  the knobs the search chose and what it measured. A second compile of the
+  same model finds every entry and tunes nothing.
+
+:data:`STATS` counts builds, cache hits and tuning searches in this process;
+tests use it to prove that a second compile does no work.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import statistics
+import tempfile
+import threading
+import time
+from typing import Any, Callable
+
+from .cpu import GemmKnobs, GemvKnobs, KernelKey, build_gemm, build_gemv
+
+__all__ = ["cache_dir", "import_tvm", "KernelLibrary", "TuningDB", "STATS", "BUCKETS", "bucket_of", "median_ms",
+           "copy_bandwidth_gbps"]
+
+STATS = {"builds": 0, "cache_hits": 0, "searches": 0, "db_hits": 0}
+_LOCK = threading.Lock()
+
+#: batch buckets: each gets its own tuned kernel (gemv for 1, gemm knobs for the others)
+BUCKETS = {"1": (1, 1), "2-16": (2, 16), "17+": (17, 1 << 31)}
+#: the batch size each bucket is tuned at
+BUCKET_TUNE_BATCH = {"1": 1, "2-16": 8, "17+": 64}
+
+
+def bucket_of(n: int) -> str:
+    for name, (lo, hi) in BUCKETS.items():
+        if lo <= n <= hi:
+            return name
+    raise ValueError(f"batch {n} is in no bucket")
+
+
+def cache_dir() -> str:
+    d = os.environ.get("SQC_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "sqc")
+    os.makedirs(d, exist_ok=True)
+    return d
+
+
+def import_tvm():
+    """Import TVM with its thread pool sized to this process's CPU affinity."""
+    if "TVM_NUM_THREADS" not in os.environ:
+        try:
+            n = len(os.sched_getaffinity(0))
+        except AttributeError:  # pragma: no cover - not Linux
+            n = os.cpu_count() or 1
+        os.environ["TVM_NUM_THREADS"] = str(n)
+    import tvm
+
+    return tvm
+
+
+def median_ms(fn: Callable[[], Any], repeats: int, warmup: int = 2) -> float:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return 1e3 * statistics.median(times)
+
+
+def _atomic_write(path: str, data: bytes) -> None:
+    d = os.path.dirname(path)
+    fd, tmp = tempfile.mkstemp(dir=d, prefix=".tmp-")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+class KernelLibrary:
+    """Builds prim_funcs for a target, with an on-disk cache of compiled libraries."""
+
+    def __init__(self, target_spec) -> None:
+        self.tvm = import_tvm()
+        self.spec = target_spec
+        self.target = target_spec.to_tvm()
+        self.dir = os.path.join(cache_dir(), "kernels")
+        os.makedirs(self.dir, exist_ok=True)
+        self._mem: dict[str, Any] = {}
+
+    def source(self, key: KernelKey, knobs) -> tuple[Any, str]:
+        func = build_gemv(key, knobs) if key.op == "gemv" else build_gemm(key, knobs)
+        return func, func.script()
+
+    def digest(self, script: str) -> str:
+        h = hashlib.sha256()
+        for part in (script, str(self.target), self.tvm.__version__):
+            h.update(part.encode())
+            h.update(b"\0")
+        return h.hexdigest()[:32]
+
+    def get(self, key: KernelKey, knobs):
+        """The compiled function for (key, knobs): from memory, from disk, or freshly built."""
+        func, script = self.source(key, knobs)
+        digest = self.digest(script)
+        if digest in self._mem:
+            return self._mem[digest]
+        path = os.path.join(self.dir, f"{key.tag()}_{knobs.tag()}_{digest}.so")
+        fn = None
+        if os.path.exists(path):
+            try:
+                fn = self.tvm.runtime.load_module(path)[key.op]
+                STATS["cache_hits"] += 1
+            except Exception:  # a corrupt or foreign library: rebuild it
+                fn = None
+        if fn is None:
+            ex = self.tvm.compile(self.tvm.IRModule({key.op: func}), target=self.target)
+            STATS["builds"] += 1
+            fd, tmp = tempfile.mkstemp(dir=self.dir, prefix=".tmp-", suffix=".so")
+            os.close(fd)
+            try:
+                ex.export_library(tmp)
+                os.replace(tmp, path)
+            finally:
+                if os.path.exists(tmp):
+                    os.unlink(tmp)
+            fn = self.tvm.runtime.load_module(path)[key.op]
+        self._mem[digest] = fn
+        return fn
+
+
+class TuningDB:
+    """``tuning.json``: chosen knobs and measurements per (target, TVM, kernel, bucket)."""
+
+    def __init__(self, target_str: str, tvm_version: str) -> None:
+        self.path = os.path.join(cache_dir(), "tuning.json")
+        self.prefix = f"{target_str}|tvm{tvm_version}|"
+
+    def _read(self) -> dict[str, Any]:
+        try:
+            with open(self.path) as f:
+                return json.load(f)
+        except (FileNotFoundError, json.JSONDecodeError):
+            return {}
+
+    def lookup(self, key: KernelKey, bucket: str) -> dict[str, Any] | None:
+        return self._read().get(self.prefix + f"{key.tag()}|{bucket}")
+
+    def store(self, key: KernelKey, bucket: str, record: dict[str, Any]) -> None:
+        with _LOCK:
+            db = self._read()
+            db[self.prefix + f"{key.tag()}|{bucket}"] = record
+            _atomic_write(self.path, json.dumps(db, indent=1, sort_keys=True).encode())
+
+
+def knobs_from_dict(op: str, d: dict[str, Any]):
+    return GemvKnobs(**d) if op == "gemv" else GemmKnobs(**d)
+
+
+def knobs_to_dict(k) -> dict[str, Any]:
+    return dataclasses.asdict(k)
+
+
+_COPY_GBPS: list[float] = []
+
+
+def copy_bandwidth_gbps(mib: int = 256, repeats: int = 5) -> float:
+    """Measured memory copy bandwidth (bytes read + written per second), once per process."""
+    if _COPY_GBPS:
+        return _COPY_GBPS[0]
+    import torch
+
+    a = torch.empty(mib << 20, dtype=torch.uint8)
+    a.fill_(1)
+    b = torch.empty_like(a)
+    ms = median_ms(lambda: b.copy_(a), repeats, warmup=1)
+    _COPY_GBPS.append(2 * a.numel() / (ms * 1e-3) / 1e9)
+    del a, b
+    return _COPY_GBPS[0]

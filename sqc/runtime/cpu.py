@@ -1,0 +1,239 @@
+"""Running the generated CPU kernels on torch tensors, and choosing them per layer.
+
+:func:`to_lane_words` derives the CPU lane layout of the codes (see
+:mod:`sqc.codegen.cpu`) from the canonical packed weight and
+:func:`from_lane_words` inverts it; :class:`CpuLutKernels` holds one layer's
+lane words and compiled functions and runs ``y = x @ W_hat.T + b``. Tensors
+reach TVM through DLPack without copies; x is copied only when it is not a
+contiguous fp32 matrix as wide as the padded layout (the kernels declare
+small alignments, so misaligned views are safe as well).
+
+:func:`attach_cpu_kernels` gives every :class:`SqcLinear` of a model its
+kernels: for each distinct kernel key it looks up the tuning database,
+searches the knobs when an entry is missing (``tune=True``) or takes the
+default knobs (``tune=False``), and loads the compiled libraries from the
+on-disk cache. A layer whose kernel cannot be built runs the reference op and
+its kernel name says why.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+import torch
+
+from ..codegen.cpu import (
+    ROW_PAD, SUPPORTED_BITS, GemmKnobs, GemvKnobs, KernelKey, LaneLayout, gemm_candidates, gemv_candidates,
+)
+from .layout import PackedLinear, pack_codes
+
+__all__ = ["to_lane_words", "from_lane_words", "CpuLutKernels", "attach_cpu_kernels", "kernel_key"]
+
+_DT = {torch.float16: "float16", torch.bfloat16: "bfloat16", torch.float32: "float32",
+       torch.uint8: "uint8", torch.int16: "int16", torch.int32: "int32"}
+
+
+def to_lane_words(codes: torch.Tensor, bits: int, lanes: int) -> torch.Tensor:
+    """``[R, K]`` integer codes -> lane-layout words int32 ``[RP, NB * lanes]``."""
+    R, K = codes.shape
+    lay = LaneLayout(K, bits, lanes)
+    RP = -(-R // ROW_PAD) * ROW_PAD
+    c = torch.zeros((RP, lay.k_pad), dtype=torch.int64)
+    c[:R, :K] = codes
+    c = c.view(RP, lay.n_blocks, lay.per_word, lanes)
+    words = torch.zeros((RP, lay.n_blocks, lanes), dtype=torch.int64)
+    for t in range(lay.per_word):
+        words |= c[:, :, t, :] << (t * bits)
+    words = torch.where(words >= 1 << 31, words - (1 << 32), words)
+    return words.to(torch.int32).view(RP, lay.words).contiguous()
+
+
+def from_lane_words(words: torch.Tensor, bits: int, lanes: int, out_features: int, in_features: int) -> torch.Tensor:
+    """Inverse of :func:`to_lane_words`: codes as int64 ``[R, K]``."""
+    lay = LaneLayout(in_features, bits, lanes)
+    u = words.to(torch.int64).view(-1, lay.n_blocks, 1, lanes) & 0xFFFFFFFF
+    shifts = (torch.arange(lay.per_word) * bits).view(1, 1, -1, 1)
+    c = (u >> shifts) & ((1 << bits) - 1)
+    return c.reshape(-1, lay.k_pad)[:out_features, :in_features]
+
+
+def kernel_key(op: str, m, lanes: int) -> KernelKey:
+    return KernelKey(op, m.out_features, m.in_features, m.bits, lanes, m.col.numel() > 0,
+                     _DT[m.lut.dtype], _DT[m.col.dtype], _DT[m.val.dtype])
+
+
+class CpuLutKernels:
+    """One layer's generated kernels: ``gemv`` for batch 1, ``gemm`` per batch bucket.
+
+    Holds the lane-layout words and the code under each sparse entry; the
+    tables and CSR arrays stay on the module and are passed in at call time.
+    """
+
+    def __init__(self, packed: PackedLinear, lanes: int, fns: dict[str, Callable], name: str) -> None:
+        self.lanes = lanes
+        self.bits = packed.bits
+        self.layout = LaneLayout(packed.in_features, packed.bits, lanes)
+        codes = packed.unpack()
+        self.words = to_lane_words(codes, packed.bits, lanes)
+        rows, cols = packed.sparse_coo()
+        self.scode = codes[rows, cols].to(torch.uint8).contiguous()
+        self.fns = fns  # bucket -> compiled function
+        self.out_features = packed.out_features
+        self.in_features = packed.in_features
+        self.name = name
+
+    def canonical_codes(self) -> torch.Tensor:
+        codes = from_lane_words(self.words, self.bits, self.lanes, self.out_features, self.in_features)
+        return pack_codes(codes, self.bits)
+
+    def nbytes(self) -> int:
+        return self.words.numel() * 4 + self.scode.numel()
+
+    def _x(self, x2: torch.Tensor) -> torch.Tensor:
+        kp = self.layout.k_pad
+        if x2.dtype == torch.float32 and x2.shape[1] == kp and x2.stride(1) == 1 and (x2.shape[0] == 1 or x2.stride(0) == kp):
+            return x2
+        xp = torch.zeros((x2.shape[0], kp), dtype=torch.float32)
+        xp[:, : x2.shape[1]] = x2
+        return xp
+
+    def __call__(self, x: torch.Tensor, lut, crow, col, val, bias) -> torch.Tensor:
+        lead = x.shape[:-1]
+        x2 = x.reshape(-1, x.shape[-1])
+        n = x2.shape[0]
+        y = torch.empty((n, self.out_features), dtype=torch.float32)
+        if n:
+            xp = self._x(x2)
+            if n == 1:
+                self.fns["1"](xp[0], self.words, lut, crow, col, val, self.scode, y[0])
+            else:
+                self.fns["2-16" if n <= 16 else "17+"](xp, self.words, lut, crow, col, val, y)
+        if bias is not None:
+            y += bias.to(torch.float32)
+        return y.to(x.dtype).view(*lead, self.out_features)
+
+
+def _bench(fn, op: str, k: CpuLutKernels, m, batch: int, repeats: int) -> float:
+    from ..codegen.build import median_ms
+
+    kp = k.layout.k_pad
+    if op == "gemv":
+        x = torch.randn(kp)
+        y = torch.empty(k.out_features)
+        return median_ms(lambda: fn(x, k.words, m.lut, m.crow, m.col, m.val, k.scode, y), repeats)
+    x = torch.randn(batch, kp)
+    y = torch.empty(batch, k.out_features)
+    return median_ms(lambda: fn(x, k.words, m.lut, m.crow, m.col, m.val, y), repeats)
+
+
+def _weight_bytes(k: CpuLutKernels, m, op: str) -> int:
+    nb = lambda t: t.numel() * t.element_size()  # noqa: E731
+    b = nb(k.words) + nb(m.lut) + nb(m.crow) + nb(m.col) + nb(m.val)
+    return b + (nb(k.scode) if op == "gemv" else 0)
+
+
+def attach_cpu_kernels(
+    model: torch.nn.Module,
+    target_spec,
+    tune: bool = True,
+    trials: int | None = None,
+    repeats: int = 20,
+    progress: Callable[[str, int, int], None] | None = None,
+) -> list[dict[str, Any]]:
+    """Give every SqcLinear in ``model`` its generated kernels; return one record per kernel.
+
+    A record: kernel key, batch bucket, the layers using it, the chosen knobs,
+    every candidate tried with its latency (in trial order), best and default
+    latency, achieved GB/s and its ratio to the measured copy bandwidth, and
+    whether the choice came from the tuning database.
+    """
+    from ..codegen import build as B
+    from .qlinear import SqcLinear
+
+    mods = {n: m for n, m in model.named_modules() if isinstance(m, SqcLinear)}
+    if not mods:
+        return []
+    try:
+        lib = B.KernelLibrary(target_spec)
+    except Exception as e:  # no TVM, or a target TVM cannot build for
+        for m in mods.values():
+            m.set_kernel(None, f"reference (TVM unavailable: {type(e).__name__}: {e})")
+        return []
+    from ..codegen.cpu import cpu_lanes
+
+    lanes = cpu_lanes(lib.target)
+    db = B.TuningDB(str(lib.target), lib.tvm.__version__)
+    groups: dict[KernelKey, list[str]] = {}
+    for name, m in mods.items():
+        if lanes == 0 or m.bits not in SUPPORTED_BITS:
+            why = "no AVX2/AVX-512 on this target" if lanes == 0 else f"no LUT kernel for {m.bits}-bit codes"
+            m.set_kernel(None, f"reference ({why})")
+            continue
+        groups.setdefault(kernel_key("lut", m, lanes), []).append(name)
+    records = []
+    copy_bw = None
+    total = len(groups) * len(B.BUCKETS)
+    done = 0
+    kname = f"tvm-lut-{'avx512' if lanes == 16 else 'avx2'}"
+    for key, names in groups.items():
+        first = mods[names[0]]
+        probe = CpuLutKernels(first.packed, lanes, {}, names[0])
+        fns: dict[str, Callable] = {}
+        failed = None
+        for bucket in B.BUCKETS:
+            op = "gemv" if bucket == "1" else "gemm"
+            okey = dataclasses.replace(key, op=op)
+            batch = B.BUCKET_TUNE_BATCH[bucket]
+            rec = db.lookup(okey, bucket)
+            try:
+                if rec is not None:
+                    B.STATS["db_hits"] += 1
+                    fn = lib.get(okey, B.knobs_from_dict(op, rec["knobs"]))
+                    rec = dict(rec, from_db=True)
+                else:
+                    default = GemvKnobs() if op == "gemv" else GemmKnobs()
+                    cands = [default]
+                    if tune:
+                        B.STATS["searches"] += 1
+                        cands += [c for c in (gemv_candidates() if op == "gemv" else gemm_candidates()) if c != default]
+                        if trials is not None:
+                            cands = cands[: max(1, trials)]
+                    tried = []
+                    best = None
+                    for kn in cands:
+                        f = lib.get(okey, kn)
+                        ms = _bench(f, op, probe, first, batch, repeats)
+                        tried.append({"knobs": B.knobs_to_dict(kn), "ms": ms})
+                        if best is None or ms < best[1]:
+                            best = (kn, ms, f)
+                    knobs, best_ms, fn = best
+                    if copy_bw is None:
+                        copy_bw = B.copy_bandwidth_gbps()
+                    nbytes = _weight_bytes(probe, first, op) + 4 * batch * (probe.layout.k_pad + key.out_features)
+                    gbps = nbytes / (best_ms * 1e-3) / 1e9
+                    rec = {
+                        "key": okey.as_dict(), "bucket": bucket, "tuned_at_batch": batch,
+                        "knobs": B.knobs_to_dict(knobs), "tuned": tune, "candidates": tried,
+                        "best_ms": best_ms, "default_ms": tried[0]["ms"], "bytes": nbytes, "gbps": gbps,
+                        "copy_gbps": copy_bw, "bw_ratio": gbps / copy_bw,
+                    }
+                    if tune:
+                        db.store(okey, bucket, rec)
+                    rec = dict(rec, from_db=False)
+                fns[bucket] = fn
+                records.append(dict(rec, layers=list(names), kernel=kname))
+            except Exception as e:  # TVM could not build this kernel: the reference op runs, and says so
+                first_line = (str(e).strip().splitlines() or [""])[0][:200]
+                failed = f"reference (TVM could not build {okey.tag()}: {type(e).__name__}: {first_line})"
+                break
+            finally:
+                done += 1
+                if progress is not None:
+                    progress("tune", done, total)
+        for name in names:
+            m = mods[name]
+            if failed:
+                m.set_kernel(None, failed)
+            else:
+                m.set_kernel(CpuLutKernels(m.packed, lanes, fns, name), kname)
+    return records
