@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import gc
 import json
+import os
 import time
 from typing import Any, Callable, Sequence
 
@@ -67,6 +68,7 @@ class CompiledModel(nn.Module):
         stage_seconds: dict[str, float] | None = None,
         graph_module: torch.fx.GraphModule | None = None,
         float_weight_bytes: int = 0,
+        tuning: Sequence[dict[str, Any]] = (),
     ) -> None:
         super().__init__()
         self.model = model
@@ -78,6 +80,7 @@ class CompiledModel(nn.Module):
         # not a submodule: it shares every tensor with ``model``
         self.__dict__["graph_module"] = graph_module
         self.float_weight_bytes = float_weight_bytes
+        self.tuning = list(tuning)
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         return self.model(*args, **kwargs)
@@ -97,10 +100,34 @@ class CompiledModel(nn.Module):
 
     def weight_bytes(self) -> dict[str, int]:
         """Resident bytes of the quantized layers' weights, before (float) and after (packed)."""
-        after = 0
-        for m in self.quantized_modules().values():
-            after += sum(t.numel() * t.element_size() for t in (m.codes, m.lut, m.crow, m.col, m.val))
+        after = sum(m.resident_bytes() for m in self.quantized_modules().values())
         return {"float_before": self.float_weight_bytes, "packed_after": after}
+
+    def tuning_report(self, fmt: str = "dict"):
+        """The kernels this model runs and how they were chosen: ``fmt`` is "dict", "json" or "markdown"."""
+        from .codegen.report import tuning_markdown
+
+        data = {"target": str(self.target), "kernels": self.tuning}
+        if fmt == "dict":
+            return data
+        if fmt == "json":
+            return json.dumps(data, indent=1)
+        if fmt == "markdown":
+            return tuning_markdown(data)
+        raise ValueError(f"tuning_report fmt must be 'dict', 'json' or 'markdown', got {fmt!r}")
+
+    def refresh_kernel_names(self) -> None:
+        """Copy each module's running kernel (and its tuned batch-1 latency) into the layer reports."""
+        mods = self.quantized_modules()
+        lat = {}
+        for rec in self.tuning:
+            if rec.get("bucket") == "1":
+                for name in rec.get("layers", []):
+                    lat[name] = rec.get("best_ms")
+        for r in self.layers:
+            if r.module in mods:
+                r.kernel = mods[r.module].kernel
+                r.tuned_ms = lat.get(r.module)
 
     def report_dict(self) -> dict[str, Any]:
         return {
@@ -124,6 +151,7 @@ class CompiledModel(nn.Module):
                     "bytes": r.packed_bytes,
                     "bits_per_weight": r.bits_per_weight,
                     "kernel": r.kernel,
+                    "tuned_ms": getattr(r, "tuned_ms", None),
                     "notes": r.notes,
                 }
                 for r in self.layers
@@ -146,7 +174,7 @@ class CompiledModel(nn.Module):
             bpw = f"{r.bits_per_weight:.3f}" if r.bits_per_weight is not None else "-"
             kern = r.kernel or "-"
             if kern == "reference":
-                kern = "reference (plain PyTorch op; no generated kernel for this target yet)"
+                kern = "reference (plain PyTorch op; no generated kernel for this target)"
             lines.append(f"{r.module:<44} {shape:>12} {r.bits:>4} {r.sparse_pct:>8.3f} {err:>10} {nbytes:>10} {bpw:>6}  {kern}")
         wb = self.weight_bytes()
         nq = sum(r.quantized for r in self.layers)
@@ -173,6 +201,8 @@ def compile(  # noqa: A001 - the public name
     dump_ir: str | None = None,
     progress: Callable[[str, int, int], None] | None = None,
     sensitivity: dict[str, torch.Tensor] | None = None,
+    tune: bool = True,
+    tune_trials: int | None = None,
 ) -> CompiledModel:
     """Quantize every linear layer of ``model`` to a dense-and-sparse codebook.
 
@@ -194,6 +224,11 @@ def compile(  # noqa: A001 - the public name
     sensitivity : Fisher diagonals by weight name, computed earlier with
         :func:`sqc.passes.annotate_sensitivity.fisher_information`; replaces
         the calibration pass (e.g. to try several bit widths on one Fisher).
+    tune : search each kernel's schedule knobs (results persist in the tuning
+        database, so a second compile tunes nothing); ``False`` uses the
+        database's choice when there is one, else the default knobs.
+    tune_trials : at most this many candidates per kernel (``None``: the
+        ``SQC_TUNE_TRIALS`` environment variable if set, else all).
 
     Examples
     --------
@@ -239,7 +274,7 @@ def compile(  # noqa: A001 - the public name
         if site.quantized:
             w = params[site.weight]
             float_bytes += w.numel() * w.element_size()
-    if spec.kernel_name() == "reference":
+    if spec.kind != "llvm":
         ctx.notes.append(f"no generated kernels for target '{spec}' yet: every quantized layer runs the reference op")
 
     instruments: list = [TimingInstrument()]
@@ -247,8 +282,17 @@ def compile(  # noqa: A001 - the public name
         instruments.append(IRDumpInstrument(dump_ir))
     gm = PassManager(default_pipeline(sensitivity), instruments).run(traced.graph_module, ctx)
     del params, traced
+    tuning = []
+    if spec.kind == "llvm":
+        from .runtime.cpu import attach_cpu_kernels
+
+        t0 = time.perf_counter()
+        if tune_trials is None and os.environ.get("SQC_TUNE_TRIALS"):
+            tune_trials = int(os.environ["SQC_TUNE_TRIALS"])
+        tuning = attach_cpu_kernels(model, spec, tune=tune, trials=tune_trials, progress=progress)
+        ctx.stage_seconds["kernels"] = time.perf_counter() - t0
     _release_memory()
-    return CompiledModel(
+    compiled = CompiledModel(
         model,
         cfg,
         spec,
@@ -257,4 +301,10 @@ def compile(  # noqa: A001 - the public name
         ctx.stage_seconds,
         gm,
         float_bytes,
+        tuning,
     )
+    compiled.refresh_kernel_names()
+    fallback = sorted({m.kernel for m in compiled.quantized_modules().values() if m.kernel.startswith("reference")})
+    for why in fallback:
+        compiled.notes.append(f"some layers run the reference op: {why}")
+    return compiled

@@ -227,7 +227,7 @@ def build_gemv(key: KernelKey, knobs: GemvKnobs):
                         s[0] = s[0] + acc[i, j]
                     if sparse:
                         for e in range(CROW[rt * RT + i], CROW[rt * RT + i + 1]):
-                            s[0] = s[0] + (T.Cast("float32", VAL[e]) - tlo[i, T.Cast("int32", SC[e])]) * X[T.Cast("int32", COL[e])]
+                            s[0] = s[0] + (T.Cast("float32", VAL[e]) - T.Cast("float32", LUT[rt * RT + i, T.Cast("int32", SC[e])])) * X[T.Cast("int32", COL[e])]
                     Y[rt * RT + i] = s[0]
 
     return gemv

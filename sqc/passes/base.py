@@ -123,6 +123,7 @@ class LayerReport:
     kernel: str | None = None
     notes: list[str] = dataclasses.field(default_factory=list)
     weight_power: float | None = None  # mean W^2, for the SNR of the report
+    tuned_ms: float | None = None  # the tuned batch-1 kernel's latency, when a generated kernel runs
 
     @property
     def bits_per_weight(self) -> float | None:

@@ -12,8 +12,10 @@ Two rewrites happen together so that they cannot disagree:
   :class:`sqc.runtime.qlinear.SqcLinear` holding the same tensors, which is
   what keeps Hugging Face ``generate()`` and dynamic shapes working.
 
-Both paths call the same registered op, so the graph is a faithful record of
-what the compiled model runs.
+The graph records the op's semantics: it calls the reference op. The eager
+modules run the generated kernels attached after lowering (see
+:func:`sqc.runtime.cpu.attach_cpu_kernels`), which compute the same function
+up to fp32 summation order; with no kernel attached they call the very same op.
 """
 from __future__ import annotations
 

@@ -144,7 +144,10 @@ def save(
         save_file(tensors, os.path.join(tmp, TENSORS), metadata={"format": FORMAT_NAME})
         if tokenizer is not None:
             tokenizer.save_pretrained(os.path.join(tmp, "tokenizer"))
-        for fname, obj in ((MANIFEST, manifest), ("report.json", report)):
+        tuning = compiled.tuning_report("dict")
+        with open(os.path.join(tmp, "tuning.md"), "w") as fh:
+            fh.write(compiled.tuning_report("markdown"))
+        for fname, obj in ((MANIFEST, manifest), ("report.json", report), ("tuning.json", tuning)):
             with open(os.path.join(tmp, fname), "w") as fh:
                 json.dump(obj, fh, indent=1, default=str)
                 fh.flush()
@@ -240,12 +243,16 @@ def _set_tensor(model: nn.Module, name: str, t: torch.Tensor, persistent: bool) 
         raise ArtifactError(f"the model has no parameter or buffer {name}; is it the architecture that was compiled?")
 
 
-def load(path: str | os.PathLike, model: nn.Module | None = None):
+def load(path: str | os.PathLike, model: nn.Module | None = None, target: Any = None, tune: bool = False):
     """Load an artifact written by :func:`save`; no re-quantization.
 
     A Hugging Face model is rebuilt from the config stored in the artifact. Any
     other model must be passed as ``model``: an instance of the original
     architecture (its weights may be on the meta device).
+
+    Kernels for ``target`` (default: the target it was compiled for) come from
+    the on-disk kernel cache and the tuning database; nothing is rebuilt when
+    both hold them. ``tune=True`` searches knobs missing from the database.
     """
     from ..codegen.target import parse_target
     from ..compiler import CompiledModel
@@ -284,8 +291,8 @@ def load(path: str | os.PathLike, model: nn.Module | None = None):
     persistent = set(manifest.get("persistent", []))
     for name, t in tensors.items():
         _set_tensor(model, name, t, name in persistent)
-    for alias, target in manifest.get("aliases", {}).items():
-        _set_tensor(model, alias, tensors[target], alias in persistent)
+    for alias, original in manifest.get("aliases", {}).items():
+        _set_tensor(model, alias, tensors[original], alias in persistent)
     leftovers = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t is not None and t.device.type == "meta"]
     if leftovers:
         raise ArtifactError(f"{path}: no data for {leftovers[:5]}; the artifact does not match this model")
@@ -303,10 +310,18 @@ def load(path: str | os.PathLike, model: nn.Module | None = None):
             r["weighted_error"], r["mse"], 0, r["bytes"] or {}, r["kernel"], r.get("notes", []),
             r.get("weight_power"),
         ))
-    return CompiledModel(
-        model, config, parse_target(manifest["target"]), layers, report.get("notes", []),
-        report.get("stage_seconds", {}), None, manifest.get("float_weight_bytes", 0),
+    spec = parse_target(target if target is not None else manifest["target"])
+    tuning = []
+    if spec.kind == "llvm":
+        from .cpu import attach_cpu_kernels
+
+        tuning = attach_cpu_kernels(model, spec, tune=tune)
+    compiled = CompiledModel(
+        model, config, spec, layers, report.get("notes", []),
+        report.get("stage_seconds", {}), None, manifest.get("float_weight_bytes", 0), tuning,
     )
+    compiled.refresh_kernel_names()
+    return compiled
 
 
 def artifact_bits_per_weight(path: str | os.PathLike) -> dict[str, Any]:

@@ -41,7 +41,9 @@ class SqcLinear(nn.Module):
     def set_kernel(self, kernels, name: str) -> None:
         """Run ``kernels`` (or the reference op when None); ``name`` is what reports show."""
         if kernels is None and self._kernels is not None:
-            self.register_buffer("codes", self._kernels.canonical_codes())
+            codes = self._kernels.canonical_codes()
+            self._kernels = None
+            self.register_buffer("codes", codes)
         self._kernels = kernels
         self.kernel = name
         if kernels is not None and "codes" in self._buffers:
