@@ -35,11 +35,16 @@ Kernels
   adds ``(val[e] - lut[scode[e]]) * x[col[e]]`` for its non-zeros (``scode``
   is the dense code under the sparse entry; the rows' dense work is uniform,
   so the short sparse tail does not skew the threads).
-* ``gemm``: batch n (symbolic). Each parallel task decodes a tile of ``rt``
-  rows once into an fp32 scratch tile, writes the exact sparse values into it,
-  then multiplies it with every row of x in register blocks of ``bt`` batch rows
-  by ``rt`` weight rows. Codes are read from memory once per call, never once
-  per token.
+* ``gemm`` (``decode="tile"``): batch n (symbolic). Each parallel task decodes
+  a tile of ``rt`` rows once into an fp32 scratch tile, writes the exact sparse
+  values into it, then multiplies it with every row of x in register blocks of
+  ``bt`` batch rows by ``rt`` weight rows. Codes are read from memory once per
+  call and decoded once, never once per token.
+* ``gemm`` (``decode="reg"``): the gemv loop with ``bt`` rows of x: each
+  decoded vector stays in a register and feeds ``bt`` FMAs, the sparse
+  correction is the gemv's per row of x. Codes are read from memory once per
+  call (the row's codes stay in L1 across x tiles) and decoded once per ``bt``
+  rows of x; for batches up to ``bt`` that is exactly once.
 
 Knobs are searched by :mod:`sqc.codegen.tune`.
 """
@@ -49,7 +54,7 @@ import dataclasses
 from typing import Any
 
 __all__ = ["ROW_PAD", "LaneLayout", "GemvKnobs", "GemmKnobs", "KernelKey", "build_gemv", "build_gemm",
-           "cpu_lanes", "SUPPORTED_BITS", "gemv_candidates", "gemm_candidates"]
+           "cpu_lanes", "SUPPORTED_BITS", "gemv_candidates", "gemm_candidates", "default_gemm_knobs"]
 
 SUPPORTED_BITS = (2, 3, 4)
 #: rows of the lane layout are padded to a multiple of this (every rt knob divides it)
@@ -102,9 +107,10 @@ class GemvKnobs:
 class GemmKnobs:
     rt: int = 4  # weight rows per decoded tile / register block
     bt: int = 4  # batch rows per register block
+    decode: str = "tile"  # "tile": decode rt rows once into fp32 scratch; "reg": decode in registers per bt rows of x
 
     def tag(self) -> str:
-        return f"rt{self.rt}bt{self.bt}"
+        return f"rt{self.rt}bt{self.bt}{self.decode}"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -236,8 +242,81 @@ def build_gemv(key: KernelKey, knobs: GemvKnobs):
 def build_gemm(key: KernelKey, knobs: GemmKnobs):
     """TVMScript prim_func for any batch n: ``y[n, r] = sum_k W_hat[r, k] * x[n, k]``.
 
-    Arguments as :func:`build_gemv` without ``scode``; x fp32 [n, Kp], y fp32 [n, R].
+    Arguments as :func:`build_gemv`, with x fp32 [n, Kp] and y fp32 [n, R].
     """
+    if knobs.decode == "reg":
+        return _build_gemm_reg(key, knobs)
+    if knobs.decode != "tile":
+        raise ValueError(f"unknown gemm decode strategy {knobs.decode!r}")
+    return _build_gemm_tile(key, knobs)
+
+
+def _build_gemm_reg(key: KernelKey, knobs: GemmKnobs):
+    from tvm.script import tirx as T
+
+    lay = LaneLayout(key.in_features, key.bits, key.lanes)
+    L, P, BLK, NB, TW, b, KP = lay.lanes, lay.per_word, lay.block, lay.n_blocks, lay.table_width, key.bits, lay.k_pad
+    E = 1 << b
+    RT, BT = knobs.rt, knobs.bt
+    R = key.out_features
+    RP = -(-R // ROW_PAD) * ROW_PAD
+    sparse = key.sparse
+    lut_dt, col_dt, val_dt = key.lut_dtype, key.col_dtype, key.val_dtype
+
+    @T.prim_func
+    def gemm(x: T.handle, w: T.handle, lut: T.handle, crow: T.handle, col: T.handle, val: T.handle,
+             scode: T.handle, y: T.handle):
+        T.func_attr({"global_symbol": "gemm", "tirx.noalias": True})
+        n = T.int32()
+        nnz = T.int32()
+        X = T.match_buffer(x, (n, KP), "float32", align=4, offset_factor=1)
+        W = T.match_buffer(w, (RP, NB * L), "int32", align=4, offset_factor=1)
+        LUT = T.match_buffer(lut, (R, E), lut_dt, align=2, offset_factor=1)
+        CROW = T.match_buffer(crow, (R + 1,), "int32", align=4, offset_factor=1)
+        COL = T.match_buffer(col, (nnz,), col_dt, align=1, offset_factor=1)
+        VAL = T.match_buffer(val, (nnz,), val_dt, align=2, offset_factor=1)
+        SC = T.match_buffer(scode, (nnz,), "uint8", align=1, offset_factor=1)
+        Y = T.match_buffer(y, (n, R), "float32", align=4, offset_factor=1)
+        for rt in T.parallel(RP // RT):
+            acc = T.decl_buffer((BT, RT, L), "float32", scope="local")
+            dec = T.decl_buffer((RT, L), "float32", scope="local")
+            tlo = T.decl_buffer((RT, L), "float32", scope="local")
+            thi = T.decl_buffer((RT, L), "float32", scope="local")
+            s = T.decl_buffer((1,), "float32", scope="local")
+            for i in T.unroll(RT):
+                for j in T.unroll(L):
+                    tlo[i, j] = T.Cast("float32", LUT[T.min(rt * RT + i, R - 1), j % E])
+                    thi[i, j] = T.Cast("float32", LUT[T.min(rt * RT + i, R - 1), (TW - L + j) % E])
+            for bo in range((n + BT - 1) // BT):
+                for bi in T.unroll(BT):
+                    for i in T.unroll(RT):
+                        acc[bi, i, T.Ramp(0, 1, L)] = T.Broadcast(T.float32(0), L)
+                for blk in range(NB):
+                    for t in T.unroll(P):
+                        for i in T.unroll(RT):
+                            dec[i, T.Ramp(0, 1, L)] = _lookup(
+                                T, L, b, tlo[i, T.Ramp(0, 1, L)], thi[i, T.Ramp(0, 1, L)],
+                                T.shift_right(W[rt * RT + i, T.Ramp(blk * L, 1, L)], T.Broadcast(T.int32(t * b), L)),
+                            )
+                        for bi in T.unroll(BT):
+                            for i in T.unroll(RT):
+                                acc[bi, i, T.Ramp(0, 1, L)] = acc[bi, i, T.Ramp(0, 1, L)] + dec[i, T.Ramp(0, 1, L)] * X[
+                                    T.min(bo * BT + bi, n - 1), T.Ramp(blk * BLK + t * L, 1, L)]
+                for bi in range(BT):
+                    for i in range(RT):
+                        if bo * BT + bi < n and rt * RT + i < R:
+                            s[0] = T.float32(0)
+                            for j in range(L):
+                                s[0] = s[0] + acc[bi, i, j]
+                            if sparse:
+                                for e in range(CROW[rt * RT + i], CROW[rt * RT + i + 1]):
+                                    s[0] = s[0] + (T.Cast("float32", VAL[e]) - T.Cast("float32", LUT[rt * RT + i, T.Cast("int32", SC[e])])) * X[bo * BT + bi, T.Cast("int32", COL[e])]
+                            Y[bo * BT + bi, rt * RT + i] = s[0]
+
+    return gemm
+
+
+def _build_gemm_tile(key: KernelKey, knobs: GemmKnobs):
     from tvm.script import tirx as T
 
     lay = LaneLayout(key.in_features, key.bits, key.lanes)
@@ -251,7 +330,8 @@ def build_gemm(key: KernelKey, knobs: GemmKnobs):
     lut_dt, col_dt, val_dt = key.lut_dtype, key.col_dtype, key.val_dtype
 
     @T.prim_func
-    def gemm(x: T.handle, w: T.handle, lut: T.handle, crow: T.handle, col: T.handle, val: T.handle, y: T.handle):
+    def gemm(x: T.handle, w: T.handle, lut: T.handle, crow: T.handle, col: T.handle, val: T.handle,
+             scode: T.handle, y: T.handle):
         T.func_attr({"global_symbol": "gemm", "tirx.noalias": True})
         n = T.int32()
         nnz = T.int32()
@@ -310,5 +390,11 @@ def gemv_candidates() -> list[GemvKnobs]:
     return [GemvKnobs(rt, u) for rt in (1, 2, 4) for u in (1, 2)]
 
 
-def gemm_candidates() -> list[GemmKnobs]:
-    return [GemmKnobs(rt, bt) for rt, bt in ((4, 4), (2, 4), (4, 2), (8, 2), (2, 8), (4, 3), (2, 6), (8, 1))]
+def gemm_candidates(bucket: str = "17+") -> list[GemmKnobs]:
+    reg = [GemmKnobs(rt, bt, "reg") for rt, bt in ((2, 8), (1, 8), (2, 4), (4, 4), (4, 2))]
+    tile = [GemmKnobs(rt, bt, "tile") for rt, bt in ((4, 4), (8, 2), (2, 8), (4, 3))]
+    return reg + tile if bucket == "2-16" else tile + reg
+
+
+def default_gemm_knobs(bucket: str) -> GemmKnobs:
+    return gemm_candidates(bucket)[0]

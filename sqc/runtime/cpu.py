@@ -23,7 +23,7 @@ from typing import Any, Callable
 import torch
 
 from ..codegen.cpu import (
-    ROW_PAD, SUPPORTED_BITS, GemmKnobs, GemvKnobs, KernelKey, LaneLayout, gemm_candidates, gemv_candidates,
+    ROW_PAD, SUPPORTED_BITS, GemvKnobs, KernelKey, LaneLayout, default_gemm_knobs, gemm_candidates, gemv_candidates,
 )
 from .layout import PackedLinear, pack_codes
 
@@ -107,7 +107,7 @@ class CpuLutKernels:
             if n == 1:
                 self.fns["1"](xp[0], self.words, lut, crow, col, val, self.scode, y[0])
             else:
-                self.fns["2-16" if n <= 16 else "17+"](xp, self.words, lut, crow, col, val, y)
+                self.fns["2-16" if n <= 16 else "17+"](xp, self.words, lut, crow, col, val, self.scode, y)
         if bias is not None:
             y += bias.to(torch.float32)
         return y.to(x.dtype).view(*lead, self.out_features)
@@ -123,13 +123,13 @@ def _bench(fn, op: str, k: CpuLutKernels, m, batch: int, repeats: int) -> float:
         return median_ms(lambda: fn(x, k.words, m.lut, m.crow, m.col, m.val, k.scode, y), repeats)
     x = torch.randn(batch, kp)
     y = torch.empty(batch, k.out_features)
-    return median_ms(lambda: fn(x, k.words, m.lut, m.crow, m.col, m.val, y), repeats)
+    return median_ms(lambda: fn(x, k.words, m.lut, m.crow, m.col, m.val, k.scode, y), repeats)
 
 
 def _weight_bytes(k: CpuLutKernels, m, op: str) -> int:
     nb = lambda t: t.numel() * t.element_size()  # noqa: E731
     b = nb(k.words) + nb(m.lut) + nb(m.crow) + nb(m.col) + nb(m.val)
-    return b + (nb(k.scode) if op == "gemv" else 0)
+    return b + nb(k.scode)
 
 
 def attach_cpu_kernels(
@@ -191,11 +191,11 @@ def attach_cpu_kernels(
                     fn = lib.get(okey, B.knobs_from_dict(op, rec["knobs"]))
                     rec = dict(rec, from_db=True)
                 else:
-                    default = GemvKnobs() if op == "gemv" else GemmKnobs()
+                    default = GemvKnobs() if op == "gemv" else default_gemm_knobs(bucket)
                     cands = [default]
                     if tune:
                         B.STATS["searches"] += 1
-                        cands += [c for c in (gemv_candidates() if op == "gemv" else gemm_candidates()) if c != default]
+                        cands += [c for c in (gemv_candidates() if op == "gemv" else gemm_candidates(bucket)) if c != default]
                         if trials is not None:
                             cands = cands[: max(1, trials)]
                     tried = []

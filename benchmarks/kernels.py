@@ -1,0 +1,143 @@
+"""Generated CPU kernels against torch ``F.linear`` (fp32 and bf16), same shapes, same threads, one run.
+
+    python benchmarks/kernels.py [--threads 2] [--repeats 40] [--quick]
+
+For LLaMA-7B's and SmolLM2's linear shapes, 3 and 4 bits, dense and with
+0.45% sparse entries, batch 1 / 8 / 64: the median latency of the sqc layer
+(the whole module call: x padding, kernel, output) and of ``F.linear`` on the
+de-quantized weight in fp32 and bf16. Batch-1 rows also give the achieved
+bandwidth (bytes of codes + tables + sparse part + x + y per call / time) and
+its ratio to the measured copy bandwidth. Kernels are tuned on first use and
+come from the tuning database after that. Writes ``benchmarks/results/kernels.json``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+
+from sqc.codegen import build as B  # noqa: E402
+from sqc.codegen.target import parse_target  # noqa: E402
+from sqc.runtime.cpu import attach_cpu_kernels  # noqa: E402
+from sqc.runtime.layout import PackedLinear, col_dtype_for, pack_codes  # noqa: E402
+from sqc.runtime.qlinear import SqcLinear  # noqa: E402
+
+SHAPES = [(4096, 4096), (11008, 4096), (4096, 11008), (576, 576), (1536, 576), (576, 1536)]
+BATCHES = (1, 8, 64)
+
+
+def random_layer(R: int, K: int, bits: int, sparse_pct: float, seed: int = 0) -> PackedLinear:
+    g = torch.Generator().manual_seed(seed)
+    codes = torch.randint(0, 1 << bits, (R, K), generator=g, dtype=torch.int64)
+    lut = torch.sort(torch.randn(R, 1 << bits, generator=g) * 0.02, dim=1).values.to(torch.float16)
+    nnz = int(round(R * K * sparse_pct / 100))
+    flat = torch.randperm(R * K, generator=g)[:nnz].sort().values
+    rows, cols = flat // K, flat % K
+    crow = torch.zeros(R + 1, dtype=torch.int32)
+    crow[1:] = torch.bincount(rows, minlength=R).cumsum(0)
+    val = torch.randn(nnz, generator=g) * 0.1
+    return PackedLinear(bits, K, R, pack_codes(codes, bits), lut, crow, cols.to(col_dtype_for(K)), val)
+
+
+def interleaved_medians(fns: dict, repeats: int, rounds: int = 5) -> dict:
+    """Median ms of each fn, measured in alternating rounds so drift hits all of them alike."""
+    times = {k: [] for k in fns}
+    for f in fns.values():
+        f()
+    per = max(1, repeats // rounds)
+    for _ in range(rounds):
+        for k, f in fns.items():
+            for _ in range(per):
+                t = time.perf_counter()
+                f()
+                times[k].append(time.perf_counter() - t)
+    return {k: 1e3 * statistics.median(v) for k, v in times.items()}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--repeats", type=int, default=40)
+    ap.add_argument("--target", default="llvm")
+    ap.add_argument("--quick", action="store_true", help="SmolLM2 shapes only")
+    ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "kernels.json"))
+    args = ap.parse_args()
+    os.environ["TVM_NUM_THREADS"] = str(args.threads)
+    torch.set_num_threads(args.threads)
+    spec = parse_target(args.target)
+    copy_gbps = B.copy_bandwidth_gbps(mib=1024, repeats=5)
+    shapes = SHAPES[3:] if args.quick else SHAPES
+    rows = []
+    print(f"copy bandwidth {copy_gbps:.1f} GB/s (read + write), {args.threads} threads, target {args.target}")
+    hdr = f"{'shape':>12} {'bits':>4} {'sparse':>6} {'batch':>5} {'sqc ms':>8} {'fp32 ms':>8} {'bf16 ms':>8} {'x fp32':>7} {'x bf16':>7} {'GB/s':>6} {'of copy':>7}"
+    print(hdr)
+    for R, K in shapes:
+        for bits in (3, 4):
+            for sp in (0.0, 0.45):
+                packed = random_layer(R, K, bits, sp)
+                m = SqcLinear(packed, None)
+                t0 = time.perf_counter()
+                recs = attach_cpu_kernels(torch.nn.Sequential(m), spec, tune=True)
+                tune_s = time.perf_counter() - t0
+                if m._kernels is None:
+                    raise SystemExit(f"no generated kernel for {R}x{K} {bits}-bit: {m.kernel}")
+                w32 = packed.dequantize(torch.float32)
+                w16 = w32.to(torch.bfloat16)
+                k = m._kernels
+                wbytes = k.nbytes() + sum(t.numel() * t.element_size() for t in (packed.lut, packed.crow, packed.col, packed.val))
+                for n in BATCHES:
+                    x = torch.randn(n, K)
+                    x16 = x.to(torch.bfloat16)
+                    reps = args.repeats if n == 1 else max(10, args.repeats // (2 if n == 8 else 4))
+                    with torch.no_grad():
+                        med = interleaved_medians({
+                            "sqc": lambda: m(x),
+                            "fp32": lambda: torch.nn.functional.linear(x, w32),
+                            "bf16": lambda: torch.nn.functional.linear(x16, w16),
+                        }, reps)
+                    nbytes = wbytes + 4 * n * (k.layout.k_pad + R)
+                    gbps = nbytes / (med["sqc"] * 1e-3) / 1e9
+                    rec = next(r for r in recs if r["bucket"] == B.bucket_of(n))
+                    row = {
+                        "shape": [R, K], "bits": bits, "sparse_pct": sp, "nnz": packed.nnz, "batch": n,
+                        "sqc_ms": med["sqc"], "torch_fp32_ms": med["fp32"], "torch_bf16_ms": med["bf16"],
+                        "speedup_vs_fp32": med["fp32"] / med["sqc"], "speedup_vs_bf16": med["bf16"] / med["sqc"],
+                        "bytes": nbytes, "gbps": gbps, "copy_gbps": copy_gbps, "bw_ratio": gbps / copy_gbps,
+                        "kernel": m.kernel, "knobs": rec["knobs"], "tuning_from_db": rec["from_db"], "tune_s": tune_s,
+                    }
+                    rows.append(row)
+                    print(f"{R:>5}x{K:<6} {bits:>4} {sp:>6} {n:>5} {med['sqc']:>8.3f} {med['fp32']:>8.3f} {med['bf16']:>8.3f} "
+                          f"{row['speedup_vs_fp32']:>7.2f} {row['speedup_vs_bf16']:>7.2f} {gbps:>6.1f} {row['bw_ratio']:>7.2f}",
+                          flush=True)
+    # sparse overhead at batch 1: the +0.45% kernel against the dense one, same shape and bits
+    overhead = []
+    for r in rows:
+        if r["batch"] == 1 and r["sparse_pct"] > 0:
+            d = next(x for x in rows if x["batch"] == 1 and x["sparse_pct"] == 0 and x["shape"] == r["shape"] and x["bits"] == r["bits"])
+            overhead.append({"shape": r["shape"], "bits": r["bits"], "sparse_over_dense": r["sqc_ms"] / d["sqc_ms"]})
+    for o in overhead:
+        print(f"sparse +0.45% at batch 1, {o['shape'][0]}x{o['shape'][1]} {o['bits']}-bit: {100 * (o['sparse_over_dense'] - 1):+.1f}% time")
+    out = {
+        "machine": {"cpu": platform.processor() or platform.machine(), "threads": args.threads,
+                    "torch": torch.__version__, "target": args.target, "copy_gbps": copy_gbps},
+        "rows": rows,
+        "sparse_overhead": overhead,
+    }
+    os.makedirs(os.path.dirname(args.out), exist_ok=True)
+    tmp = args.out + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(out, f, indent=1)
+    os.replace(tmp, args.out)
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
