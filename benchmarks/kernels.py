@@ -20,9 +20,10 @@ import statistics
 import sys
 import time
 
-import torch
-
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+
+import sqc  # noqa: E402,F401  (first: it sets the thread pools' spin counts before torch loads OpenMP)
+import torch  # noqa: E402
 
 from sqc.codegen import build as B  # noqa: E402
 from sqc.codegen.target import parse_target  # noqa: E402
