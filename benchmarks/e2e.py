@@ -68,7 +68,8 @@ def compile_artifacts(fisher_windows: int) -> None:
     model, tok = load_smollm2()
     calib = calibration_windows(tok, n_samples=fisher_windows)
     t = time.perf_counter()
-    fisher = fisher_information(model, [(w,) for w in calib])
+    names = [f"{n}.weight" for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and n != "lm_head"]
+    fisher = fisher_information(model, [(w,) for w in calib], names, call_kwargs={"use_cache": False})
     print(f"Fisher from {fisher_windows} windows: {time.perf_counter() - t:.1f} s", flush=True)
     for preset in todo:
         model, _ = load_smollm2()

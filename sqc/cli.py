@@ -175,10 +175,9 @@ def cmd_compile(args, progress: Progress) -> dict[str, Any]:
         calibration = [(w,) for w in calibration_windows(tok, args.calib_samples, args.seq_len, text=text)]
     example = calibration[0] if calibration else (tok("an example input", return_tensors="pt")["input_ids"],)
     t = time.perf_counter()
-    compiled = sqc.compile(model, example, config=cfg, calibration=calibration, target=target, progress=progress)
+    compiled = sqc.compile(model, example, config=cfg, calibration=calibration, target=target, progress=progress,
+                           tune=args.tune, tune_trials=args.tune_trials)
     compile_s = time.perf_counter() - t
-    if not args.tune:
-        progress.log("note: --no-tune given; no tuning exists yet (reference kernels)")
     sqc.save(compiled, out, overwrite=args.force, tokenizer=tok, source=os.path.abspath(args.model) if args.model != SMOLLM2 else SMOLLM2)
     from .report_html import write_report
     from .runtime.artifact import artifact_bits_per_weight
@@ -196,6 +195,9 @@ def cmd_compile(args, progress: Progress) -> dict[str, Any]:
         "linear_layers": len(compiled.layers),
         "weight_bytes": wb,
         "notes": compiled.notes,
+        "kernels": sorted({m.kernel for m in compiled.quantized_modules().values()}),
+        "tuning": [{"kernel": k["key"], "bucket": k["bucket"], "from_db": k["from_db"], "tried": len(k["candidates"]),
+                    "best_ms": k["best_ms"]} for k in compiled.tuning],
     }
     if not args.json:
         print(compiled.report() if args.verbose else
@@ -307,7 +309,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--out", required=True, help="artifact folder")
     c.add_argument("--force", action="store_true", help="replace an existing output folder")
     c.add_argument("--tune", dest="tune", action="store_true", default=True)
-    c.add_argument("--no-tune", dest="tune", action="store_false")
+    c.add_argument("--no-tune", dest="tune", action="store_false",
+                   help="no schedule search: the tuning database's choice, else default knobs")
+    c.add_argument("--tune-trials", type=int, default=None, help="at most this many candidates per kernel")
     c.add_argument("--bits", type=int)
     c.add_argument("--outlier-pct", type=float)
     c.add_argument("--sensitive-pct", type=float)

@@ -3,9 +3,11 @@
 Sections: model and config summary; per-layer table (shape, bits, sparse %,
 weighted error, SNR in dB, bytes, kernel, tuned latency); plots of weighted
 error and sparse fraction per layer and of the bits-per-weight breakdown
-(codes / tables / sparse). Kernel-latency and tuning-curve plots appear once
-tuned kernels exist; until then the report says that every layer runs the
-reference op and that no tuning was done.
+(codes / tables / sparse); tuning curves (best latency so far against trials,
+one line per kernel, from ``tuning.json``) and a kernel table (knobs, best and
+default latency, GB/s, share of the copy bandwidth); kernel latency against
+torch fp32/bf16 by batch size once ``latency.json`` exists. A target without
+generated kernels gets a line saying every layer runs the reference op.
 """
 from __future__ import annotations
 
@@ -89,6 +91,44 @@ def _snr_db(r: dict[str, Any], weight_power: float | None) -> str:
     return f"{10 * math.log10(weight_power / r['mse']):.1f}"
 
 
+def _tuning_plot(kernels: list[dict[str, Any]]):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 3.5))
+    for k in kernels:
+        ms = [c["ms"] for c in k.get("candidates", [])]
+        if len(ms) < 2:
+            continue
+        best = [min(ms[: i + 1]) for i in range(len(ms))]
+        key = k["key"]
+        ax.plot(range(1, len(best) + 1), best, marker=".", linewidth=1,
+                label=f"{key['op']} {key['out_features']}x{key['in_features']} b{key['bits']} n{k['tuned_at_batch']}")
+    ax.set_xlabel("trial")
+    ax.set_ylabel("best latency so far (ms)")
+    ax.set_yscale("log")
+    ax.legend(fontsize=6, ncol=2)
+    return _svg(fig)
+
+
+def _kernel_table(kernels: list[dict[str, Any]]) -> str:
+    esc = html.escape
+    rows = []
+    for k in kernels:
+        key = k["key"]
+        rows.append("<tr>" + "".join(f"<td>{c}</td>" for c in (
+            esc(f"{k.get('kernel', '')} {key['op']}"), f"{key['out_features']}x{key['in_features']}", key["bits"],
+            "yes" if key["sparse"] else "no", esc(k["bucket"]), esc(" ".join(f"{a}={b}" for a, b in k["knobs"].items())),
+            len(k.get("candidates", [])), f"{k['best_ms']:.4f}", f"{k['default_ms']:.4f}", f"{k['gbps']:.1f}",
+            f"{k['bw_ratio']:.2f}", esc(", ".join(k.get("layers", [])[:3]) + (" ..." if len(k.get("layers", [])) > 3 else "")),
+        )) + "</tr>")
+    return ("<table id='kernels'><thead><tr><th>kernel</th><th>shape</th><th>bits</th><th>sparse</th><th>batch</th>"
+            "<th>knobs</th><th>tried</th><th>best ms</th><th>default ms</th><th>GB/s</th><th>of copy bw</th><th>layers</th>"
+            "</tr></thead><tbody>" + "".join(rows) + "</tbody></table>")
+
+
 def render_report(path: str) -> str:
     """HTML text for the artifact folder ``path``."""
     with open(os.path.join(path, "manifest.json")) as fh:
@@ -96,6 +136,11 @@ def render_report(path: str) -> str:
     with open(os.path.join(path, "report.json")) as fh:
         report = json.load(fh)
     layers = report["layers"]
+    kernels = []
+    tpath = os.path.join(path, "tuning.json")
+    if os.path.exists(tpath):
+        with open(tpath) as fh:
+            kernels = json.load(fh).get("kernels", [])
     esc = html.escape
     rows = []
     for r in layers:
@@ -109,10 +154,12 @@ def render_report(path: str) -> str:
                 esc(r["module"]), shape, r["bits"], f"{r['sparse_pct']:.3f}",
                 f"{r['weighted_error']:.3e}" if r["weighted_error"] is not None else "-",
                 _snr_db(r, r.get("weight_power")), nbytes, esc(str(r["kernel"])),
-                "not tuned",
+                f"{r['tuned_ms']:.4f} ms" if r.get("tuned_ms") is not None else "not tuned",
             )) + "</tr>"
         )
     figures = _plots(layers)
+    if any(len(k.get("candidates", [])) > 1 for k in kernels):
+        figures.append(("Tuning curves: best latency so far against trials, per kernel", _tuning_plot(kernels)))
     latency = None
     lpath = os.path.join(path, "latency.json")
     if os.path.exists(lpath):
@@ -142,11 +189,12 @@ figure {{ margin: 1em 0; }}
 <li>target: {esc(manifest['target'])}</li>
 <li>{n_q} of {len(layers)} linear layers quantized; quantized weights
 {wb.get('float_before', 0) / 2**20:.1f} MiB float &rarr; {wb.get('packed_after', 0) / 2**20:.1f} MiB packed</li>
-<li>kernels: no tuned kernels exist yet; every quantized layer runs the reference op, so there are no tuning curves to plot{'' if latency else '; no latency measured (run sqc report --latency)'}</li>
+<li>kernels: {f"{len(kernels)} generated kernels (table below)" if kernels else "no generated kernels for this target; every quantized layer runs the reference op, so there are no tuning curves to plot"}{'' if latency else '; no latency measured (run sqc report --latency)'}</li>
 {notes}
 </ul>
 <h2>Plots</h2>
 {plots}
+{"<h2>Kernels</h2>" + _kernel_table(kernels) if kernels else ""}
 <h2>Layers</h2>
 <table id="layers"><thead><tr><th>layer</th><th>shape</th><th>bits</th><th>sparse %</th>
 <th>weighted error</th><th>SNR dB</th><th>bytes</th><th>kernel</th><th>tuned latency</th></tr></thead>

@@ -141,7 +141,9 @@ def test_report_in_headless_chromium(compiled_dir, tmp_path):
         driver.set_window_size(1400, 1000)
         driver.get("file://" + page)
         assert driver.title == "sqc report"
-        assert len(driver.find_elements(By.CSS_SELECTOR, "figure svg")) == 3
+        # error, sparse and bits plots, the tuning curves, kernel latency
+        assert len(driver.find_elements(By.CSS_SELECTOR, "figure svg")) == 5
+        assert len(driver.find_elements(By.CSS_SELECTOR, "#kernels tbody tr")) >= 3
         assert len(driver.find_elements(By.CSS_SELECTOR, "#layers tbody tr")) == 15
         shot = tmp_path / "report.png"
         assert driver.save_screenshot(str(shot)) and shot.stat().st_size > 10_000
