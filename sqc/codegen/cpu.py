@@ -201,7 +201,7 @@ def build_gemv(key: KernelKey, knobs: GemvKnobs):
             acc = T.decl_buffer((RT, L), "float32", scope="local")
             tlo = T.decl_buffer((RT, L), "float32", scope="local")
             thi = T.decl_buffer((RT, L), "float32", scope="local")
-            s = T.decl_buffer((1,), "float32", scope="local")
+            s = T.decl_buffer((2,), "float32", scope="local")
             # each row's table register(s): entry j is lut[row, j % E] in fp32 (padding rows read row R-1)
             for i in T.unroll(RT):
                 for j in T.unroll(L):
@@ -232,8 +232,14 @@ def build_gemv(key: KernelKey, knobs: GemvKnobs):
                     for j in range(L):
                         s[0] = s[0] + acc[i, j]
                     if sparse:
-                        for e in range(CROW[rt * RT + i], CROW[rt * RT + i + 1]):
-                            s[0] = s[0] + (T.Cast("float32", VAL[e]) - T.Cast("float32", LUT[rt * RT + i, T.Cast("int32", SC[e])])) * X[T.Cast("int32", COL[e])]
+                        # two accumulators halve the loop-carried FMA latency chain
+                        s[1] = T.float32(0)
+                        for e2 in range((CROW[rt * RT + i + 1] - CROW[rt * RT + i]) // 2):
+                            s[0] = s[0] + (T.Cast("float32", VAL[CROW[rt * RT + i] + 2 * e2]) - T.Cast("float32", LUT[rt * RT + i, T.Cast("int32", SC[CROW[rt * RT + i] + 2 * e2])])) * X[T.Cast("int32", COL[CROW[rt * RT + i] + 2 * e2])]
+                            s[1] = s[1] + (T.Cast("float32", VAL[CROW[rt * RT + i] + 2 * e2 + 1]) - T.Cast("float32", LUT[rt * RT + i, T.Cast("int32", SC[CROW[rt * RT + i] + 2 * e2 + 1])])) * X[T.Cast("int32", COL[CROW[rt * RT + i] + 2 * e2 + 1])]
+                        if (CROW[rt * RT + i + 1] - CROW[rt * RT + i]) % 2 == 1:
+                            s[0] = s[0] + (T.Cast("float32", VAL[CROW[rt * RT + i + 1] - 1]) - T.Cast("float32", LUT[rt * RT + i, T.Cast("int32", SC[CROW[rt * RT + i + 1] - 1])])) * X[T.Cast("int32", COL[CROW[rt * RT + i + 1] - 1])]
+                        s[0] = s[0] + s[1]
                     Y[rt * RT + i] = s[0]
 
     return gemv
