@@ -174,4 +174,15 @@ def trace(
             f"no linear layers found in {type(model).__name__}: sqc quantizes nn.Linear "
             "layers (aten.linear calls); this model has none to compress"
         )
+    if not any(s.quantized for s in sites.values()):
+        # e.g. GPT-2: its projections are transformers' Conv1D (addmm), only lm_head is an nn.Linear
+        other = sorted({type(m).__name__ for m in modules.values()
+                        if not isinstance(m, nn.Linear) and isinstance(getattr(m, "weight", None), torch.Tensor)
+                        and m.weight.ndim == 2 and type(m).__name__ not in ("Embedding",)})
+        found = "; ".join(f"{s.module}: {s.skip_reason}" for s in sites.values())
+        raise TraceError(
+            f"{type(model).__name__} has no linear layer sqc can quantize ({found})."
+            + (f" Its 2-D weights live in {', '.join(other)} modules, which sqc does not rewrite" if other else "")
+            + ". sqc compiles architectures built of nn.Linear layers (LLaMA, Mistral, Qwen, SmolLM, ...)."
+        )
     return TracedModel(gm, sites, kwargs)

@@ -1,6 +1,7 @@
 """The ``sqc`` command, run for real in a subprocess on a tiny random LLaMA folder."""
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -141,8 +142,8 @@ def test_report_in_headless_chromium(compiled_dir, tmp_path):
         driver.set_window_size(1400, 1000)
         driver.get("file://" + page)
         assert driver.title == "sqc report"
-        # error, sparse and bits plots, the tuning curves, kernel latency
-        assert len(driver.find_elements(By.CSS_SELECTOR, "figure svg")) == 5
+        # the per-layer plots (error and sparse fraction; bits breakdown), the tuning curves, kernel latency
+        assert len(driver.find_elements(By.CSS_SELECTOR, "figure svg")) == 4
         assert len(driver.find_elements(By.CSS_SELECTOR, "#kernels tbody tr")) >= 3
         assert len(driver.find_elements(By.CSS_SELECTOR, "#layers tbody tr")) == 15
         shot = tmp_path / "report.png"
@@ -220,3 +221,21 @@ def test_smollm2_compile_eval_bench_generate_report(tmp_path):
     assert res["sqc"]["weight_bytes"]["packed_after"] < res["sqc"]["weight_bytes"]["float_before"] / 6  # 4.64 bits/weight
     res = json.loads(run("report", str(out), "--json", check_rc=0).stdout)
     assert os.path.getsize(res["report"]) > 50_000
+
+
+def test_architecture_sqc_cannot_compile(tmp_path, workspace):
+    """A real HF folder (tiny GPT-2) whose projections are transformers Conv1D: a clear error, exit 1."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    _, model_dir, _ = workspace
+    d = tmp_path / "tiny-gpt2"
+    GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=1, n_head=2, vocab_size=300, n_positions=64,
+                               bos_token_id=1, eos_token_id=2)).save_pretrained(d)
+    for f in os.listdir(model_dir):  # the tiny LLaMA's tokenizer files
+        if f.startswith("tokenizer") or f == "special_tokens_map.json":
+            shutil.copy(model_dir / f, d / f)
+    proc = run("compile", str(d), "--no-calib", "--out", str(tmp_path / "out"))
+    assert proc.returncode == 1, proc.stderr
+    assert "GPT2LMHeadModel has no linear layer sqc can quantize" in proc.stderr
+    assert "Conv1D" in proc.stderr and "lm_head" in proc.stderr
+    assert not (tmp_path / "out").exists()
