@@ -128,6 +128,13 @@ def _source_of(path: str) -> str:
 
 # -- subcommands -----------------------------------------------------------------
 
+def _kernel_stats() -> dict[str, int]:
+    """This process's kernel builds, cache hits, tuning searches and tuning-database hits."""
+    from .codegen.build import STATS
+
+    return dict(STATS)
+
+
 def cmd_compile(args, progress: Progress) -> dict[str, Any]:
     import sqc
     from .config import resolve_config
@@ -198,6 +205,7 @@ def cmd_compile(args, progress: Progress) -> dict[str, Any]:
         "kernels": sorted({m.kernel for m in compiled.quantized_modules().values()}),
         "tuning": [{"kernel": k["key"], "bucket": k["bucket"], "from_db": k["from_db"], "tried": len(k["candidates"]),
                     "best_ms": k["best_ms"]} for k in compiled.tuning],
+        "kernel_stats": _kernel_stats(),
     }
     if not args.json:
         print(compiled.report() if args.verbose else

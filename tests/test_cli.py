@@ -210,6 +210,12 @@ def test_smollm2_compile_eval_bench_generate_report(tmp_path):
     res = json.loads(run("compile", "smollm2", "--preset", "w4-s0.45", "--calib-samples", "2", "--seq-len", "64",
                          "--out", str(out), "--json", check_rc=0).stdout)
     assert res["quantized_layers"] == 210
+    assert res["kernels"] == ["tvm-lut-avx512"] or res["kernels"] == ["tvm-lut-avx2"]
+    # a second compile of the same model finds every kernel in the tuning database and the kernel cache
+    again = json.loads(run("compile", "smollm2", "--preset", "w4-s0.45", "--no-calib", "--out", str(tmp_path / "again"),
+                           "--json", check_rc=0).stdout)
+    assert again["tuning"] and all(k["from_db"] for k in again["tuning"])
+    assert again["kernel_stats"]["builds"] == 0 and again["kernel_stats"]["searches"] == 0
     text = os.path.join(DOC_SOURCES, "tutorial", "introduction.rst.txt")
     res = json.loads(run("eval", str(out), "--text", text, "--windows", "1", "--seq-len", "128", "--json",
                          check_rc=0).stdout)
