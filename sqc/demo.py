@@ -81,8 +81,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{'stored bits / weight (artifact)':<34}{32.0:>12.2f}{bpw:>16.3f}")
     print(f"{'quantized-layer weights, MiB':<34}{wb['float_before'] / 2**20:>12.1f}{wb['packed_after'] / 2**20:>16.1f}")
     print(f"{'process RSS, MiB':<34}{rss_fp:>12.0f}{_rss_mib():>16.0f}")
-    print(f"{'greedy decode, tokens/s':<34}{decode_fp:>12.1f}{decode_q:>16.1f}"
-          "   (sqc runs the reference op until TVM kernels land)")
+    kernels = ", ".join(sorted({m.kernel for m in compiled.quantized_modules().values()}))
+    print(f"{'greedy decode, tokens/s':<34}{decode_fp:>12.1f}{decode_q:>16.1f}   (sqc kernels: {kernels})")
     print(f"compile {compile_s:.0f} s (stages: " + ", ".join(f"{k} {v:.1f}s" for k, v in compiled.stage_seconds.items()) + f"); sqc eval {eval_s:.0f} s")
     print(f"artifact: {out}")
     print(f"sample: {sample!r}")
