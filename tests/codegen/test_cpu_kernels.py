@@ -54,7 +54,8 @@ def reference(packed, x, bias=None):
 
 @pytest.mark.parametrize("target", TARGETS)
 @pytest.mark.parametrize("bits", [3, 4])
-@pytest.mark.parametrize("R,K", [(1, 33), (3, 100), (53, 576), (53, 33)])
+@pytest.mark.parametrize("K", [33, 100, 576])
+@pytest.mark.parametrize("R", [1, 3, 53])
 def test_kernels_match_reference(target, bits, R, K):
     for sparse in (0.0, 0.03):
         packed = random_packed(R, K, bits, frac=sparse)
@@ -287,3 +288,17 @@ def test_tuning_report_lists_kernels_and_layers():
     md = c.tuning_report("markdown")
     assert md.count("\n| tvm-lut-avx2") == 6
     assert [r.tuned_ms is not None for r in c.layers] == [True, True]
+
+
+def test_a_kernel_tvm_cannot_build_falls_back_to_the_reference_op(monkeypatch):
+    def refuse(self, key, knobs):
+        raise RuntimeError("LLVM ERROR: simulated codegen failure")
+
+    monkeypatch.setattr(B.KernelLibrary, "get", refuse)
+    packed = random_packed(5, 40, 3)
+    m = SqcLinear(packed, None)
+    recs = attach_cpu_kernels(torch.nn.Sequential(m), parse_target(AVX2), tune=False)
+    assert recs == [] and m._kernels is None
+    assert m.kernel.startswith("reference (TVM could not build gemv_5x40_b3_l8") and "simulated codegen failure" in m.kernel
+    x = torch.randn(3, 40)
+    torch.testing.assert_close(m(x).double(), reference(packed, x), rtol=1e-5, atol=1e-5)
