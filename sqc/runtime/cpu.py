@@ -172,7 +172,11 @@ def attach_cpu_kernels(
         groups.setdefault(kernel_key("lut", m, lanes), []).append(name)
     records = []
     copy_bw = None
-    total = len(groups) * len(B.BUCKETS)
+    # progress counts tuning trials (a kernel found in the database counts as one)
+    n_trials = {"1": len(gemv_candidates()), "2-16": len(gemm_candidates("2-16")), "17+": len(gemm_candidates("17+"))}
+    if trials is not None:
+        n_trials = {b: min(n, max(1, trials)) for b, n in n_trials.items()}
+    total = len(groups) * sum(n_trials.values()) if tune else len(groups) * len(B.BUCKETS)
     done = 0
     kname = f"tvm-lut-{'avx512' if lanes == 16 else 'avx2'}"
     for key, names in groups.items():
@@ -185,6 +189,12 @@ def attach_cpu_kernels(
             okey = dataclasses.replace(key, op=op)
             batch = B.BUCKET_TUNE_BATCH[bucket]
             rec = db.lookup(okey, bucket)
+            if rec is not None:
+                try:
+                    B.knobs_from_dict(op, rec["knobs"])
+                except (KeyError, TypeError, ValueError):
+                    rec = None  # an entry from another sqc version: search again
+            done_before = done
             try:
                 if rec is not None:
                     B.STATS["db_hits"] += 1
@@ -204,6 +214,9 @@ def attach_cpu_kernels(
                         f = lib.get(okey, kn)
                         ms = _bench(f, op, probe, first, batch, repeats)
                         tried.append({"knobs": B.knobs_to_dict(kn), "ms": ms})
+                        done += 1
+                        if progress is not None and len(tried) < len(cands):
+                            progress("tune", min(done, total), total)
                         if best is None or ms < best[1]:
                             best = (kn, ms, f)
                     knobs, best_ms, fn = best
@@ -227,9 +240,10 @@ def attach_cpu_kernels(
                 failed = f"reference (TVM could not build {okey.tag()}: {type(e).__name__}: {first_line})"
                 break
             finally:
-                done += 1
+                # a database hit or a failure counts as this bucket's remaining trials
+                done = max(done, done_before + (n_trials[bucket] if tune else 1))
                 if progress is not None:
-                    progress("tune", done, total)
+                    progress("tune", min(done, total), total)
         for name in names:
             m = mods[name]
             if failed:

@@ -302,3 +302,17 @@ def test_a_kernel_tvm_cannot_build_falls_back_to_the_reference_op(monkeypatch):
     assert m.kernel.startswith("reference (TVM could not build gemv_5x40_b3_l8") and "simulated codegen failure" in m.kernel
     x = torch.randn(3, 40)
     torch.testing.assert_close(m(x).double(), reference(packed, x), rtol=1e-5, atol=1e-5)
+
+
+def test_tuning_progress_counts_trials(tmp_path, monkeypatch):
+    import sqc
+
+    monkeypatch.setenv("SQC_CACHE_DIR", str(tmp_path))
+    seen = []
+    torch.manual_seed(0)
+    mlp = torch.nn.Sequential(torch.nn.Linear(100, 53), torch.nn.ReLU(), torch.nn.Linear(53, 33))
+    sqc.compile(mlp, (torch.randn(2, 100),), config="w4", target=AVX2, tune_trials=2,
+                progress=lambda stage, done, total: seen.append((stage, done, total)))
+    tune = [(d, t) for s, d, t in seen if s == "tune"]
+    assert tune and tune[-1][0] == tune[-1][1] == 2 * 3 * 2  # 2 kernels x 3 buckets x 2 trials
+    assert [d for d, _ in tune] == sorted(d for d, _ in tune)
