@@ -226,11 +226,10 @@ def main() -> None:
         b = r["breakdown_ms_per_token"]
         print(f"  {r['setting']:<10} " + "  ".join(f"{k.split(' ')[0]} {v:.2f}" for k, v in b.items() if k != "note"))
     out = {"threads": args.threads, "fp32_linear_bytes": fp_bytes, "results": results}
+    from sqc.codegen.build import atomic_write
+
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
-    tmp = args.out + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(out, f, indent=1)
-    os.replace(tmp, args.out)
+    atomic_write(args.out, json.dumps(out, indent=1).encode())
     print(f"wrote {args.out}")
 
 

@@ -137,11 +137,10 @@ def main() -> None:
         "rows": rows,
         "sparse_overhead": overhead,
     }
+    from sqc.codegen.build import atomic_write
+
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
-    tmp = args.out + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(out, f, indent=1)
-    os.replace(tmp, args.out)
+    atomic_write(args.out, json.dumps(out, indent=1).encode())
     print(f"wrote {args.out}")
 
 

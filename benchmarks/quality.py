@@ -74,7 +74,8 @@ def storage_7b_shapes() -> dict:
                 return self.l[0](a), self.l[1](a), self.l[2](b)
 
         t = time.perf_counter()
-        compiled = sqc.compile(Par(), (torch.randn(1, 4096).half(), torch.randn(1, 11008).half()), config=preset)
+        compiled = sqc.compile(Par(), (torch.randn(1, 4096).half(), torch.randn(1, 11008).half()), config=preset,
+                               tune=False)
         fit_s = compiled.stage_seconds.get("FitCodebook", 0.0)
         with tempfile.TemporaryDirectory() as d:
             bpw = artifact_bits_per_weight(sqc.save(compiled, os.path.join(d, "a")))

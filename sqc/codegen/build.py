@@ -29,7 +29,7 @@ from typing import Any, Callable
 from .cpu import GemmKnobs, GemvKnobs, KernelKey, build_gemm, build_gemv
 
 __all__ = ["cache_dir", "import_tvm", "KernelLibrary", "TuningDB", "STATS", "BUCKETS", "bucket_of", "median_ms",
-           "copy_bandwidth_gbps"]
+           "copy_bandwidth_gbps", "atomic_write"]
 
 STATS = {"builds": 0, "cache_hits": 0, "searches": 0, "db_hits": 0}
 _LOCK = threading.Lock()
@@ -77,7 +77,8 @@ def median_ms(fn: Callable[[], Any], repeats: int, warmup: int = 2) -> float:
     return 1e3 * statistics.median(times)
 
 
-def _atomic_write(path: str, data: bytes) -> None:
+def atomic_write(path: str, data: bytes) -> None:
+    """Write ``data`` to ``path`` through a temporary file in the same folder and a rename."""
     d = os.path.dirname(path)
     fd, tmp = tempfile.mkstemp(dir=d, prefix=".tmp-")
     try:
@@ -163,7 +164,7 @@ class TuningDB:
         with _LOCK:
             db = self._read()
             db[self.prefix + f"{key.tag()}|{bucket}"] = record
-            _atomic_write(self.path, json.dumps(db, indent=1, sort_keys=True).encode())
+            atomic_write(self.path, json.dumps(db, indent=1, sort_keys=True).encode())
 
 
 def knobs_from_dict(op: str, d: dict[str, Any]):
@@ -188,5 +189,4 @@ def copy_bandwidth_gbps(mib: int = 256, repeats: int = 5) -> float:
     b = torch.empty_like(a)
     ms = median_ms(lambda: b.copy_(a), repeats, warmup=1)
     _COPY_GBPS.append(2 * a.numel() / (ms * 1e-3) / 1e9)
-    del a, b
     return _COPY_GBPS[0]

@@ -7,8 +7,6 @@ bf16 copy.
 """
 from __future__ import annotations
 
-import statistics
-import time
 from typing import Any
 
 import torch
@@ -17,13 +15,9 @@ __all__ = ["measure_kernels"]
 
 
 def _median_ms(fn, repeats: int) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return 1e3 * statistics.median(times)
+    from ..codegen.build import median_ms
+
+    return median_ms(fn, repeats, warmup=1)
 
 
 @torch.no_grad()

@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 tvm = pytest.importorskip("tvm")
 
 from sqc.codegen import build as B  # noqa: E402
-from sqc.codegen.cpu import GemmKnobs, GemvKnobs, LaneLayout, gemm_candidates, gemv_candidates  # noqa: E402
+from sqc.codegen.cpu import GemvKnobs, LaneLayout, gemm_candidates, gemv_candidates  # noqa: E402
 from sqc.codegen.target import parse_target  # noqa: E402
 from sqc.runtime.cpu import CpuLutKernels, attach_cpu_kernels, from_lane_words, kernel_key, to_lane_words  # noqa: E402
 from sqc.runtime.layout import PackedLinear, col_dtype_for, pack_codes  # noqa: E402
