@@ -198,19 +198,11 @@ def _row_solver(n_centroids: int, iters: int, trace: bool):
         valid = jnp.arange(M + 1)[:, None] >= jnp.arange(M + 1)[None, :]
         cost_t = jnp.where(valid, cost_t, jnp.inf)
 
-        # the same table as [i, j]: each layer's min over i is then an
-        # elementwise min of rows (vectorised along j) instead of M + 1
-        # horizontal reductions
-        cost = cost_t.T
-
         def layer(D, _):
-            D2 = (D[:, None] + cost).min(axis=0)  # min-plus over the segment start i
+            D2 = (D[None, :] + cost_t).min(axis=1)  # contiguous min-plus
             return D2, D
 
-        # C - 2 layers: Ds needs the costs of 1 .. C-1 clusters; the C-cluster
-        # layer is only walked back from bin M, which ``back`` does itself
-        last, Ds = jax.lax.scan(layer, cost_t[:, 0], None, length=C - 2)
-        Ds = jnp.concatenate([Ds, last[None]])
+        _, Ds = jax.lax.scan(layer, cost_t[:, 0], None, length=C - 1)
         # Ds[k] is the best cost of k+1 clusters over bins [0, i). Walk back
         # from bin M, recovering each boundary with one small argmin.
         def back(j, D):
