@@ -75,7 +75,7 @@ def storage_7b_shapes() -> dict:
 
         t = time.perf_counter()
         compiled = sqc.compile(Par(), (torch.randn(1, 4096).half(), torch.randn(1, 11008).half()), config=preset,
-                               tune=False)
+                               kernels=False)
         fit_s = compiled.stage_seconds.get("FitCodebook", 0.0)
         with tempfile.TemporaryDirectory() as d:
             bpw = artifact_bits_per_weight(sqc.save(compiled, os.path.join(d, "a")))

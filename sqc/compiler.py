@@ -203,6 +203,7 @@ def compile(  # noqa: A001 - the public name
     sensitivity: dict[str, torch.Tensor] | None = None,
     tune: bool = True,
     tune_trials: int | None = None,
+    kernels: bool = True,
 ) -> CompiledModel:
     """Quantize every linear layer of ``model`` to a dense-and-sparse codebook.
 
@@ -229,6 +230,9 @@ def compile(  # noqa: A001 - the public name
         database's choice when there is one, else the default knobs.
     tune_trials : at most this many candidates per kernel (``None``: the
         ``SQC_TUNE_TRIALS`` environment variable if set, else all).
+    kernels : attach generated kernels (``False``: every layer runs the
+        reference op; for work that only needs the packed weights, such as
+        measuring storage).
 
     Examples
     --------
@@ -283,7 +287,9 @@ def compile(  # noqa: A001 - the public name
     gm = PassManager(default_pipeline(sensitivity), instruments).run(traced.graph_module, ctx)
     del params, traced
     tuning = []
-    if spec.kind == "llvm":
+    if spec.kind == "llvm" and not kernels:
+        ctx.notes.append("compiled with kernels=False: every quantized layer runs the reference op")
+    if spec.kind == "llvm" and kernels:
         from .runtime.cpu import attach_cpu_kernels
 
         t0 = time.perf_counter()

@@ -130,7 +130,9 @@ def _storage_check(tmp_path, rows_cap):
             def forward(self, a, b):
                 return self.l[0](a), self.l[1](a), self.l[2](b)
 
-        compiled = sqc.compile(Par(), (torch.randn(1, 4096).half(), torch.randn(1, 11008).half()), config=preset)
+        compiled = sqc.compile(Par(), (torch.randn(1, 4096).half(), torch.randn(1, 11008).half()), config=preset,
+                               kernels=False)
+        assert all(m.kernel == "reference" for m in compiled.quantized_modules().values())
         path = sqc.save(compiled, tmp_path / preset)
         bpw = artifact_bits_per_weight(path)
         assert bpw["overall"] <= limit, (preset, bpw)
