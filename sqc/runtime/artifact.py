@@ -250,7 +250,8 @@ def load(path: str | os.PathLike, model: nn.Module | None = None, target: Any = 
     other model must be passed as ``model``: an instance of the original
     architecture (its weights may be on the meta device).
 
-    Kernels for ``target`` (default: the target it was compiled for) come from
+    Kernels for ``target`` (default: the target it was compiled for; for CPU
+    artifacts, this machine's CPU, since the kernels are derived at load) come from
     the on-disk kernel cache and the tuning database; nothing is rebuilt when
     both hold them. ``tune=True`` searches knobs missing from the database.
     """
@@ -311,6 +312,9 @@ def load(path: str | os.PathLike, model: nn.Module | None = None, target: Any = 
             r.get("weight_power"),
         ))
     spec = parse_target(target if target is not None else manifest["target"])
+    if target is None and spec.kind == "llvm":
+        # CPU kernels are derived at load: build them for this machine's CPU, not the compiling one's
+        spec = parse_target("llvm")
     tuning = []
     if spec.kind == "llvm":
         from .cpu import attach_cpu_kernels

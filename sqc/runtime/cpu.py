@@ -57,6 +57,16 @@ def from_lane_words(words: torch.Tensor, bits: int, lanes: int, out_features: in
     return c.reshape(-1, lay.k_pad)[:out_features, :in_features]
 
 
+def host_lanes() -> int:
+    """Vector lanes this machine's CPU runs (16 AVX-512, 8 AVX2, 0 neither)."""
+    from ..codegen.build import import_tvm
+    from ..codegen.cpu import cpu_lanes
+
+    tvm = import_tvm()
+    cpu = tvm.get_global_func("target.llvm_get_system_cpu")()
+    return cpu_lanes(tvm.target.Target({"kind": "llvm", "mcpu": cpu}))
+
+
 def kernel_key(op: str, m, lanes: int) -> KernelKey:
     return KernelKey(op, m.out_features, m.in_features, m.bits, lanes, m.col.numel() > 0,
                      _DT[m.lut.dtype], _DT[m.col.dtype], _DT[m.val.dtype])
@@ -162,11 +172,18 @@ def attach_cpu_kernels(
     from ..codegen.cpu import cpu_lanes
 
     lanes = cpu_lanes(lib.target)
+    host = host_lanes()
     db = B.TuningDB(str(lib.target), lib.tvm.__version__)
     groups: dict[KernelKey, list[str]] = {}
     for name, m in mods.items():
-        if lanes == 0 or m.bits not in SUPPORTED_BITS:
-            why = "no AVX2/AVX-512 on this target" if lanes == 0 else f"no LUT kernel for {m.bits}-bit codes"
+        if lanes == 0 or m.bits not in SUPPORTED_BITS or lanes > host:
+            if lanes == 0:
+                why = "no AVX2/AVX-512 on this target"
+            elif lanes > host:
+                # kernels for a wider CPU than this one would die on an illegal instruction
+                why = f"target {lib.target.attrs.get('mcpu', '')} needs {'AVX-512' if lanes == 16 else 'AVX2'}, which this CPU lacks"
+            else:
+                why = f"no LUT kernel for {m.bits}-bit codes"
             m.set_kernel(None, f"reference ({why})")
             continue
         groups.setdefault(kernel_key("lut", m, lanes), []).append(name)

@@ -316,3 +316,16 @@ def test_tuning_progress_counts_trials(tmp_path, monkeypatch):
     tune = [(d, t) for s, d, t in seen if s == "tune"]
     assert tune and tune[-1][0] == tune[-1][1] == 2 * 3 * 2  # 2 kernels x 3 buckets x 2 trials
     assert [d for d, _ in tune] == sorted(d for d, _ in tune)
+
+
+def test_target_wider_than_this_cpu_runs_the_reference_op(monkeypatch):
+    import sqc.runtime.cpu as cpu_rt
+
+    monkeypatch.setattr(cpu_rt, "host_lanes", lambda: 8)  # pretend this CPU has AVX2 only
+    packed = random_packed(5, 40, 3)
+    m = SqcLinear(packed, None)
+    attach_cpu_kernels(torch.nn.Sequential(m), parse_target(AVX512), tune=False)
+    assert m._kernels is None and m.kernel == "reference (target znver4 needs AVX-512, which this CPU lacks)"
+    m2 = SqcLinear(packed, None)
+    attach_cpu_kernels(torch.nn.Sequential(m2), parse_target(AVX2), tune=False)
+    assert m2.kernel == "tvm-lut-avx2"
