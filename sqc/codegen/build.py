@@ -34,9 +34,6 @@ __all__ = ["cache_dir", "import_tvm", "KernelLibrary", "TuningDB", "STATS", "BUC
 STATS = {"builds": 0, "cache_hits": 0, "searches": 0, "db_hits": 0}
 _LOCK = threading.Lock()
 
-#: version of the knob search space: entries tuned over another candidate set are searched again
-SEARCH_SPACE = 2
-
 #: batch buckets: each gets its own tuned kernel (gemv for 1, gemm knobs for the others)
 BUCKETS = {"1": (1, 1), "2-16": (2, 16), "17+": (17, 1 << 31)}
 #: the batch size each bucket is tuned at
@@ -151,7 +148,7 @@ class TuningDB:
 
     def __init__(self, target_str: str, tvm_version: str) -> None:
         self.path = os.path.join(cache_dir(), "tuning.json")
-        self.prefix = f"{target_str}|tvm{tvm_version}|space{SEARCH_SPACE}|"
+        self.prefix = f"{target_str}|tvm{tvm_version}|"
 
     def _read(self) -> dict[str, Any]:
         try:

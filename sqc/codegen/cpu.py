@@ -98,10 +98,9 @@ class LaneLayout:
 class GemvKnobs:
     rt: int = 2  # rows per parallel task (share one x load)
     unroll: int = 1  # blocks unrolled per inner iteration
-    parallel: bool = True  # False: one thread (no thread-pool wake-up; wins on small layers)
 
     def tag(self) -> str:
-        return f"rt{self.rt}u{self.unroll}" + ("" if self.parallel else "s")
+        return f"rt{self.rt}u{self.unroll}"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -109,10 +108,9 @@ class GemmKnobs:
     rt: int = 4  # weight rows per decoded tile / register block
     bt: int = 4  # batch rows per register block
     decode: str = "tile"  # "tile": decode rt rows once into fp32 scratch; "reg": decode in registers per bt rows of x
-    parallel: bool = True  # False: one thread
 
     def tag(self) -> str:
-        return f"rt{self.rt}bt{self.bt}{self.decode}" + ("" if self.parallel else "s")
+        return f"rt{self.rt}bt{self.bt}{self.decode}"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -185,7 +183,6 @@ def build_gemv(key: KernelKey, knobs: GemvKnobs):
     rem = NB - NBU * U
     sparse = key.sparse
     lut_dt, col_dt, val_dt = key.lut_dtype, key.col_dtype, key.val_dtype
-    row_loop = T.parallel if knobs.parallel else T.serial
 
     @T.prim_func
     def gemv(x: T.handle, w: T.handle, lut: T.handle, crow: T.handle, col: T.handle, val: T.handle,
@@ -200,7 +197,7 @@ def build_gemv(key: KernelKey, knobs: GemvKnobs):
         VAL = T.match_buffer(val, (nnz,), val_dt, align=2, offset_factor=1)
         SC = T.match_buffer(scode, (nnz,), "uint8", align=1, offset_factor=1)
         Y = T.match_buffer(y, (R,), "float32", align=4, offset_factor=1)
-        for rt in row_loop(RP // RT):
+        for rt in T.parallel(RP // RT):
             acc = T.decl_buffer((RT, L), "float32", scope="local")
             tlo = T.decl_buffer((RT, L), "float32", scope="local")
             thi = T.decl_buffer((RT, L), "float32", scope="local")
@@ -271,7 +268,6 @@ def _build_gemm_reg(key: KernelKey, knobs: GemmKnobs):
     RP = -(-R // ROW_PAD) * ROW_PAD
     sparse = key.sparse
     lut_dt, col_dt, val_dt = key.lut_dtype, key.col_dtype, key.val_dtype
-    row_loop = T.parallel if knobs.parallel else T.serial
 
     @T.prim_func
     def gemm(x: T.handle, w: T.handle, lut: T.handle, crow: T.handle, col: T.handle, val: T.handle,
@@ -287,7 +283,7 @@ def _build_gemm_reg(key: KernelKey, knobs: GemmKnobs):
         VAL = T.match_buffer(val, (nnz,), val_dt, align=2, offset_factor=1)
         SC = T.match_buffer(scode, (nnz,), "uint8", align=1, offset_factor=1)
         Y = T.match_buffer(y, (n, R), "float32", align=4, offset_factor=1)
-        for rt in row_loop(RP // RT):
+        for rt in T.parallel(RP // RT):
             acc = T.decl_buffer((BT, RT, L), "float32", scope="local")
             dec = T.decl_buffer((RT, L), "float32", scope="local")
             tlo = T.decl_buffer((RT, L), "float32", scope="local")
@@ -338,7 +334,6 @@ def _build_gemm_tile(key: KernelKey, knobs: GemmKnobs):
     KV = KP // L
     sparse = key.sparse
     lut_dt, col_dt, val_dt = key.lut_dtype, key.col_dtype, key.val_dtype
-    row_loop = T.parallel if knobs.parallel else T.serial
 
     @T.prim_func
     def gemm(x: T.handle, w: T.handle, lut: T.handle, crow: T.handle, col: T.handle, val: T.handle,
@@ -353,7 +348,7 @@ def _build_gemm_tile(key: KernelKey, knobs: GemmKnobs):
         COL = T.match_buffer(col, (nnz,), col_dt, align=1, offset_factor=1)
         VAL = T.match_buffer(val, (nnz,), val_dt, align=2, offset_factor=1)
         Y = T.match_buffer(y, (n, R), "float32", align=4, offset_factor=1)
-        for rt in row_loop(RP // RT):
+        for rt in T.parallel(RP // RT):
             wt = T.decl_buffer((RT, KP), "float32", scope="global")
             acc = T.decl_buffer((BT, RT, L), "float32", scope="local")
             tlo = T.decl_buffer((RT, L), "float32", scope="local")
@@ -398,12 +393,11 @@ def _build_gemm_tile(key: KernelKey, knobs: GemmKnobs):
 
 
 def gemv_candidates() -> list[GemvKnobs]:
-    return [GemvKnobs(rt, u) for rt in (1, 2, 4) for u in (1, 2)] + [GemvKnobs(4, 1, False), GemvKnobs(2, 1, False)]
+    return [GemvKnobs(rt, u) for rt in (1, 2, 4) for u in (1, 2)]
 
 
 def gemm_candidates(bucket: str = "17+") -> list[GemmKnobs]:
     reg = [GemmKnobs(rt, bt, "reg") for rt, bt in ((2, 8), (1, 8), (2, 4), (4, 4), (4, 2))]
-    reg += [GemmKnobs(2, 8, "reg", False), GemmKnobs(4, 4, "reg", False)]
     tile = [GemmKnobs(rt, bt, "tile") for rt, bt in ((4, 4), (8, 2), (2, 8), (4, 3))]
     return reg + tile if bucket == "2-16" else tile + reg
 
