@@ -123,17 +123,27 @@ class CpuLutKernels:
         return y.to(x.dtype).view(*lead, self.out_features)
 
 
-def _bench(fn, op: str, k: CpuLutKernels, m, batch: int, repeats: int) -> float:
+def _bench(fn, op: str, k: CpuLutKernels, m, batch: int, repeats: int, budget_s: float = 0.03) -> float:
+    """Median ms of ``repeats`` calls, more for fast kernels (about ``budget_s`` of calls, at most 1000):
+    a 60 µs kernel's median over 20 calls is too noisy to rank schedules by."""
+    import time
+
     from ..codegen.build import median_ms
 
     kp = k.layout.k_pad
     if op == "gemv":
         x = torch.randn(kp)
         y = torch.empty(k.out_features)
-        return median_ms(lambda: fn(x, k.words, m.lut, m.crow, m.col, m.val, k.scode, y), repeats)
-    x = torch.randn(batch, kp)
-    y = torch.empty(batch, k.out_features)
-    return median_ms(lambda: fn(x, k.words, m.lut, m.crow, m.col, m.val, k.scode, y), repeats)
+        call = lambda: fn(x, k.words, m.lut, m.crow, m.col, m.val, k.scode, y)  # noqa: E731
+    else:
+        x = torch.randn(batch, kp)
+        y = torch.empty(batch, k.out_features)
+        call = lambda: fn(x, k.words, m.lut, m.crow, m.col, m.val, k.scode, y)  # noqa: E731
+    call()
+    t = time.perf_counter()
+    call()
+    once = max(time.perf_counter() - t, 1e-6)
+    return median_ms(call, max(repeats, min(1000, int(budget_s / once))))
 
 
 def _weight_bytes(k: CpuLutKernels, m, op: str) -> int:
