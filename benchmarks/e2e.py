@@ -36,7 +36,7 @@ def _status_kib(field: str) -> int:
 
 
 def _reset_peak_rss() -> None:
-    gc_and_trim()
+    release_memory()
     try:
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")  # resets VmHWM to the current RSS
@@ -44,15 +44,10 @@ def _reset_peak_rss() -> None:
         pass
 
 
-def gc_and_trim() -> None:
-    import ctypes
-    import gc
+def release_memory() -> None:
+    from sqc.compiler import _release_memory
 
-    gc.collect()
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except OSError:
-        pass
+    _release_memory()
 
 
 def compile_artifacts(fisher_windows: int) -> None:
@@ -77,9 +72,8 @@ def compile_artifacts(fisher_windows: int) -> None:
         sqc.save(c, os.path.join(ART, preset), overwrite=True, tokenizer=tok, source="smollm2")
         print(f"compiled {preset}: stages {json.dumps({k: round(v, 1) for k, v in c.stage_seconds.items()})}", flush=True)
         del c, model
-        gc_and_trim()
+        release_memory()
     del fisher
-    torch.set_num_threads(torch.get_num_threads())
 
 
 def measure(setting: str, new_tokens: int, prefill: int) -> dict:
@@ -96,7 +90,6 @@ def measure(setting: str, new_tokens: int, prefill: int) -> dict:
     qmods = [m for m in model.modules() if isinstance(m, SqcLinear)]
     kernels = sorted({m.kernel for m in qmods})
     resident = sum(m.resident_bytes() for m in qmods)
-    gc_and_trim()
     _reset_peak_rss()
     ids = eval_windows(tok, n_windows=1, seq_len=prefill)[0]
     prompt = ids[:, :16]

@@ -94,7 +94,7 @@ def main() -> None:
                 w32 = packed.dequantize(torch.float32)
                 w16 = w32.to(torch.bfloat16)
                 k = m._kernels
-                wbytes = k.nbytes() + sum(t.numel() * t.element_size() for t in (packed.lut, packed.crow, packed.col, packed.val))
+                wbytes = m.resident_bytes()
                 for n in BATCHES:
                     x = torch.randn(n, K)
                     x16 = x.to(torch.bfloat16)

@@ -151,7 +151,7 @@ class CompiledModel(nn.Module):
                     "bytes": r.packed_bytes,
                     "bits_per_weight": r.bits_per_weight,
                     "kernel": r.kernel,
-                    "tuned_ms": getattr(r, "tuned_ms", None),
+                    "tuned_ms": r.tuned_ms,
                     "notes": r.notes,
                 }
                 for r in self.layers

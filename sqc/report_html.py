@@ -114,19 +114,12 @@ def _tuning_plot(kernels: list[dict[str, Any]]):
 
 
 def _kernel_table(kernels: list[dict[str, Any]]) -> str:
+    from .codegen.report import KERNEL_COLUMNS, kernel_rows
+
     esc = html.escape
-    rows = []
-    for k in kernels:
-        key = k["key"]
-        rows.append("<tr>" + "".join(f"<td>{c}</td>" for c in (
-            esc(f"{k.get('kernel', '')} {key['op']}"), f"{key['out_features']}x{key['in_features']}", key["bits"],
-            "yes" if key["sparse"] else "no", esc(k["bucket"]), esc(" ".join(f"{a}={b}" for a, b in k["knobs"].items())),
-            len(k.get("candidates", [])), f"{k['best_ms']:.4f}", f"{k['default_ms']:.4f}", f"{k['gbps']:.1f}",
-            f"{k['bw_ratio']:.2f}", esc(", ".join(k.get("layers", [])[:3]) + (" ..." if len(k.get("layers", [])) > 3 else "")),
-        )) + "</tr>")
-    return ("<table id='kernels'><thead><tr><th>kernel</th><th>shape</th><th>bits</th><th>sparse</th><th>batch</th>"
-            "<th>knobs</th><th>tried</th><th>best ms</th><th>default ms</th><th>GB/s</th><th>of copy bw</th><th>layers</th>"
-            "</tr></thead><tbody>" + "".join(rows) + "</tbody></table>")
+    head = "".join(f"<th>{esc(c)}</th>" for c in KERNEL_COLUMNS)
+    body = "".join("<tr>" + "".join(f"<td>{esc(c)}</td>" for c in row) + "</tr>" for row in kernel_rows(kernels))
+    return f"<table id='kernels'><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
 
 def render_report(path: str) -> str:

@@ -171,6 +171,16 @@ def knobs_from_dict(op: str, d: dict[str, Any]):
     return GemvKnobs(**d) if op == "gemv" else GemmKnobs(**d)
 
 
+def db_knobs(op: str, rec: dict[str, Any] | None):
+    """The knobs of a database record, or None when there is none or it is from another sqc version."""
+    if rec is None:
+        return None
+    try:
+        return knobs_from_dict(op, rec["knobs"])
+    except (KeyError, TypeError, ValueError):
+        return None
+
+
 def knobs_to_dict(k) -> dict[str, Any]:
     return dataclasses.asdict(k)
 
@@ -178,7 +188,7 @@ def knobs_to_dict(k) -> dict[str, Any]:
 _COPY_GBPS: list[float] = []
 
 
-def copy_bandwidth_gbps(mib: int = 256, repeats: int = 5) -> float:
+def copy_bandwidth_gbps(mib: int = 64, repeats: int = 5) -> float:
     """Measured memory copy bandwidth (bytes read + written per second), once per process."""
     if _COPY_GBPS:
         return _COPY_GBPS[0]

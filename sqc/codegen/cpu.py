@@ -53,7 +53,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-__all__ = ["ROW_PAD", "LaneLayout", "GemvKnobs", "GemmKnobs", "KernelKey", "build_gemv", "build_gemm",
+__all__ = ["ROW_PAD", "padded_rows", "LaneLayout", "GemvKnobs", "GemmKnobs", "KernelKey", "build_gemv", "build_gemm",
            "cpu_lanes", "SUPPORTED_BITS", "gemv_candidates", "gemm_candidates", "default_gemm_knobs"]
 
 SUPPORTED_BITS = (2, 3, 4)
@@ -164,6 +164,24 @@ def _lookup(T, lanes: int, bits: int, tbl_lo, tbl_hi, idx):
     return T.Select(sel, hi, lo)
 
 
+def padded_rows(out_features: int) -> int:
+    """Rows of the lane layout: ``out_features`` rounded up to a multiple of :data:`ROW_PAD`."""
+    return -(-out_features // ROW_PAD) * ROW_PAD
+
+
+def _geometry(key: KernelKey):
+    """(lanes, codes per word, block, blocks, table width, bits, padded K, entries, rows, padded rows)."""
+    lay = LaneLayout(key.in_features, key.bits, key.lanes)
+    R = key.out_features
+    return (lay.lanes, lay.per_word, lay.block, lay.n_blocks, lay.table_width, key.bits, lay.k_pad,
+            1 << key.bits, R, padded_rows(R))
+
+
+def _correction(T, VAL, LUT, SC, row, e):
+    """The sparse entry ``e`` of ``row`` as an additive fp32 correction: val - lut[row, scode]."""
+    return T.Cast("float32", VAL[e]) - T.Cast("float32", LUT[row, T.Cast("int32", SC[e])])
+
+
 def build_gemv(key: KernelKey, knobs: GemvKnobs):
     """TVMScript prim_func for batch 1: ``y[r] = sum_k W_hat[r, k] * x[k]``.
 
@@ -173,12 +191,8 @@ def build_gemv(key: KernelKey, knobs: GemvKnobs):
     """
     from tvm.script import tirx as T
 
-    lay = LaneLayout(key.in_features, key.bits, key.lanes)
-    L, P, BLK, NB, TW, b = lay.lanes, lay.per_word, lay.block, lay.n_blocks, lay.table_width, key.bits
-    E = 1 << b
+    L, P, BLK, NB, TW, b, _, E, R, RP = _geometry(key)
     RT, U = knobs.rt, knobs.unroll
-    R = key.out_features
-    RP = -(-R // ROW_PAD) * ROW_PAD
     NBU = NB // U
     rem = NB - NBU * U
     sparse = key.sparse
@@ -233,12 +247,14 @@ def build_gemv(key: KernelKey, knobs: GemvKnobs):
                         s[0] = s[0] + acc[i, j]
                     if sparse:
                         # two accumulators halve the loop-carried FMA latency chain
+                        r = rt * RT + i
+                        e0 = CROW[r]
                         s[1] = T.float32(0)
-                        for e2 in range((CROW[rt * RT + i + 1] - CROW[rt * RT + i]) // 2):
-                            s[0] = s[0] + (T.Cast("float32", VAL[CROW[rt * RT + i] + 2 * e2]) - T.Cast("float32", LUT[rt * RT + i, T.Cast("int32", SC[CROW[rt * RT + i] + 2 * e2])])) * X[T.Cast("int32", COL[CROW[rt * RT + i] + 2 * e2])]
-                            s[1] = s[1] + (T.Cast("float32", VAL[CROW[rt * RT + i] + 2 * e2 + 1]) - T.Cast("float32", LUT[rt * RT + i, T.Cast("int32", SC[CROW[rt * RT + i] + 2 * e2 + 1])])) * X[T.Cast("int32", COL[CROW[rt * RT + i] + 2 * e2 + 1])]
-                        if (CROW[rt * RT + i + 1] - CROW[rt * RT + i]) % 2 == 1:
-                            s[0] = s[0] + (T.Cast("float32", VAL[CROW[rt * RT + i + 1] - 1]) - T.Cast("float32", LUT[rt * RT + i, T.Cast("int32", SC[CROW[rt * RT + i + 1] - 1])])) * X[T.Cast("int32", COL[CROW[rt * RT + i + 1] - 1])]
+                        for e2 in range((CROW[r + 1] - e0) // 2):
+                            s[0] = s[0] + _correction(T, VAL, LUT, SC, r, e0 + 2 * e2) * X[T.Cast("int32", COL[e0 + 2 * e2])]
+                            s[1] = s[1] + _correction(T, VAL, LUT, SC, r, e0 + 2 * e2 + 1) * X[T.Cast("int32", COL[e0 + 2 * e2 + 1])]
+                        if (CROW[r + 1] - e0) % 2 == 1:
+                            s[0] = s[0] + _correction(T, VAL, LUT, SC, r, CROW[r + 1] - 1) * X[T.Cast("int32", COL[CROW[r + 1] - 1])]
                         s[0] = s[0] + s[1]
                     Y[rt * RT + i] = s[0]
 
@@ -260,12 +276,8 @@ def build_gemm(key: KernelKey, knobs: GemmKnobs):
 def _build_gemm_reg(key: KernelKey, knobs: GemmKnobs):
     from tvm.script import tirx as T
 
-    lay = LaneLayout(key.in_features, key.bits, key.lanes)
-    L, P, BLK, NB, TW, b, KP = lay.lanes, lay.per_word, lay.block, lay.n_blocks, lay.table_width, key.bits, lay.k_pad
-    E = 1 << b
+    L, P, BLK, NB, TW, b, KP, E, R, RP = _geometry(key)
     RT, BT = knobs.rt, knobs.bt
-    R = key.out_features
-    RP = -(-R // ROW_PAD) * ROW_PAD
     sparse = key.sparse
     lut_dt, col_dt, val_dt = key.lut_dtype, key.col_dtype, key.val_dtype
 
@@ -316,7 +328,7 @@ def _build_gemm_reg(key: KernelKey, knobs: GemmKnobs):
                                 s[0] = s[0] + acc[bi, i, j]
                             if sparse:
                                 for e in range(CROW[rt * RT + i], CROW[rt * RT + i + 1]):
-                                    s[0] = s[0] + (T.Cast("float32", VAL[e]) - T.Cast("float32", LUT[rt * RT + i, T.Cast("int32", SC[e])])) * X[bo * BT + bi, T.Cast("int32", COL[e])]
+                                    s[0] = s[0] + _correction(T, VAL, LUT, SC, rt * RT + i, e) * X[bo * BT + bi, T.Cast("int32", COL[e])]
                             Y[bo * BT + bi, rt * RT + i] = s[0]
 
     return gemm
@@ -325,12 +337,8 @@ def _build_gemm_reg(key: KernelKey, knobs: GemmKnobs):
 def _build_gemm_tile(key: KernelKey, knobs: GemmKnobs):
     from tvm.script import tirx as T
 
-    lay = LaneLayout(key.in_features, key.bits, key.lanes)
-    L, P, BLK, NB, TW, b, KP = lay.lanes, lay.per_word, lay.block, lay.n_blocks, lay.table_width, key.bits, lay.k_pad
-    E = 1 << b
+    L, P, BLK, NB, TW, b, KP, E, R, RP = _geometry(key)
     RT, BT = knobs.rt, knobs.bt
-    R = key.out_features
-    RP = -(-R // ROW_PAD) * ROW_PAD
     KV = KP // L
     sparse = key.sparse
     lut_dt, col_dt, val_dt = key.lut_dtype, key.col_dtype, key.val_dtype

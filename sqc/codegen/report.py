@@ -3,11 +3,28 @@ from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["tuning_markdown"]
+__all__ = ["tuning_markdown", "kernel_rows", "KERNEL_COLUMNS"]
 
 
-def _knobs(d: dict[str, Any]) -> str:
-    return " ".join(f"{k}={v}" for k, v in d.items())
+KERNEL_COLUMNS = ("kernel", "shape", "bits", "sparse", "batch", "knobs", "tried", "best ms", "default ms",
+                  "GB/s", "of copy bw", "source", "layers")
+
+
+def kernel_rows(kernels: list[dict[str, Any]]) -> list[list[str]]:
+    """One row of :data:`KERNEL_COLUMNS` cells (plain text) per (kernel, batch bucket)."""
+    rows = []
+    for k in kernels:
+        key = k["key"]
+        layers = k.get("layers", [])
+        source = "tuning db" if k.get("from_db") else ("tuned" if k.get("tuned") else "default")
+        rows.append([
+            f"{k.get('kernel', '')} {key['op']}".strip(), f"{key['out_features']}x{key['in_features']}", str(key["bits"]),
+            "yes" if key["sparse"] else "no", f"{k['bucket']} (timed at {k['tuned_at_batch']})",
+            " ".join(f"{a}={b}" for a, b in k["knobs"].items()), str(len(k.get("candidates", []))),
+            f"{k['best_ms']:.4f}", f"{k['default_ms']:.4f}", f"{k['gbps']:.1f}", f"{k['bw_ratio']:.2f}", source,
+            ", ".join(layers[:3]) + (f" (+{len(layers) - 3} more)" if len(layers) > 3 else ""),
+        ])
+    return rows
 
 
 def tuning_markdown(data: dict[str, Any]) -> str:
@@ -19,21 +36,7 @@ def tuning_markdown(data: dict[str, Any]) -> str:
     copy = next((k.get("copy_gbps") for k in kernels if k.get("copy_gbps")), None)
     if copy:
         lines += [f"Measured copy bandwidth (read + write): {copy:.1f} GB/s.", ""]
-    lines += [
-        "| kernel | shape | bits | sparse | batch | knobs | tried | best ms | default ms | GB/s | of copy bw | source | layers |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
-    ]
-    for k in kernels:
-        key = k["key"]
-        gbps = k.get("gbps")
-        ratio = k.get("bw_ratio")
-        layers = k.get("layers", [])
-        shown = ", ".join(layers[:3]) + (f" (+{len(layers) - 3} more)" if len(layers) > 3 else "")
-        lines.append(
-            f"| {k.get('kernel', key['op'])} {key['op']} | {key['out_features']}x{key['in_features']} | {key['bits']} "
-            f"| {'yes' if key['sparse'] else 'no'} | {k['bucket']} (timed at {k['tuned_at_batch']}) | {_knobs(k['knobs'])} "
-            f"| {len(k.get('candidates', []))} | {k['best_ms']:.4f} | {k['default_ms']:.4f} "
-            f"| {gbps:.1f} | {ratio:.2f} | {'tuning db' if k.get('from_db') else ('tuned' if k.get('tuned') else 'default')} "
-            f"| {shown} |"
-        )
+    lines.append("| " + " | ".join(KERNEL_COLUMNS) + " |")
+    lines.append("|" + "---|" * len(KERNEL_COLUMNS))
+    lines += ["| " + " | ".join(row) + " |" for row in kernel_rows(kernels)]
     return "\n".join(lines) + "\n"

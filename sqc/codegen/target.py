@@ -28,14 +28,6 @@ class TargetSpec:
         parts = [self.kind] + [f"-{k}={v}" for k, v in self.attrs]
         return " ".join(parts)
 
-    def kernel_name(self) -> str:
-        """Name of the kernel family that runs on this target.
-
-        No TVM kernels are generated yet: every target runs the reference op,
-        and the compile report says so per layer.
-        """
-        return "reference"
-
     def to_tvm(self):  # pragma: no cover - needs TVM
         import tvm
 

@@ -23,7 +23,7 @@ from typing import Any, Callable
 import torch
 
 from ..codegen.cpu import (
-    ROW_PAD, SUPPORTED_BITS, GemvKnobs, KernelKey, LaneLayout, default_gemm_knobs, gemm_candidates, gemv_candidates,
+    SUPPORTED_BITS, GemvKnobs, KernelKey, LaneLayout, default_gemm_knobs, gemm_candidates, gemv_candidates, padded_rows,
 )
 from .layout import PackedLinear, pack_codes
 
@@ -37,7 +37,7 @@ def to_lane_words(codes: torch.Tensor, bits: int, lanes: int) -> torch.Tensor:
     """``[R, K]`` integer codes -> lane-layout words int32 ``[RP, NB * lanes]``."""
     R, K = codes.shape
     lay = LaneLayout(K, bits, lanes)
-    RP = -(-R // ROW_PAD) * ROW_PAD
+    RP = padded_rows(R)
     c = torch.zeros((RP, lay.k_pad), dtype=torch.int64)
     c[:R, :K] = codes
     c = c.view(RP, lay.n_blocks, lay.per_word, lanes)
@@ -123,22 +123,17 @@ class CpuLutKernels:
         return y.to(x.dtype).view(*lead, self.out_features)
 
 
-def _bench(fn, op: str, k: CpuLutKernels, m, batch: int, repeats: int, budget_s: float = 0.03) -> float:
+def _bench(fn, k: CpuLutKernels, m, batch: int, repeats: int, budget_s: float = 0.03) -> float:
     """Median ms of ``repeats`` calls, more for fast kernels (about ``budget_s`` of calls, at most 1000):
     a 60 µs kernel's median over 20 calls is too noisy to rank schedules by."""
     import time
 
     from ..codegen.build import median_ms
 
-    kp = k.layout.k_pad
-    if op == "gemv":
-        x = torch.randn(kp)
-        y = torch.empty(k.out_features)
-        call = lambda: fn(x, k.words, m.lut, m.crow, m.col, m.val, k.scode, y)  # noqa: E731
-    else:
-        x = torch.randn(batch, kp)
-        y = torch.empty(batch, k.out_features)
-        call = lambda: fn(x, k.words, m.lut, m.crow, m.col, m.val, k.scode, y)  # noqa: E731
+    shape = (k.layout.k_pad,) if batch == 1 else (batch, k.layout.k_pad)
+    x = torch.randn(shape)
+    y = torch.empty(shape[:-1] + (k.out_features,))
+    call = lambda: fn(x, k.words, m.lut, m.crow, m.col, m.val, k.scode, y)  # noqa: E731
     call()
     t = time.perf_counter()
     call()
@@ -146,10 +141,40 @@ def _bench(fn, op: str, k: CpuLutKernels, m, batch: int, repeats: int, budget_s:
     return median_ms(call, max(repeats, min(1000, int(budget_s / once))))
 
 
-def _weight_bytes(k: CpuLutKernels, m, op: str) -> int:
+def _search(lib, okey: KernelKey, bucket: str, probe: CpuLutKernels, m, tune: bool, trials, repeats: int, on_trial):
+    """Time the candidate knobs of one kernel; return (function, record without layers)."""
+    from ..codegen import build as B
+
+    op = okey.op
+    batch = B.BUCKET_TUNE_BATCH[bucket]
+    default = GemvKnobs() if op == "gemv" else default_gemm_knobs(bucket)
+    cands = [default]
+    if tune:
+        B.STATS["searches"] += 1
+        cands += [c for c in (gemv_candidates() if op == "gemv" else gemm_candidates(bucket)) if c != default]
+        if trials is not None:
+            cands = cands[: max(1, trials)]
+    tried, best = [], None
+    for kn in cands:
+        f = lib.get(okey, kn)
+        ms = _bench(f, probe, m, batch, repeats)
+        tried.append({"knobs": B.knobs_to_dict(kn), "ms": ms})
+        if len(tried) < len(cands):
+            on_trial()
+        if best is None or ms < best[1]:
+            best = (kn, ms, f)
+    knobs, best_ms, fn = best
+    copy_bw = B.copy_bandwidth_gbps()
     nb = lambda t: t.numel() * t.element_size()  # noqa: E731
-    b = nb(k.words) + nb(m.lut) + nb(m.crow) + nb(m.col) + nb(m.val)
-    return b + nb(k.scode)
+    nbytes = probe.nbytes() + sum(nb(t) for t in (m.lut, m.crow, m.col, m.val))
+    nbytes += 4 * batch * (probe.layout.k_pad + okey.out_features)
+    gbps = nbytes / (best_ms * 1e-3) / 1e9
+    return fn, {
+        "key": okey.as_dict(), "bucket": bucket, "tuned_at_batch": batch,
+        "knobs": B.knobs_to_dict(knobs), "tuned": tune, "candidates": tried,
+        "best_ms": best_ms, "default_ms": tried[0]["ms"], "bytes": nbytes, "gbps": gbps,
+        "copy_gbps": copy_bw, "bw_ratio": gbps / copy_bw,
+    }
 
 
 def attach_cpu_kernels(
@@ -198,65 +223,38 @@ def attach_cpu_kernels(
             continue
         groups.setdefault(kernel_key("lut", m, lanes), []).append(name)
     records = []
-    copy_bw = None
-    # progress counts tuning trials (a kernel found in the database counts as one)
+    # progress counts tuning trials (a kernel found in the database counts as all its trials)
     n_trials = {"1": len(gemv_candidates()), "2-16": len(gemm_candidates("2-16")), "17+": len(gemm_candidates("17+"))}
     if trials is not None:
         n_trials = {b: min(n, max(1, trials)) for b, n in n_trials.items()}
-    total = len(groups) * sum(n_trials.values()) if tune else len(groups) * len(B.BUCKETS)
+    if not tune:
+        n_trials = dict.fromkeys(n_trials, 1)
+    total = len(groups) * sum(n_trials.values())
     done = 0
+
+    def report(n: int) -> None:
+        nonlocal done
+        done = min(done + n, total)
+        if progress is not None:
+            progress("tune", done, total)
+
     kname = f"tvm-lut-{'avx512' if lanes == 16 else 'avx2'}"
     for key, names in groups.items():
         first = mods[names[0]]
-        probe = CpuLutKernels(first.packed, lanes, {}, names[0])
         fns: dict[str, Callable] = {}
+        probe = CpuLutKernels(first.packed, lanes, fns, names[0])  # becomes the first layer's kernels
         failed = None
         for bucket in B.BUCKETS:
-            op = "gemv" if bucket == "1" else "gemm"
-            okey = dataclasses.replace(key, op=op)
-            batch = B.BUCKET_TUNE_BATCH[bucket]
+            okey = dataclasses.replace(key, op="gemv" if bucket == "1" else "gemm")
             rec = db.lookup(okey, bucket)
-            if rec is not None:
-                try:
-                    B.knobs_from_dict(op, rec["knobs"])
-                except (KeyError, TypeError, ValueError):
-                    rec = None  # an entry from another sqc version: search again
-            done_before = done
+            knobs = B.db_knobs(okey.op, rec)
+            before = done
             try:
-                if rec is not None:
+                if knobs is not None:
                     B.STATS["db_hits"] += 1
-                    fn = lib.get(okey, B.knobs_from_dict(op, rec["knobs"]))
-                    rec = dict(rec, from_db=True)
+                    fn, rec = lib.get(okey, knobs), dict(rec, from_db=True)
                 else:
-                    default = GemvKnobs() if op == "gemv" else default_gemm_knobs(bucket)
-                    cands = [default]
-                    if tune:
-                        B.STATS["searches"] += 1
-                        cands += [c for c in (gemv_candidates() if op == "gemv" else gemm_candidates(bucket)) if c != default]
-                        if trials is not None:
-                            cands = cands[: max(1, trials)]
-                    tried = []
-                    best = None
-                    for kn in cands:
-                        f = lib.get(okey, kn)
-                        ms = _bench(f, op, probe, first, batch, repeats)
-                        tried.append({"knobs": B.knobs_to_dict(kn), "ms": ms})
-                        done += 1
-                        if progress is not None and len(tried) < len(cands):
-                            progress("tune", min(done, total), total)
-                        if best is None or ms < best[1]:
-                            best = (kn, ms, f)
-                    knobs, best_ms, fn = best
-                    if copy_bw is None:
-                        copy_bw = B.copy_bandwidth_gbps()
-                    nbytes = _weight_bytes(probe, first, op) + 4 * batch * (probe.layout.k_pad + key.out_features)
-                    gbps = nbytes / (best_ms * 1e-3) / 1e9
-                    rec = {
-                        "key": okey.as_dict(), "bucket": bucket, "tuned_at_batch": batch,
-                        "knobs": B.knobs_to_dict(knobs), "tuned": tune, "candidates": tried,
-                        "best_ms": best_ms, "default_ms": tried[0]["ms"], "bytes": nbytes, "gbps": gbps,
-                        "copy_gbps": copy_bw, "bw_ratio": gbps / copy_bw,
-                    }
+                    fn, rec = _search(lib, okey, bucket, probe, first, tune, trials, repeats, lambda: report(1))
                     if tune:
                         db.store(okey, bucket, rec)
                     rec = dict(rec, from_db=False)
@@ -267,14 +265,11 @@ def attach_cpu_kernels(
                 failed = f"reference (TVM could not build {okey.tag()}: {type(e).__name__}: {first_line})"
                 break
             finally:
-                # a database hit or a failure counts as this bucket's remaining trials
-                done = max(done, done_before + (n_trials[bucket] if tune else 1))
-                if progress is not None:
-                    progress("tune", min(done, total), total)
+                report(before + n_trials[bucket] - done)
         for name in names:
             m = mods[name]
             if failed:
                 m.set_kernel(None, failed)
             else:
-                m.set_kernel(CpuLutKernels(m.packed, lanes, fns, name), kname)
+                m.set_kernel(probe if name == names[0] else CpuLutKernels(m.packed, lanes, fns, name), kname)
     return records

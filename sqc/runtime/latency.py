@@ -11,13 +11,9 @@ from typing import Any
 
 import torch
 
+from ..codegen.build import median_ms
+
 __all__ = ["measure_kernels"]
-
-
-def _median_ms(fn, repeats: int) -> float:
-    from ..codegen.build import median_ms
-
-    return median_ms(fn, repeats, warmup=1)
 
 
 @torch.no_grad()
@@ -41,9 +37,9 @@ def measure_kernels(compiled, batches=(1, 8, 64), repeats: int = 15) -> list[dic
                 "batch": b,
                 "kernel": m.kernel,
                 "layers": seen[key],
-                "sqc_ms": _median_ms(lambda: m(x), repeats),
-                "torch_fp32_ms": _median_ms(lambda: torch.nn.functional.linear(x, w32), repeats),
-                "torch_bf16_ms": _median_ms(lambda: torch.nn.functional.linear(x16, w16), repeats),
+                "sqc_ms": median_ms(lambda: m(x), repeats),
+                "torch_fp32_ms": median_ms(lambda: torch.nn.functional.linear(x, w32), repeats),
+                "torch_bf16_ms": median_ms(lambda: torch.nn.functional.linear(x16, w16), repeats),
                 "threads": torch.get_num_threads(),
             })
     return rows

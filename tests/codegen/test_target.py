@@ -32,7 +32,3 @@ def test_cli_strings_and_dicts(spec, want):
 def test_bad_targets(spec, msg):
     with pytest.raises((ValueError, TypeError), match=msg):
         parse_target(spec)
-
-
-def test_reference_kernel_until_codegen():
-    assert parse_target("llvm").kernel_name() == "reference"
