@@ -69,8 +69,25 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=40)
     ap.add_argument("--target", default="llvm")
     ap.add_argument("--quick", action="store_true", help="SmolLM2 shapes only")
-    ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "kernels.json"))
+    ap.add_argument("--out", default=None, help="default: results/kernels.json (cpu), results/kernels_cuda.json (cuda)")
+    ap.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    ap.add_argument("--prepare", metavar="DIR", help="cuda: generate and build the kernels into DIR (needs TVM, nvcc)")
+    ap.add_argument("--bundle", metavar="DIR", help="cuda: check and time the kernels in DIR (needs a GPU)")
+    ap.add_argument("--arch", default="sm_90", help="cuda: architecture to build for with --prepare")
+    ap.add_argument("--plan-out", help="cuda: where to write the plan with the GPU's tuning results")
     args = ap.parse_args()
+    results = os.path.join(os.path.dirname(__file__), "results")
+    if args.device == "cuda":
+        import kernels_cuda
+
+        if args.prepare:
+            kernels_cuda.prepare(args.prepare, args.arch)
+        if args.bundle:
+            kernels_cuda.run(args.bundle, args.out or os.path.join(results, "kernels_cuda.json"), args.plan_out)
+        if not (args.prepare or args.bundle):
+            ap.error("--device cuda needs --prepare DIR (here) and/or --bundle DIR (on the GPU)")
+        return
+    args.out = args.out or os.path.join(results, "kernels.json")
     os.environ["TVM_NUM_THREADS"] = str(args.threads)
     torch.set_num_threads(args.threads)
     spec = parse_target(args.target)

@@ -81,6 +81,8 @@ class CompiledModel(nn.Module):
         self.__dict__["graph_module"] = graph_module
         self.float_weight_bytes = float_weight_bytes
         self.tuning = list(tuning)
+        #: the CUDA kernels and plan (:class:`sqc.runtime.cuda.CudaBundle`) for CUDA targets, else None
+        self.cuda = None
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         return self.model(*args, **kwargs)
@@ -189,6 +191,27 @@ class CompiledModel(nn.Module):
         return "\n".join(lines)
 
 
+def _cuda_kernels(model: nn.Module, spec: TargetSpec, tune: bool, notes: list[str]):
+    """Generate and build the CUDA kernels (no GPU needed); layers run the reference op, named, when TVM is missing."""
+    try:
+        from .codegen.build import import_tvm
+
+        import_tvm()
+    except ImportError as e:
+        for m in model.modules():
+            if isinstance(m, SqcLinear):
+                m.set_kernel(None, f"reference (TVM unavailable: {e})")
+        return None
+    from .codegen.cuda import build_bundle
+
+    bundle = build_bundle(model, spec, tune=tune, notes=notes)
+    if bundle is not None:
+        notes.append(f"CUDA kernels generated for {spec} ({len(bundle.plan['kernels'])} kernels); "
+                     "they run on an NVIDIA GPU once the model is moved there (model.to('cuda'))"
+                     + ("; candidates untimed: time them on a GPU with sqc tune-cuda" if tune else ""))
+    return bundle
+
+
 def compile(  # noqa: A001 - the public name
     model: nn.Module,
     example_inputs: Sequence[Any] | None = None,
@@ -278,8 +301,6 @@ def compile(  # noqa: A001 - the public name
         if site.quantized:
             w = params[site.weight]
             float_bytes += w.numel() * w.element_size()
-    if spec.kind != "llvm":
-        ctx.notes.append(f"no generated kernels for target '{spec}' yet: every quantized layer runs the reference op")
 
     instruments: list = [TimingInstrument()]
     if dump_ir:
@@ -297,6 +318,15 @@ def compile(  # noqa: A001 - the public name
             tune_trials = int(os.environ["SQC_TUNE_TRIALS"])
         tuning = attach_cpu_kernels(model, spec, tune=tune, trials=tune_trials, progress=progress)
         ctx.stage_seconds["kernels"] = time.perf_counter() - t0
+    bundle = None
+    if spec.kind == "cuda" and not kernels:
+        ctx.notes.append("compiled with kernels=False: every quantized layer runs the reference op")
+    if spec.kind == "cuda" and kernels:
+        t0 = time.perf_counter()
+        bundle = _cuda_kernels(model, spec, tune, ctx.notes)
+        ctx.stage_seconds["kernels"] = time.perf_counter() - t0
+        if bundle is not None:
+            tuning = bundle.records()
     _release_memory()
     compiled = CompiledModel(
         model,
@@ -309,6 +339,7 @@ def compile(  # noqa: A001 - the public name
         float_bytes,
         tuning,
     )
+    compiled.cuda = bundle
     compiled.refresh_kernel_names()
     fallback = sorted({m.kernel for m in compiled.quantized_modules().values() if m.kernel.startswith("reference")})
     for why in fallback:

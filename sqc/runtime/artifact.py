@@ -86,7 +86,7 @@ def _collect_tensors(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[st
             aliases[name] = seen[key]
             continue
         seen[key] = name
-        tensors[name] = t.contiguous()
+        tensors[name] = t.contiguous().cpu()
     return tensors, aliases
 
 
@@ -144,6 +144,8 @@ def save(
         save_file(tensors, os.path.join(tmp, TENSORS), metadata={"format": FORMAT_NAME})
         if tokenizer is not None:
             tokenizer.save_pretrained(os.path.join(tmp, "tokenizer"))
+        if getattr(compiled, "cuda", None) is not None:
+            compiled.cuda.write(os.path.join(tmp, "cuda"))
         tuning = compiled.tuning_report("dict")
         with open(os.path.join(tmp, "tuning.md"), "w") as fh:
             fh.write(compiled.tuning_report("markdown"))
@@ -316,14 +318,26 @@ def load(path: str | os.PathLike, model: nn.Module | None = None, target: Any = 
         # CPU kernels are derived at load: build them for this machine's CPU, not the compiling one's
         spec = parse_target("llvm")
     tuning = []
+    bundle = None
     if spec.kind == "llvm":
         from .cpu import attach_cpu_kernels
 
         tuning = attach_cpu_kernels(model, spec, tune=tune)
+    elif spec.kind == "cuda" and os.path.isdir(os.path.join(path, "cuda")):
+        # no TVM, JAX or nvcc needed: the kernels were built when the artifact was written
+        from .cuda import CudaBundle
+
+        try:
+            bundle = CudaBundle.read(os.path.join(path, "cuda"))
+        except (OSError, ValueError, KeyError) as e:
+            raise ArtifactError(f"{path}: unreadable CUDA kernels ({e})") from e
+        bundle.attach(model, str(spec))
+        tuning = bundle.records()
     compiled = CompiledModel(
         model, config, spec, layers, report.get("notes", []),
         report.get("stage_seconds", {}), None, manifest.get("float_weight_bytes", 0), tuning,
     )
+    compiled.cuda = bundle
     compiled.refresh_kernel_names()
     return compiled
 

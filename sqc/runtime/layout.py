@@ -75,7 +75,7 @@ def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
     if G * _GROUP != K:
         c = torch.nn.functional.pad(c, (0, G * _GROUP - K))
     c = c.view(R, G, _GROUP)
-    words = torch.zeros((R, G, bits), dtype=torch.int64)
+    words = torch.zeros((R, G, bits), dtype=torch.int64, device=codes.device)
     for i in range(_GROUP):
         pos = i * bits
         w, sh = divmod(pos, 32)
@@ -98,7 +98,7 @@ def unpack_codes(words: torch.Tensor, bits: int, in_features: int) -> torch.Tens
         )
     G = W // bits
     u = words.to(torch.int64).view(R, G, bits) & 0xFFFFFFFF
-    out = torch.empty((R, G, _GROUP), dtype=torch.int64)
+    out = torch.empty((R, G, _GROUP), dtype=torch.int64, device=words.device)
     mask = (1 << bits) - 1
     for i in range(_GROUP):
         pos = i * bits
@@ -158,7 +158,7 @@ class PackedLinear:
     def sparse_coo(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(row, col) int64 index vectors of the sparse entries."""
         counts = (self.crow[1:] - self.crow[:-1]).to(torch.int64)
-        rows = torch.repeat_interleave(torch.arange(self.out_features), counts)
+        rows = torch.repeat_interleave(torch.arange(self.out_features, device=counts.device), counts)
         return rows, self.col.to(torch.int64)
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:

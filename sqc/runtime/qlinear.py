@@ -49,6 +49,13 @@ class SqcLinear(nn.Module):
         if kernels is not None and "codes" in self._buffers:
             del self._buffers["codes"]
 
+    def _apply(self, fn, recurse: bool = True):
+        super()._apply(fn, recurse)
+        apply = getattr(self.__dict__.get("_kernels"), "apply", None)
+        if apply is not None:  # CUDA kernels hold their code words; they follow .to()/.cuda()
+            apply(fn)
+        return self
+
     def __getattr__(self, name: str):
         if name == "codes" and self.__dict__.get("_kernels") is not None:
             return self.__dict__["_kernels"].canonical_codes()

@@ -1,0 +1,585 @@
+"""LUT kernels for NVIDIA GPUs, written in TVMScript with hand-placed thread bindings.
+
+TVM's default GPU schedules do not fit a table lookup, so every kernel here
+binds its loops to ``blockIdx``/``threadIdx`` itself; TVM lowers the TIR and
+emits the CUDA C++ (:func:`generate_source`), and :mod:`sqc.codegen.nvcc`
+builds it into a fatbin. No GPU is needed for either step; running the result
+needs only the driver (:mod:`sqc.runtime.cuda`).
+
+The chunk layout
+----------------
+``P = 32 // bits`` codes per 32-bit word (16 at 2 bits, 10 at 3 bits, 8 at 4
+bits). A *chunk* is four consecutive words, read with one 16-byte load, and
+holds the ``CW = 4 * P`` consecutive columns ``g * CW .. g * CW + CW - 1``:
+column ``g * CW + w * P + j`` is word ``4 * g + w`` at bits ``j * bits``. A
+row has ``NC = ceil(K / CW)`` chunks; the padding codes are 0 and the kernels
+never read x past ``K``. The layout is derived from the canonical one at load
+(:func:`sqc.runtime.cuda.to_chunk_words`); artifacts store the canonical one.
+
+Kernels (fp16 activations, fp32 accumulation)
+---------------------------------------------
+* ``gemv`` (batch 1): a block of threads splits K (``TC`` threads along the
+  chunks of a row, each holding the x of its chunks in registers for the whole
+  block) and ``TR = threads / TC`` rows side by side. A block owns
+  ``RB = TR * ri * it`` rows; their tables sit in shared memory as fp32 (all
+  lanes of a warp read the same 8 or 16 entries, so lookups never conflict).
+  Each thread keeps ``ri`` row accumulators, adds the sparse corrections of
+  its share of each row's non-zeros (``(val - lut[scode]) * x[col]``), and a
+  reduction tree of warp shuffles (then shared memory when ``TC > 32``) sums
+  them: no atomics.
+* ``gemm`` (batch n >= 2, any n): a block owns ``RT = 16 * wm`` rows and
+  ``np`` rows of x. Per k-tile it decodes the ``RT x KT`` weight tile once into
+  shared memory as fp16, stages the x tile beside it, and ``wm * wn`` warps
+  multiply them with tensor-core ``mma.sync.m16n8k16`` (fp16 in, fp32
+  accumulate). The sparse corrections are added in the epilogue, each row's
+  non-zeros once per block.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import math
+import re
+from typing import Any
+
+__all__ = ["SUPPORTED_BITS", "CUDA_ARCHS", "ChunkLayout", "CudaKey", "GemvKnobs", "GemmKnobs", "KernelSpec",
+           "build_gemv", "build_gemm", "gemv_candidates", "gemm_candidates", "generate_source", "PRELUDE",
+           "GEMM_BATCH_TILES", "build_bundle", "build_check_bundle", "kernel_name"]
+
+SUPPORTED_BITS = (2, 3, 4)
+#: the architectures sqc builds for (tests build every kernel for sm_80, sm_86 and sm_90)
+CUDA_ARCHS = ("sm_80", "sm_86", "sm_89", "sm_90")
+#: batch tile of the gemm per batch bucket: 2-16 -> 16, 17+ -> 64
+GEMM_BATCH_TILES = {"2-16": 16, "17+": 64}
+
+#: device helpers the generated code calls (``T.call_extern``); prepended to TVM's source
+PRELUDE = r"""
+// ---- sqc device helpers (prepended to the TVM-generated kernels) ----
+#include <cuda_fp16.h>
+// D = A * B + D for one m16n8k16 tile: a holds 8 halves (rows g, g+8; k 2q.., 2q+8..),
+// b holds 4 halves (k 2q.., 2q+8..; column g), c holds 4 floats (rows g, g+8; columns 2q, 2q+1).
+__device__ __forceinline__ void sqc_mma_16816(float* c, const void* a, const void* b) {
+  const unsigned* A = reinterpret_cast<const unsigned*>(a);
+  const unsigned* B = reinterpret_cast<const unsigned*>(b);
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
+      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+      : "r"(A[0]), "r"(A[1]), "r"(A[2]), "r"(A[3]), "r"(B[0]), "r"(B[1]));
+}
+"""
+
+
+@dataclasses.dataclass(frozen=True)
+class ChunkLayout:
+    in_features: int
+    bits: int
+
+    @property
+    def per_word(self) -> int:
+        return 32 // self.bits
+
+    @property
+    def chunk_cols(self) -> int:
+        return 4 * self.per_word
+
+    @property
+    def n_chunks(self) -> int:
+        return -(-self.in_features // self.chunk_cols)
+
+    @property
+    def words(self) -> int:
+        return 4 * self.n_chunks
+
+
+@dataclasses.dataclass(frozen=True)
+class CudaKey:
+    """What a CUDA kernel is specialised on (one per distinct layer shape and storage)."""
+
+    rows: int
+    in_features: int
+    bits: int
+    sparse: bool
+    lut_dtype: str
+    col_dtype: str
+    val_dtype: str
+
+    def tag(self) -> str:
+        sp = "s" if self.sparse else "d"
+        return f"{self.rows}x{self.in_features}_b{self.bits}{sp}_{self.lut_dtype}_{self.col_dtype}_{self.val_dtype}"
+
+
+@dataclasses.dataclass(frozen=True)
+class GemvKnobs:
+    threads: int = 128  # block size when a row needs at most 32 chunk threads
+    ri: int = 2  # rows in flight per thread (accumulators)
+    it: int = 4  # row iterations per block
+
+
+@dataclasses.dataclass(frozen=True)
+class GemmKnobs:
+    wm: int = 2  # warps along rows (16 rows each)
+    wn: int = 1  # warps along the batch tile
+    np: int = 16  # batch tile (rows of x per block)
+    kc: int = 2  # chunks per k-tile
+
+
+@dataclasses.dataclass(frozen=True)
+class KernelSpec:
+    """A generated kernel: its symbol, launch shape and parameters (names as sqc passes them)."""
+
+    name: str
+    op: str  # "gemv" or "gemm"
+    key: CudaKey
+    knobs: Any
+    threads: int
+    grid_x: int
+    batch_tile: int  # gemm: grid_y = ceil(n / batch_tile); gemv: 1
+    params: tuple[str, ...] = ()
+
+    def grid(self, n: int) -> tuple[int, int, int]:
+        return (self.grid_x, -(-n // self.batch_tile) if self.op == "gemm" else 1, 1)
+
+    def as_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["knobs"] = dataclasses.asdict(self.knobs)
+        d["params"] = list(self.params)
+        return d
+
+    @staticmethod
+    def from_dict(d: dict[str, Any]) -> "KernelSpec":
+        knobs = (GemvKnobs if d["op"] == "gemv" else GemmKnobs)(**d["knobs"])
+        return KernelSpec(d["name"], d["op"], CudaKey(**d["key"]), knobs, d["threads"], d["grid_x"],
+                          d["batch_tile"], tuple(d["params"]))
+
+
+def _pow2_at_least(n: int) -> int:
+    return 1 << max(0, (n - 1).bit_length())
+
+
+def gemv_geometry(key: CudaKey, knobs: GemvKnobs) -> dict[str, int]:
+    lay = ChunkLayout(key.in_features, key.bits)
+    nc = lay.n_chunks
+    if nc <= 32:
+        tc, cpt = _pow2_at_least(nc), 1
+        nt = max(knobs.threads, tc)
+    else:
+        cpt = -(-nc // 1024)
+        tc = 32 * -(-(-(-nc // cpt)) // 32)
+        nt = tc
+    tr = nt // tc
+    # no more row iterations than the layer has rows for, and at most 16 KiB of tables per block
+    it = max(1, min(knobs.it, -(-key.rows // (tr * knobs.ri)), (16384 // 4 >> key.bits) // (tr * knobs.ri)))
+    rb = tr * knobs.ri * it
+    return {"TC": tc, "CPT": cpt, "NT": nt, "TR": tr, "IT": it, "RB": rb, "NBLK": -(-key.rows // rb)}
+
+
+def gemv_candidates(key: CudaKey) -> list[GemvKnobs]:
+    """The knob settings the GPU tuner times for a gemv (the first is the default)."""
+    out = [GemvKnobs(128, 2, 4), GemvKnobs(128, 4, 2), GemvKnobs(128, 2, 8), GemvKnobs(128, 1, 8),
+           GemvKnobs(256, 2, 2)]
+    if ChunkLayout(key.in_features, key.bits).n_chunks > 32:  # the thread count is fixed by K
+        out = [k for k in out if k.threads == 128]
+    return out
+
+
+def _kt_chunks(bits: int, kc: int) -> int:
+    """Smallest multiple of ``kc`` chunks whose columns are a multiple of the mma k (16)."""
+    cw = 4 * (32 // bits)
+    while (kc * cw) % 16:
+        kc += 1
+    return kc
+
+
+def gemm_candidates(key: CudaKey, batch_tile: int) -> list[GemmKnobs]:
+    """The knob settings the GPU tuner times for a gemm with this batch tile (the first is the default)."""
+    kcs = (_kt_chunks(key.bits, 2), _kt_chunks(key.bits, 4))
+    if batch_tile <= 16:
+        shapes = [(2, 1), (4, 1), (1, 1)]
+    else:
+        shapes = [(2, 2), (4, 1), (2, 1)]
+    out = [GemmKnobs(wm, wn, batch_tile, kc) for wm, wn in shapes for kc in kcs]
+    return [k for k in out if gemm_smem(key, k) <= 44 * 1024][:4]
+
+
+def gemm_smem(key: CudaKey, knobs: GemmKnobs) -> int:
+    """Static shared memory of a gemm: fp32 tables, fp16 weight and x tiles (row stride KT + 8)."""
+    ktp = knobs.kc * 4 * (32 // key.bits) + 8
+    return 16 * knobs.wm * ((1 << key.bits) * 4 + 2 * ktp) + 2 * knobs.np * ktp
+
+
+def build_gemv(key: CudaKey, knobs: GemvKnobs, name: str):
+    """TVMScript prim_func for batch 1: ``y[0, r] = sum_k W_hat[r, k] * x[0, k] + bias[r]`` (fp16 in and out)."""
+    from tvm.script import tirx as T
+
+    lay = ChunkLayout(key.in_features, key.bits)
+    P, CW, NC, NW = lay.per_word, lay.chunk_cols, lay.n_chunks, lay.words
+    R, K, b = key.rows, key.in_features, key.bits
+    E, MASK = 1 << b, (1 << b) - 1
+    geo = gemv_geometry(key, knobs)
+    TC, CPT, NT, TR, RB, NBLK = (geo[k] for k in ("TC", "CPT", "NT", "TR", "RB", "NBLK"))
+    RI, IT = knobs.ri, geo["IT"]
+    NWC = TC // 32 if TC > 32 else 1  # warps along a row
+    SW = min(TC, 32)  # shuffle width of the first reduction stage
+    NSTEP = int(math.log2(SW))
+    NLUT = -(-(RB * E) // NT)
+    sparse = key.sparse
+    lut_dt, col_dt, val_dt = key.lut_dtype, key.col_dtype, key.val_dtype
+
+    @T.prim_func
+    def gemv(x: T.handle, w: T.handle, lut: T.handle, crow: T.handle, col: T.handle, val: T.handle,
+             scode: T.handle, bias: T.handle, y: T.handle):
+        T.func_attr({"global_symbol": name, "tirx.noalias": True})
+        nnz = T.int32()
+        X = T.match_buffer(x, (1, K), "float16")
+        W = T.match_buffer(w, (R, NW), "uint32", align=16)
+        LUT = T.match_buffer(lut, (R, E), lut_dt)
+        CROW = T.match_buffer(crow, (R + 1,), "int32")
+        COL = T.match_buffer(col, (nnz,), col_dt)
+        VAL = T.match_buffer(val, (nnz,), val_dt)
+        SC = T.match_buffer(scode, (nnz,), "uint8")
+        BIAS = T.match_buffer(bias, (R,), "float16")
+        Y = T.match_buffer(y, (1, R), "float16")
+        for bx in T.thread_binding(NBLK, thread="blockIdx.x"):
+            for t in T.thread_binding(NT, thread="threadIdx.x"):
+                lut_s = T.alloc_buffer((RB * E,), "float32", scope="shared")
+                red_s = T.alloc_buffer((NWC * RI,), "float32", scope="shared")
+                xr = T.alloc_buffer((CPT * CW,), "float32", scope="local")
+                wr = T.alloc_buffer((RI * CPT * 4,), "uint32", scope="local")
+                acc = T.alloc_buffer((RI,), "float32", scope="local")
+                # the block's tables, fp32, in shared memory
+                for i in range(NLUT):
+                    if i * NT + t < RB * E:
+                        if bx * RB + (i * NT + t) // E < R:
+                            lut_s[i * NT + t] = T.Cast("float32", LUT[bx * RB + (i * NT + t) // E, (i * NT + t) % E])
+                # this thread's x, fp32, in registers for the whole block (0 past K)
+                for c in T.unroll(CPT):
+                    for q in T.unroll(CW):
+                        xr[c * CW + q] = T.if_then_else(
+                            ((c * TC + t % TC) * CW + q) < K,
+                            T.Cast("float32", X[0, T.min((c * TC + t % TC) * CW + q, K - 1)]), T.float32(0))
+                T.tvm_storage_sync("shared")
+                for it in range(IT):
+                    # 16-byte loads of every row's chunks first, then the lookups
+                    for r in T.unroll(RI):
+                        for c in T.unroll(CPT):
+                            if bx * RB + (it * TR + t // TC) * RI + r < R and c * TC + t % TC < NC:
+                                for v in T.vectorized(4):
+                                    wr[(r * CPT + c) * 4 + v] = W[bx * RB + (it * TR + t // TC) * RI + r,
+                                                                  (c * TC + t % TC) * 4 + v]
+                            else:
+                                for v in T.unroll(4):
+                                    wr[(r * CPT + c) * 4 + v] = T.uint32(0)
+                    for r in T.unroll(RI):
+                        acc[r] = T.float32(0)
+                        for c in T.unroll(CPT):
+                            for v in T.unroll(4):
+                                for j in T.unroll(P):
+                                    acc[r] = acc[r] + lut_s[((it * TR + t // TC) * RI + r) * E + T.Cast(
+                                        "int32", T.bitwise_and(T.shift_right(wr[(r * CPT + c) * 4 + v], T.uint32(j * b)),
+                                                               T.uint32(MASK)))] * xr[c * CW + v * P + j]
+                        if sparse:
+                            if bx * RB + (it * TR + t // TC) * RI + r < R:
+                                e0 = CROW[bx * RB + (it * TR + t // TC) * RI + r]
+                                e1 = CROW[bx * RB + (it * TR + t // TC) * RI + r + 1]
+                                for e in range((e1 - e0 + TC - 1) // TC):
+                                    if e0 + e * TC + t % TC < e1:
+                                        acc[r] = acc[r] + (
+                                            T.Cast("float32", VAL[e0 + e * TC + t % TC])
+                                            - lut_s[((it * TR + t // TC) * RI + r) * E
+                                                    + T.Cast("int32", SC[e0 + e * TC + t % TC])]
+                                        ) * T.Cast("float32", X[0, T.Cast("int32", COL[e0 + e * TC + t % TC])])
+                    # reduction tree: shuffles within the row's lanes, then across warps
+                    for r in T.unroll(RI):
+                        for s in T.unroll(NSTEP):
+                            acc[r] = acc[r] + T.call_extern("float32", "__shfl_xor_sync", T.uint32(0xFFFFFFFF),
+                                                            acc[r], (SW // 2) >> s, 32)
+                    if NWC == 1:
+                        for r in T.unroll(RI):
+                            if t % TC == 0:
+                                if bx * RB + (it * TR + t // TC) * RI + r < R:
+                                    Y[0, bx * RB + (it * TR + t // TC) * RI + r] = T.Cast(
+                                        "float16", acc[r] + T.Cast("float32", BIAS[bx * RB + (it * TR + t // TC) * RI + r]))
+                    else:
+                        if t % 32 == 0:
+                            for r in T.unroll(RI):
+                                red_s[(t // 32) * RI + r] = acc[r]
+                        T.tvm_storage_sync("shared")
+                        if t < RI:
+                            acc[0] = T.float32(0)
+                            for wi in T.unroll(NWC):
+                                acc[0] = acc[0] + red_s[wi * RI + t]
+                            if bx * RB + it * RI + t < R:
+                                Y[0, bx * RB + it * RI + t] = T.Cast(
+                                    "float16", acc[0] + T.Cast("float32", BIAS[bx * RB + it * RI + t]))
+                        T.tvm_storage_sync("shared")
+
+    return gemv, geo
+
+
+def build_gemm(key: CudaKey, knobs: GemmKnobs, name: str):
+    """TVMScript prim_func for n >= 2 rows of x: ``y[n, r] = sum_k W_hat[r, k] * x[n, k] + bias[r]``."""
+    from tvm.script import tirx as T
+
+    lay = ChunkLayout(key.in_features, key.bits)
+    P, CW, NC, NW = lay.per_word, lay.chunk_cols, lay.n_chunks, lay.words
+    R, K, b = key.rows, key.in_features, key.bits
+    E, MASK = 1 << b, (1 << b) - 1
+    WM, WN, NP, KC = knobs.wm, knobs.wn, knobs.np, knobs.kc
+    if (KC * CW) % 16 or NP % (8 * WN):
+        raise ValueError(f"gemm knobs {knobs} do not tile {CW}-column chunks into k16 steps / the batch tile into n8")
+    RT = 16 * WM
+    KT = KC * CW
+    KTP = KT + 8  # padded row stride of the shared tiles: fragment loads hit 32 distinct banks
+    NT = 32 * WM * WN
+    NTW = NP // (8 * WN)  # n8 tiles per warp
+    NKT = -(-NC // KC)
+    NBLK = -(-R // RT)
+    NDEC = -(-(RT * KC) // NT)
+    NXL = -(-(NP * KT) // NT)
+    NLUT = -(-(RT * E) // NT)
+    sparse = key.sparse
+    lut_dt, col_dt, val_dt = key.lut_dtype, key.col_dtype, key.val_dtype
+
+    @T.prim_func
+    def gemm(x: T.handle, w: T.handle, lut: T.handle, crow: T.handle, col: T.handle, val: T.handle,
+             scode: T.handle, bias: T.handle, y: T.handle):
+        T.func_attr({"global_symbol": name, "tirx.noalias": True})
+        n = T.int32()
+        nnz = T.int32()
+        X = T.match_buffer(x, (n, K), "float16")
+        W = T.match_buffer(w, (R, NW), "uint32", align=16)
+        LUT = T.match_buffer(lut, (R, E), lut_dt)
+        CROW = T.match_buffer(crow, (R + 1,), "int32")
+        COL = T.match_buffer(col, (nnz,), col_dt)
+        VAL = T.match_buffer(val, (nnz,), val_dt)
+        SC = T.match_buffer(scode, (nnz,), "uint8")
+        BIAS = T.match_buffer(bias, (R,), "float16")
+        Y = T.match_buffer(y, (n, R), "float16")
+        for bx in T.thread_binding(NBLK, thread="blockIdx.x"):
+            for by in T.thread_binding((n + NP - 1) // NP, thread="blockIdx.y"):
+                for t in T.thread_binding(NT, thread="threadIdx.x"):
+                    lut_s = T.alloc_buffer((RT * E,), "float32", scope="shared")
+                    w_s = T.alloc_buffer((RT * KTP,), "float16", scope="shared")
+                    x_s = T.alloc_buffer((NP * KTP,), "float16", scope="shared")
+                    wr = T.alloc_buffer((4,), "uint32", scope="local")
+                    af = T.alloc_buffer((8,), "float16", scope="local")
+                    bf = T.alloc_buffer((4,), "float16", scope="local")
+                    cf = T.alloc_buffer((NTW * 4,), "float32", scope="local")
+                    for i in range(NLUT):
+                        if i * NT + t < RT * E:
+                            if bx * RT + (i * NT + t) // E < R:
+                                lut_s[i * NT + t] = T.Cast("float32", LUT[bx * RT + (i * NT + t) // E, (i * NT + t) % E])
+                    for i in T.unroll(NTW * 4):
+                        cf[i] = T.float32(0)
+                    T.tvm_storage_sync("shared")
+                    for kt in range(NKT):
+                        # decode the weight tile once: one 16-byte load per (row, chunk)
+                        for i in range(NDEC):
+                            if i * NT + t < RT * KC:
+                                if bx * RT + (i * NT + t) // KC < R and kt * KC + (i * NT + t) % KC < NC:
+                                    for v in T.vectorized(4):
+                                        wr[v] = W[bx * RT + (i * NT + t) // KC, (kt * KC + (i * NT + t) % KC) * 4 + v]
+                                    for v in T.unroll(4):
+                                        for j in T.unroll(P):
+                                            w_s[((i * NT + t) // KC) * KTP + ((i * NT + t) % KC) * CW + v * P + j] = T.Cast(
+                                                "float16", lut_s[((i * NT + t) // KC) * E + T.Cast("int32", T.bitwise_and(
+                                                    T.shift_right(wr[v], T.uint32(j * b)), T.uint32(MASK)))])
+                                else:
+                                    for q in T.unroll(CW):
+                                        w_s[((i * NT + t) // KC) * KTP + ((i * NT + t) % KC) * CW + q] = T.float16(0)
+                        # stage the x tile (0 past K and past n)
+                        for i in range(NXL):
+                            if i * NT + t < NP * KT:
+                                x_s[((i * NT + t) // KT) * KTP + (i * NT + t) % KT] = T.if_then_else(
+                                    by * NP + (i * NT + t) // KT < n and kt * KT + (i * NT + t) % KT < K,
+                                    X[T.min(by * NP + (i * NT + t) // KT, n - 1), T.min(kt * KT + (i * NT + t) % KT, K - 1)],
+                                    T.float16(0))
+                        T.tvm_storage_sync("shared")
+                        for ks in range(KT // 16):
+                            # A fragment: rows g, g+8 of this warp's 16; k pairs 2q, 2q+8
+                            for h in T.unroll(4):
+                                for v in T.vectorized(2):
+                                    af[h * 2 + v] = w_s[((t // 32) % WM * 16 + (t % 32) // 4 + (h % 2) * 8) * KTP
+                                                        + ks * 16 + (t % 4) * 2 + (h // 2) * 8 + v]
+                            for nt in T.unroll(NTW):
+                                for h in T.unroll(2):
+                                    for v in T.vectorized(2):
+                                        bf[h * 2 + v] = x_s[((t // 32) // WM * (NP // WN) + nt * 8 + (t % 32) // 4) * KTP
+                                                            + ks * 16 + (t % 4) * 2 + h * 8 + v]
+                                T.evaluate(T.call_extern("void", "sqc_mma_16816", T.address_of(cf[nt * 4]),
+                                                         af.data, bf.data))
+                        T.tvm_storage_sync("shared")
+                    # epilogue: sparse corrections of the thread's two rows, bias, fp16 store
+                    for h in T.unroll(2):
+                        if bx * RT + (t // 32) % WM * 16 + (t % 32) // 4 + h * 8 < R:
+                            if sparse:
+                                for e in range(CROW[bx * RT + (t // 32) % WM * 16 + (t % 32) // 4 + h * 8 + 1]
+                                               - CROW[bx * RT + (t // 32) % WM * 16 + (t % 32) // 4 + h * 8]):
+                                    for nt in T.unroll(NTW):
+                                        for v in T.unroll(2):
+                                            if by * NP + (t // 32) // WM * (NP // WN) + nt * 8 + (t % 4) * 2 + v < n:
+                                                cf[nt * 4 + h * 2 + v] = cf[nt * 4 + h * 2 + v] + (
+                                                    T.Cast("float32", VAL[CROW[bx * RT + (t // 32) % WM * 16 + (t % 32) // 4 + h * 8] + e])
+                                                    - T.Cast("float32", LUT[bx * RT + (t // 32) % WM * 16 + (t % 32) // 4 + h * 8,
+                                                                            T.Cast("int32", SC[CROW[bx * RT + (t // 32) % WM * 16 + (t % 32) // 4 + h * 8] + e])])
+                                                ) * T.Cast("float32", X[by * NP + (t // 32) // WM * (NP // WN) + nt * 8
+                                                                        + (t % 4) * 2 + v, T.Cast("int32", COL[CROW[bx * RT + (t // 32) % WM * 16 + (t % 32) // 4 + h * 8] + e])])
+                            for nt in T.unroll(NTW):
+                                for v in T.unroll(2):
+                                    if by * NP + (t // 32) // WM * (NP // WN) + nt * 8 + (t % 4) * 2 + v < n:
+                                        Y[by * NP + (t // 32) // WM * (NP // WN) + nt * 8 + (t % 4) * 2 + v,
+                                          bx * RT + (t // 32) % WM * 16 + (t % 32) // 4 + h * 8] = T.Cast(
+                                            "float16", cf[nt * 4 + h * 2 + v] + T.Cast(
+                                                "float32", BIAS[bx * RT + (t // 32) % WM * 16 + (t % 32) // 4 + h * 8]))
+
+    geo = {"NT": NT, "NBLK": NBLK, "RT": RT, "KT": KT, "NP": NP}
+    return gemm, geo
+
+
+def kernel_name(op: str, key: CudaKey, knobs: Any) -> str:
+    h = hashlib.sha256(repr((op, key, knobs)).encode()).hexdigest()[:10]
+    return f"sqc_{op}_{h}"
+
+
+_SIG = re.compile(r'extern "C" __global__ void (?:__launch_bounds__\(\d+\) )?(\w+)\(([^)]*)\)\s*\{')
+
+
+def _params(source: str) -> dict[str, tuple[str, ...]]:
+    """Kernel symbol -> parameter names (``x_ptr`` -> ``x``), parsed from the generated source."""
+    out = {}
+    for m in _SIG.finditer(source):
+        names = []
+        for p in m.group(2).split(","):
+            nm = p.strip().split()[-1]
+            names.append((nm[:-4] if nm.endswith("_ptr") else nm).lower())
+        out[m.group(1)] = tuple(names)
+    return out
+
+
+def generate_source(requests: list[tuple[str, CudaKey, Any]], arch: str = "sm_90") -> tuple[str, list[KernelSpec]]:
+    """CUDA C++ for every (op, key, knobs) in ``requests``, from one TVM build.
+
+    TVM lowers the TIR and emits the source; sqc builds it with nvcc itself, so
+    TVM's own CUDA compile step is replaced by a pass-through for this call.
+    """
+    from .build import import_tvm
+
+    tvm = import_tvm()
+    import tvm_ffi
+
+    funcs, specs = {}, []
+    for op, key, knobs in requests:
+        name = kernel_name(op, key, knobs)
+        if name in funcs:
+            continue
+        if op == "gemv":
+            f, geo = build_gemv(key, knobs, name)
+            spec = KernelSpec(name, op, key, knobs, geo["NT"], geo["NBLK"], 1)
+        elif op == "gemm":
+            f, geo = build_gemm(key, knobs, name)
+            spec = KernelSpec(name, op, key, knobs, geo["NT"], geo["NBLK"], geo["NP"])
+        else:
+            raise ValueError(f"unknown CUDA kernel op {op!r}")
+        funcs[name] = f
+        specs.append(spec)
+    target = tvm.target.Target({"kind": "cuda", "arch": arch})
+    previous = tvm.get_global_func("tvm_callback_cuda_compile", allow_missing=True)
+    tvm_ffi.register_global_func("tvm_callback_cuda_compile", lambda code, *a: code.encode(), override=True)
+    try:
+        ex = tvm.compile(tvm.IRModule(funcs), target=target)
+    finally:
+        if previous is not None:
+            tvm_ffi.register_global_func("tvm_callback_cuda_compile", previous, override=True)
+    source = PRELUDE + ex.mod.imports[0].inspect_source("cuda")
+    params = _params(source)
+    out = []
+    for s in specs:
+        sym = s.name + "_kernel"
+        if sym not in params:
+            raise RuntimeError(f"TVM emitted no kernel {sym} (got {sorted(params)})")
+        out.append(dataclasses.replace(s, name=sym, params=params[sym]))
+    return source, out
+
+
+def build_bundle(model, target_spec, tune: bool = True, notes: list[str] | None = None):
+    """Generate, build and plan the CUDA kernels of every quantized layer of ``model``; attach them.
+
+    One gemv (batch 1) and two gemms (batch tiles 16 and 64) per distinct layer
+    key. With ``tune`` the fatbin also carries the other candidate knobs, so a
+    GPU can time them later (:meth:`sqc.runtime.cuda.CudaBundle.tune`);
+    without it only the defaults are built. Layers whose width has no kernel
+    run the reference op and say why. Returns the
+    :class:`~sqc.runtime.cuda.CudaBundle`, or None when no layer got a kernel.
+    """
+    from ..runtime.cuda import BUCKETS, CUDA_FORMAT, CudaBundle, layer_key
+    from ..runtime.qlinear import SqcLinear
+    from .nvcc import NvccError, build_fatbin, nvcc_version
+
+    notes = notes if notes is not None else []
+    arch = str(target_spec.as_dict().get("arch", "sm_80"))
+    mods = {n: m for n, m in model.named_modules() if isinstance(m, SqcLinear)}
+    groups: dict[CudaKey, list[str]] = {}
+    for name, m in mods.items():
+        if m.bits not in SUPPORTED_BITS:
+            m.set_kernel(None, f"reference (no CUDA LUT kernel for {m.bits}-bit codes)")
+            continue
+        groups.setdefault(CudaKey(**layer_key(m)), []).append(name)
+    if not groups:
+        return None
+    requests, slots = [], []
+    for key, layers in groups.items():
+        for bucket in BUCKETS:
+            if bucket == "1":
+                op, cands = "gemv", gemv_candidates(key)
+            else:
+                op, cands = "gemm", gemm_candidates(key, GEMM_BATCH_TILES[bucket])
+            if not tune:
+                cands = cands[:1]
+            requests += [(op, key, kn) for kn in cands]
+            syms = [kernel_name(op, key, kn) + "_kernel" for kn in cands]
+            slots.append({"key": dataclasses.asdict(key), "bucket": bucket, "layers": layers, "candidates": syms,
+                          "chosen": syms[0]})
+    source, specs = generate_source(requests, arch)
+    try:
+        fatbin = build_fatbin(source, (arch,))
+        nvcc = nvcc_version()
+    except NvccError as e:
+        fatbin, nvcc = b"", None
+        notes.append(f"no fatbin in this build ({e}); the CUDA source is kept, but running needs a rebuild with nvcc")
+    from .build import import_tvm
+
+    plan = {"format": CUDA_FORMAT, "arch": [arch], "target": str(target_spec), "nvcc": nvcc,
+            "tvm": import_tvm().__version__, "kernels": {s.name: s.as_dict() for s in specs}, "slots": slots}
+    bundle = CudaBundle(source, fatbin, plan)
+    bundle.attach(model, str(target_spec))
+    return bundle
+
+
+def build_check_bundle(keys: list[CudaKey], arch: str = "sm_90", all_candidates: bool = True):
+    """Kernels for ``keys`` without a model (tests and benchmarks): every bucket, every candidate.
+
+    Returns a :class:`~sqc.runtime.cuda.CudaBundle` whose slots serve no layers;
+    write it with ``bundle.write(folder)`` and read it on the GPU machine.
+    """
+    from ..runtime.cuda import BUCKETS, CUDA_FORMAT, CudaBundle
+    from .build import import_tvm
+    from .nvcc import build_fatbin, nvcc_version
+
+    requests, slots = [], []
+    for key in keys:
+        for bucket in BUCKETS:
+            if bucket == "1":
+                op, cands = "gemv", gemv_candidates(key)
+            else:
+                op, cands = "gemm", gemm_candidates(key, GEMM_BATCH_TILES[bucket])
+            if not all_candidates:
+                cands = cands[:1]
+            requests += [(op, key, kn) for kn in cands]
+            syms = [kernel_name(op, key, kn) + "_kernel" for kn in cands]
+            slots.append({"key": dataclasses.asdict(key), "bucket": bucket, "layers": [], "candidates": syms,
+                          "chosen": syms[0]})
+    source, specs = generate_source(requests, arch)
+    fatbin = build_fatbin(source, (arch,))
+    plan = {"format": CUDA_FORMAT, "arch": [arch], "target": f"cuda -arch={arch}", "nvcc": nvcc_version(),
+            "tvm": import_tvm().__version__, "kernels": {s.name: s.as_dict() for s in specs}, "slots": slots}
+    return CudaBundle(source, fatbin, plan)

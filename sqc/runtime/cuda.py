@@ -1,0 +1,396 @@
+"""Running generated CUDA kernels on torch tensors through the CUDA driver, with no compiler.
+
+The GPU machines sqc runs on need neither TVM nor JAX nor nvcc: the kernels
+arrive as a fatbin (built where they were generated, :mod:`sqc.codegen.nvcc`)
+with a JSON description of each kernel (symbol, parameters, block size, grid),
+and this module loads the fatbin with ``cuModuleLoadData`` and launches with
+``cuLaunchKernel`` on torch's current stream, through ``ctypes`` and
+``libcuda.so.1`` alone. Launches go on torch's stream, so they order with
+torch's own work and can be captured in CUDA graphs.
+
+:func:`to_chunk_words` derives the chunk layout of the codes (see
+:mod:`sqc.codegen.cuda`) from the canonical packed weight;
+:class:`CudaLutKernels` holds one layer's chunk words and runs
+``y = x @ W_hat.T + b`` in fp16 with fp32 accumulation.
+"""
+from __future__ import annotations
+
+import ctypes
+import json
+import os
+import threading
+from typing import Any
+
+import torch
+
+from .layout import PackedLinear, pack_codes
+
+__all__ = ["to_chunk_words", "from_chunk_words", "CudaModule", "CudaLutKernels", "CudaUnavailable", "driver",
+           "cuda_available"]
+
+
+class CudaUnavailable(RuntimeError):
+    """Raised when a CUDA-compiled layer runs where no NVIDIA GPU/driver is usable."""
+
+
+def _chunk_geometry(in_features: int, bits: int) -> tuple[int, int]:
+    p = 32 // bits
+    return p, -(-in_features // (4 * p))
+
+
+def to_chunk_words(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """``[R, K]`` integer codes -> chunk-layout words int32 ``[R, 4 * NC]``."""
+    R, K = codes.shape
+    p, nc = _chunk_geometry(K, bits)
+    c = torch.zeros((R, nc * 4 * p), dtype=torch.int64)
+    c[:, :K] = codes
+    c = c.view(R, nc * 4, p)
+    words = torch.zeros((R, nc * 4), dtype=torch.int64)
+    for j in range(p):
+        words |= c[:, :, j] << (j * bits)
+    words = torch.where(words >= 1 << 31, words - (1 << 32), words)
+    return words.to(torch.int32).contiguous()
+
+
+def from_chunk_words(words: torch.Tensor, bits: int, in_features: int) -> torch.Tensor:
+    """Inverse of :func:`to_chunk_words`: codes as int64 ``[R, K]``."""
+    p, nc = _chunk_geometry(in_features, bits)
+    u = words.to(torch.int64).cpu().unsqueeze(-1) & 0xFFFFFFFF
+    shifts = torch.arange(p) * bits
+    c = (u >> shifts) & ((1 << bits) - 1)
+    return c.reshape(words.shape[0], nc * 4 * p)[:, :in_features]
+
+
+class _Driver:
+    """The few CUDA driver calls sqc needs, through ctypes."""
+
+    def __init__(self) -> None:
+        try:
+            self.lib = ctypes.CDLL("libcuda.so.1")
+        except OSError as e:
+            raise CudaUnavailable(f"the NVIDIA driver library libcuda.so.1 cannot be loaded ({e})") from None
+        self._check(self.lib.cuInit(0), "cuInit")
+
+    def _check(self, rc: int, what: str) -> None:
+        if rc != 0:
+            msg = ctypes.c_char_p()
+            self.lib.cuGetErrorString(rc, ctypes.byref(msg))
+            text = msg.value.decode() if msg.value else "unknown error"
+            raise RuntimeError(f"CUDA driver call {what} failed: error {rc} ({text})")
+
+    def ensure_context(self, device: int) -> None:
+        """Make the device's primary context (the one torch uses) current on this thread."""
+        cur = ctypes.c_void_p()
+        self._check(self.lib.cuCtxGetCurrent(ctypes.byref(cur)), "cuCtxGetCurrent")
+        if cur.value:
+            return
+        dev = ctypes.c_int()
+        self._check(self.lib.cuDeviceGet(ctypes.byref(dev), device), "cuDeviceGet")
+        ctx = ctypes.c_void_p()
+        self._check(self.lib.cuDevicePrimaryCtxRetain(ctypes.byref(ctx), dev), "cuDevicePrimaryCtxRetain")
+        self._check(self.lib.cuCtxSetCurrent(ctx), "cuCtxSetCurrent")
+
+    def load(self, image: bytes) -> ctypes.c_void_p:
+        mod = ctypes.c_void_p()
+        buf = ctypes.create_string_buffer(image, len(image))
+        self._check(self.lib.cuModuleLoadData(ctypes.byref(mod), buf), "cuModuleLoadData")
+        return mod
+
+    def function(self, mod: ctypes.c_void_p, name: str) -> ctypes.c_void_p:
+        fn = ctypes.c_void_p()
+        self._check(self.lib.cuModuleGetFunction(ctypes.byref(fn), mod, name.encode()), f"cuModuleGetFunction({name})")
+        return fn
+
+    def launch(self, fn, grid, block, args: list, stream: int, name: str) -> None:
+        holders = []
+        for a in args:
+            holders.append(ctypes.c_int32(a) if isinstance(a, int) else ctypes.c_void_p(a.data_ptr()))
+        params = (ctypes.c_void_p * len(holders))(*[ctypes.cast(ctypes.pointer(h), ctypes.c_void_p) for h in holders])
+        rc = self.lib.cuLaunchKernel(fn, grid[0], grid[1], grid[2], block, 1, 1, 0, ctypes.c_void_p(stream), params, None)
+        self._check(rc, f"cuLaunchKernel({name})")
+
+
+_DRIVER: _Driver | None = None
+_DRIVER_LOCK = threading.Lock()
+
+
+def cuda_available() -> bool:
+    return torch.cuda.is_available()
+
+
+def driver() -> _Driver:
+    global _DRIVER
+    with _DRIVER_LOCK:
+        if _DRIVER is None:
+            if not torch.cuda.is_available():
+                raise CudaUnavailable("torch sees no CUDA device (torch.cuda.is_available() is False)")
+            _DRIVER = _Driver()
+        return _DRIVER
+
+
+class CudaModule:
+    """A fatbin and its kernel descriptions; loaded into a device's context on first use."""
+
+    def __init__(self, fatbin: bytes, specs: dict[str, Any], source: str = "", arch: tuple[str, ...] = ()) -> None:
+        self.fatbin = fatbin
+        self.specs = specs  # symbol -> KernelSpec
+        self.source = source
+        self.arch = arch
+        self._loaded: dict[int, tuple[Any, dict[str, Any]]] = {}
+
+    def function(self, name: str, device: int):
+        d = driver()
+        if device not in self._loaded:
+            with torch.cuda.device(device):
+                torch.cuda.current_stream(device)  # makes torch create its (primary) context
+                d.ensure_context(device)
+                self._loaded[device] = (d.load(self.fatbin), {})
+        mod, fns = self._loaded[device]
+        if name not in fns:
+            fns[name] = d.function(mod, name)
+        return fns[name]
+
+    def launch(self, name: str, n: int, tensors: dict[str, Any], device: int) -> None:
+        spec = self.specs[name]
+        args = []
+        for p in spec.params:
+            if p == "n":
+                args.append(int(n))
+            else:
+                args.append(tensors[p])
+        fn = self.function(name, device)
+        stream = torch.cuda.current_stream(device).cuda_stream
+        driver().launch(fn, spec.grid(n), spec.threads, args, stream, name)
+
+
+def _bucket(n: int) -> str:
+    return "1" if n == 1 else ("2-16" if n <= 16 else "17+")
+
+
+class CudaLutKernels:
+    """One layer's CUDA kernels: a gemv for batch 1, a gemm per batch bucket.
+
+    Holds the chunk words, the code under each sparse entry and the fp16 bias;
+    the tables and CSR arrays stay on the module and are passed at call time.
+    ``names`` maps each batch bucket to a kernel symbol of ``module``.
+    """
+
+    def __init__(self, packed: PackedLinear, bias: torch.Tensor | None, module: CudaModule, names: dict[str, str],
+                 layer: str, target: str) -> None:
+        self.bits = packed.bits
+        self.out_features = packed.out_features
+        self.in_features = packed.in_features
+        codes = packed.unpack()
+        self.words = to_chunk_words(codes, packed.bits)
+        rows, cols = packed.sparse_coo()
+        self.scode = codes[rows, cols].to(torch.uint8).contiguous()
+        b = bias.detach() if bias is not None else torch.zeros(packed.out_features)
+        self.bias16 = b.to(torch.float16).contiguous()
+        self.module = module
+        self.names = dict(names)
+        self.layer = layer
+        self.target = target
+
+    def apply(self, fn) -> None:
+        """Follow the module's ``.to()`` / ``.cuda()``: move the words, sparse codes and bias (dtypes kept)."""
+        self.words = fn(self.words)
+        self.scode = fn(self.scode)
+        b = fn(self.bias16)
+        self.bias16 = b.to(torch.float16) if b.dtype != torch.float16 else b
+
+    def canonical_codes(self) -> torch.Tensor:
+        return pack_codes(from_chunk_words(self.words, self.bits, self.in_features), self.bits).to(self.words.device)
+
+    def nbytes(self) -> int:
+        return self.words.numel() * 4 + self.scode.numel()
+
+    def __call__(self, x: torch.Tensor, lut, crow, col, val, bias) -> torch.Tensor:
+        if not x.is_cuda:
+            raise CudaUnavailable(
+                f"layer '{self.layer}' was compiled for '{self.target}' and runs on an NVIDIA GPU: move the model "
+                f"and its inputs there (model.to('cuda'), x.to('cuda')), or compile with target='llvm' to run on "
+                f"this CPU (x is on {x.device})")
+        if self.words.device != x.device:
+            raise RuntimeError(f"layer '{self.layer}': weights are on {self.words.device} but x is on {x.device}; "
+                               "call model.to(x.device)")
+        lead = x.shape[:-1]
+        x2 = x.reshape(-1, x.shape[-1])
+        if x2.dtype != torch.float16 or not x2.is_contiguous():
+            x2 = x2.to(torch.float16).contiguous()
+        n = x2.shape[0]
+        y = torch.empty((n, self.out_features), dtype=torch.float16, device=x.device)
+        if n:
+            tensors = {"x": x2, "w": self.words, "lut": lut, "crow": crow, "col": col, "val": val, "sc": self.scode,
+                       "bias": self.bias16, "y": y}
+            self.module.launch(self.names[_bucket(n)], n, tensors, x.device.index or 0)
+        return y.to(x.dtype).view(*lead, self.out_features)
+
+
+# -- the CUDA part of a compiled model: kernels, which layer runs which, tuning -------------------------------
+
+BUCKETS = ("1", "2-16", "17+")
+#: the batch each bucket's kernel is timed at when tuning on the GPU
+BUCKET_TUNE_BATCH = {"1": 1, "2-16": 16, "17+": 64}
+CUDA_FORMAT = 1
+
+
+def _dt(t: torch.Tensor) -> str:
+    return str(t.dtype).replace("torch.", "")
+
+
+def layer_key(m) -> dict[str, Any]:
+    """What a layer's CUDA kernels are specialised on (matches :class:`sqc.codegen.cuda.CudaKey`)."""
+    return {"rows": m.out_features, "in_features": m.in_features, "bits": m.bits, "sparse": m.col.numel() > 0,
+            "lut_dtype": _dt(m.lut), "col_dtype": _dt(m.col), "val_dtype": _dt(m.val)}
+
+
+class CudaBundle:
+    """A model's CUDA kernels (one fatbin) and its plan.
+
+    The plan is JSON: ``arch``, ``kernels`` (symbol -> launch description) and
+    ``slots``, one per (kernel key, batch bucket): the layers it serves, the
+    candidate symbols (the first is the default), the chosen one, and once
+    timed on a GPU the latency of every candidate. Saved in an artifact as
+    ``cuda/kernels.cu`` (the source), ``cuda/kernels.fatbin`` and
+    ``cuda/plan.json``; the plan is the tuning database the artifact carries.
+    """
+
+    def __init__(self, source: str, fatbin: bytes, plan: dict[str, Any]) -> None:
+        from ..codegen.cuda import KernelSpec
+
+        self.source = source
+        self.plan = plan
+        specs = {s: KernelSpec.from_dict(d) for s, d in plan["kernels"].items()}
+        self.module = CudaModule(fatbin, specs, source, tuple(plan["arch"]))
+
+    @property
+    def fatbin(self) -> bytes:
+        return self.module.fatbin
+
+    # -- files -------------------------------------------------------------------------------
+    def write(self, folder: str) -> None:
+        os.makedirs(folder, exist_ok=True)
+        with open(os.path.join(folder, "kernels.cu"), "w") as f:
+            f.write(self.source)
+        with open(os.path.join(folder, "kernels.fatbin"), "wb") as f:
+            f.write(self.fatbin)
+        with open(os.path.join(folder, "plan.json"), "w") as f:
+            json.dump(self.plan, f, indent=1)
+
+    @staticmethod
+    def read(folder: str) -> "CudaBundle":
+        names = ("kernels.cu", "kernels.fatbin", "plan.json")
+        missing = [n for n in names if not os.path.exists(os.path.join(folder, n))]
+        if missing:
+            raise FileNotFoundError(f"{folder}: CUDA artifact lacks {', '.join(missing)}; recompile and save again")
+        with open(os.path.join(folder, "kernels.cu")) as f:
+            source = f.read()
+        with open(os.path.join(folder, "kernels.fatbin"), "rb") as f:
+            fatbin = f.read()
+        with open(os.path.join(folder, "plan.json")) as f:
+            plan = json.load(f)
+        if plan.get("format") != CUDA_FORMAT:
+            raise ValueError(f"{folder}/plan.json has CUDA plan format {plan.get('format')}, this sqc reads {CUDA_FORMAT}")
+        return CudaBundle(source, fatbin, plan)
+
+    # -- attaching ---------------------------------------------------------------------------
+    def attach(self, model: torch.nn.Module, target: str) -> None:
+        """Give every quantized layer named in the plan its kernels (chosen symbols per bucket)."""
+        from .qlinear import SqcLinear
+
+        mods = {n: m for n, m in model.named_modules() if isinstance(m, SqcLinear)}
+        names: dict[str, dict[str, str]] = {}
+        for slot in self.plan["slots"]:
+            for layer in slot["layers"]:
+                names.setdefault(layer, {})[slot["bucket"]] = slot["chosen"]
+        kname = f"tvm-cuda-{'/'.join(self.plan['arch'])}"
+        for layer, buckets in names.items():
+            m = mods.get(layer)
+            if m is None:
+                raise ValueError(f"the CUDA plan names layer {layer!r}, which the model does not have")
+            if set(buckets) != set(BUCKETS):
+                raise ValueError(f"the CUDA plan gives layer {layer!r} kernels for {sorted(buckets)}, not every batch bucket")
+            packed = m.packed
+            m.set_kernel(CudaLutKernels(packed, m.bias, self.module, buckets, layer, target), kname)
+        for n, m in mods.items():
+            if n not in names and not m.kernel.startswith("reference"):
+                m.set_kernel(None, "reference (no CUDA kernel in the plan)")
+
+    # -- reports -----------------------------------------------------------------------------
+    def records(self) -> list[dict[str, Any]]:
+        """Tuning-report records (same fields as the CPU ones; latencies None until timed on a GPU)."""
+        out = []
+        for slot in self.plan["slots"]:
+            key = slot["key"]
+            spec = self.plan["kernels"][slot["chosen"]]
+            times = slot.get("ms") or {}
+            cands = [{"knobs": self.plan["kernels"][s]["knobs"], "ms": times.get(s)} for s in slot["candidates"]]
+            best = times.get(slot["chosen"])
+            out.append({
+                "key": {"op": spec["op"], "out_features": key["rows"], "in_features": key["in_features"],
+                        "bits": key["bits"], "sparse": key["sparse"], "lut_dtype": key["lut_dtype"],
+                        "col_dtype": key["col_dtype"], "val_dtype": key["val_dtype"]},
+                "bucket": slot["bucket"], "tuned_at_batch": BUCKET_TUNE_BATCH[slot["bucket"]],
+                "knobs": spec["knobs"], "candidates": cands, "tuned": bool(times), "from_db": False,
+                "best_ms": best, "default_ms": times.get(slot["candidates"][0]),
+                "bytes": slot.get("bytes"), "gbps": slot.get("gbps"), "copy_gbps": self.plan.get("copy_gbps"),
+                "bw_ratio": slot.get("bw_ratio"), "layers": list(slot["layers"]),
+                "kernel": f"tvm-cuda {slot['chosen']}", "device": self.plan.get("device"),
+            })
+        return out
+
+    # -- tuning on the GPU ---------------------------------------------------------------------
+    def tune(self, model: torch.nn.Module, repeats: int = 100) -> None:
+        """Time every candidate of every slot on this GPU (CUDA events, median of ``repeats``) and keep the fastest.
+
+        The model must already be on the GPU. Updates the plan (the artifact's
+        tuning database) and re-attaches the chosen kernels.
+        """
+        from .qlinear import SqcLinear
+
+        dev = torch.device("cuda", torch.cuda.current_device())
+        mods = {n: m for n, m in model.named_modules() if isinstance(m, SqcLinear)}
+        copy = copy_bandwidth_gbps(dev)
+        self.plan["copy_gbps"] = copy
+        self.plan["device"] = torch.cuda.get_device_name(dev)
+        for slot in self.plan["slots"]:
+            m = mods[slot["layers"][0]]
+            k = m._kernels
+            n = BUCKET_TUNE_BATCH[slot["bucket"]]
+            x = torch.randn(n, m.in_features, device=dev, dtype=torch.float16)
+            y = torch.empty(n, m.out_features, device=dev, dtype=torch.float16)
+            tensors = {"x": x, "w": k.words, "lut": m.lut, "crow": m.crow, "col": m.col, "val": m.val,
+                       "sc": k.scode, "bias": k.bias16, "y": y}
+            times = {}
+            for sym in slot["candidates"]:
+                times[sym] = event_median_ms(lambda: self.module.launch(sym, n, tensors, dev.index), repeats)
+            chosen = min(times, key=times.get)
+            nbytes = k.nbytes() + sum(t.numel() * t.element_size() for t in (m.lut, m.crow, m.col, m.val))
+            nbytes += 2 * n * (m.in_features + m.out_features)
+            slot.update(ms=times, chosen=chosen, bytes=nbytes, gbps=nbytes / (times[chosen] * 1e-3) / 1e9)
+            slot["bw_ratio"] = slot["gbps"] / copy
+        self.attach(model, self.plan.get("target", "cuda"))
+
+
+def event_median_ms(fn, repeats: int = 100, warmup: int = 10) -> float:
+    """Median ms of ``fn`` on the GPU, each call bracketed by CUDA events."""
+    import statistics
+
+    for _ in range(warmup):
+        fn()
+    starts = [torch.cuda.Event(enable_timing=True) for _ in range(repeats)]
+    ends = [torch.cuda.Event(enable_timing=True) for _ in range(repeats)]
+    for s, e in zip(starts, ends):
+        s.record()
+        fn()
+        e.record()
+    torch.cuda.synchronize()
+    return statistics.median(s.elapsed_time(e) for s, e in zip(starts, ends))
+
+
+def copy_bandwidth_gbps(device, nbytes: int = 1 << 30) -> float:
+    """Device-to-device copy bandwidth, GB/s counting bytes read plus bytes written."""
+    a = torch.empty(nbytes // 4, dtype=torch.float32, device=device).normal_()
+    b = torch.empty_like(a)
+    ms = event_median_ms(lambda: b.copy_(a), 20, 3)
+    return 2 * nbytes / (ms * 1e-3) / 1e9
