@@ -28,11 +28,11 @@ Kernels (fp16 activations, fp32 accumulation)
   reduction tree of warp shuffles (then shared memory when ``TC > 32``) sums
   them: no atomics.
 * ``gemm`` (batch n >= 2, any n): a block owns ``RT = 16 * wm`` rows and
-  ``np`` rows of x. Per k-tile it decodes the ``RT x KT`` weight tile once into
-  shared memory as fp16, stages the x tile beside it, and ``wm * wn`` warps
-  multiply them with tensor-core ``mma.sync.m16n8k16`` (fp16 in, fp32
-  accumulate). The sparse corrections are added in the epilogue, each row's
-  non-zeros once per block.
+  ``np`` rows of x. Each warp decodes its ``16 x KT`` weight tile once into
+  shared memory as fp16 and multiplies it with tensor-core
+  ``mma.sync.m16n8k16`` (fp16 in, fp32 accumulate); ``wk`` warps split K
+  inside the block and meet in a shared-memory reduction. The sparse
+  corrections are added in the epilogue, each row's non-zeros once per block.
 """
 from __future__ import annotations
 
@@ -118,7 +118,7 @@ class GemvKnobs:
 @dataclasses.dataclass(frozen=True)
 class GemmKnobs:
     wm: int = 2  # warps along rows (16 rows each)
-    wn: int = 1  # warps along the batch tile
+    wk: int = 4  # warps splitting K
     np: int = 16  # batch tile (rows of x per block)
     kc: int = 2  # chunks per k-tile
 
@@ -169,13 +169,15 @@ def gemv_geometry(key: CudaKey, knobs: GemvKnobs) -> dict[str, int]:
     tr = nt // tc
     # no more row iterations than the layer has rows for, and at most 16 KiB of tables per block
     it = max(1, min(knobs.it, -(-key.rows // (tr * knobs.ri)), (16384 // 4 >> key.bits) // (tr * knobs.ri)))
+    if nt > 256:  # ptxas keeps under ~96 registers at this block size: at most 4 code loads in flight
+        it = max(1, min(it, 4 // (knobs.ri * cpt)))
     rb = tr * knobs.ri * it
     return {"TC": tc, "CPT": cpt, "NT": nt, "TR": tr, "IT": it, "RB": rb, "NBLK": -(-key.rows // rb)}
 
 
 def gemv_candidates(key: CudaKey) -> list[GemvKnobs]:
     """The knob settings the GPU tuner times for a gemv (the first is the default)."""
-    out = [GemvKnobs(128, 2, 4), GemvKnobs(128, 4, 2), GemvKnobs(128, 2, 8), GemvKnobs(128, 1, 8),
+    out = [GemvKnobs(128, 4, 2), GemvKnobs(128, 2, 4), GemvKnobs(128, 2, 2), GemvKnobs(128, 1, 4),
            GemvKnobs(256, 2, 2)]
     if ChunkLayout(key.in_features, key.bits).n_chunks > 32:  # the thread count is fixed by K
         out = [k for k in out if k.threads == 128]
@@ -193,18 +195,25 @@ def _kt_chunks(bits: int, kc: int) -> int:
 def gemm_candidates(key: CudaKey, batch_tile: int) -> list[GemmKnobs]:
     """The knob settings the GPU tuner times for a gemm with this batch tile (the first is the default)."""
     kcs = (_kt_chunks(key.bits, 2), _kt_chunks(key.bits, 4))
-    if batch_tile <= 16:
-        shapes = [(2, 1), (4, 1), (1, 1)]
-    else:
-        shapes = [(2, 2), (4, 1), (2, 1)]
-    out = [GemmKnobs(wm, wn, batch_tile, kc) for wm, wn in shapes for kc in kcs]
-    return [k for k in out if gemm_smem(key, k) <= 44 * 1024][:4]
+    shapes = [(1, 8), (1, 12), (2, 6), (1, 16), (2, 4), (1, 4), (1, 2)]
+    out = [GemmKnobs(wm, wk, batch_tile, kc) for kc in kcs for wm, wk in shapes]
+    return [k for k in out if gemm_smem(key, k) <= 46 * 1024][:4]  # (1, 2) at the smallest k-tile always fits
 
 
 def gemm_smem(key: CudaKey, knobs: GemmKnobs) -> int:
-    """Static shared memory of a gemm: fp32 tables, fp16 weight and x tiles (row stride KT + 8)."""
+    """Static shared memory of a gemm: fp32 tables, one fp16 tile per warp, the fp32 reduction buffer."""
     ktp = knobs.kc * 4 * (32 // key.bits) + 8
-    return 16 * knobs.wm * ((1 << key.bits) * 4 + 2 * ktp) + 2 * knobs.np * ktp
+    return (16 * knobs.wm * (1 << key.bits) * 4 + knobs.wm * knobs.wk * 16 * ktp * 2
+            + knobs.wm * 32 * (knobs.np // 2) * 4)
+
+
+def _code4(T, word, shift, mask: int):
+    """``4 * ((word >> shift) & mask)`` as one shift and one mask: the byte offset of an fp32 table entry in
+    two integer instructions (the ``// 4`` at the call folds into the ``* 4`` of the address). Done in int32:
+    the mask drops whatever an arithmetic shift brings in; the select folds once ``shift`` is unrolled."""
+    w = T.Cast("int32", word)
+    s = T.Select(shift >= 2, T.shift_right(w, T.max(shift - 2, 0)), T.shift_left(w, T.max(2 - shift, 0)))
+    return T.bitwise_and(s, T.int32(mask << 2))
 
 
 def build_gemv(key: CudaKey, knobs: GemvKnobs, name: str):
@@ -244,8 +253,20 @@ def build_gemv(key: CudaKey, knobs: GemvKnobs, name: str):
                 lut_s = T.alloc_buffer((RB * E,), "float32", scope="shared")
                 red_s = T.alloc_buffer((NWC * RI,), "float32", scope="shared")
                 xr = T.alloc_buffer((CPT * CW,), "float32", scope="local")
-                wr = T.alloc_buffer((RI * CPT * 4,), "uint32", scope="local")
+                wr = T.alloc_buffer((IT * RI * CPT * 4,), "uint32", scope="local")
+                sp = T.alloc_buffer((IT * RI,), "float32", scope="local")
                 acc = T.alloc_buffer((RI,), "float32", scope="local")
+                # every row's 16-byte code loads are issued first: IT * RI * CPT loads in flight per thread
+                for it in T.unroll(IT):
+                    for r in T.unroll(RI):
+                        for c in T.unroll(CPT):
+                            if bx * RB + (it * TR + t // TC) * RI + r < R and c * TC + t % TC < NC:
+                                for v in T.vectorized(4):
+                                    wr[((it * RI + r) * CPT + c) * 4 + v] = W[
+                                        bx * RB + (it * TR + t // TC) * RI + r, (c * TC + t % TC) * 4 + v]
+                            else:
+                                for v in T.unroll(4):
+                                    wr[((it * RI + r) * CPT + c) * 4 + v] = T.uint32(0)
                 # the block's tables, fp32, in shared memory
                 for i in range(NLUT):
                     if i * NT + t < RB * E:
@@ -258,36 +279,40 @@ def build_gemv(key: CudaKey, knobs: GemvKnobs, name: str):
                             ((c * TC + t % TC) * CW + q) < K,
                             T.Cast("float32", X[0, T.min((c * TC + t % TC) * CW + q, K - 1)]), T.float32(0))
                 T.tvm_storage_sync("shared")
-                for it in range(IT):
-                    # 16-byte loads of every row's chunks first, then the lookups
+                if sparse:
+                    # the first non-zero of every row per thread, all rows at once (independent loads);
+                    # rows with more non-zeros than TC threads finish in the row loop below
+                    for it in T.unroll(IT):
+                        for r in T.unroll(RI):
+                            sp[it * RI + r] = T.float32(0)
+                            if bx * RB + (it * TR + t // TC) * RI + r < R:
+                                if CROW[bx * RB + (it * TR + t // TC) * RI + r] + t % TC < CROW[
+                                        bx * RB + (it * TR + t // TC) * RI + r + 1]:
+                                    sp[it * RI + r] = (
+                                        T.Cast("float32", VAL[CROW[bx * RB + (it * TR + t // TC) * RI + r] + t % TC])
+                                        - lut_s[((it * TR + t // TC) * RI + r) * E + T.Cast(
+                                            "int32", SC[CROW[bx * RB + (it * TR + t // TC) * RI + r] + t % TC])]
+                                    ) * T.Cast("float32", X[0, T.Cast(
+                                        "int32", COL[CROW[bx * RB + (it * TR + t // TC) * RI + r] + t % TC])])
+                for it in T.unroll(IT):
                     for r in T.unroll(RI):
-                        for c in T.unroll(CPT):
-                            if bx * RB + (it * TR + t // TC) * RI + r < R and c * TC + t % TC < NC:
-                                for v in T.vectorized(4):
-                                    wr[(r * CPT + c) * 4 + v] = W[bx * RB + (it * TR + t // TC) * RI + r,
-                                                                  (c * TC + t % TC) * 4 + v]
-                            else:
-                                for v in T.unroll(4):
-                                    wr[(r * CPT + c) * 4 + v] = T.uint32(0)
-                    for r in T.unroll(RI):
-                        acc[r] = T.float32(0)
+                        acc[r] = sp[it * RI + r] if sparse else T.float32(0)
                         for c in T.unroll(CPT):
                             for v in T.unroll(4):
                                 for j in T.unroll(P):
-                                    acc[r] = acc[r] + lut_s[((it * TR + t // TC) * RI + r) * E + T.Cast(
-                                        "int32", T.bitwise_and(T.shift_right(wr[(r * CPT + c) * 4 + v], T.uint32(j * b)),
-                                                               T.uint32(MASK)))] * xr[c * CW + v * P + j]
+                                    acc[r] = acc[r] + lut_s[((it * TR + t // TC) * RI + r) * E + _code4(
+                                        T, wr[((it * RI + r) * CPT + c) * 4 + v], j * b, MASK) // 4] * xr[c * CW + v * P + j]
                         if sparse:
                             if bx * RB + (it * TR + t // TC) * RI + r < R:
                                 e0 = CROW[bx * RB + (it * TR + t // TC) * RI + r]
                                 e1 = CROW[bx * RB + (it * TR + t // TC) * RI + r + 1]
-                                for e in range((e1 - e0 + TC - 1) // TC):
-                                    if e0 + e * TC + t % TC < e1:
+                                for e in range((e1 - e0 + TC - 1) // TC - 1):
+                                    if e0 + (e + 1) * TC + t % TC < e1:
                                         acc[r] = acc[r] + (
-                                            T.Cast("float32", VAL[e0 + e * TC + t % TC])
+                                            T.Cast("float32", VAL[e0 + (e + 1) * TC + t % TC])
                                             - lut_s[((it * TR + t // TC) * RI + r) * E
-                                                    + T.Cast("int32", SC[e0 + e * TC + t % TC])]
-                                        ) * T.Cast("float32", X[0, T.Cast("int32", COL[e0 + e * TC + t % TC])])
+                                                    + T.Cast("int32", SC[e0 + (e + 1) * TC + t % TC])]
+                                        ) * T.Cast("float32", X[0, T.Cast("int32", COL[e0 + (e + 1) * TC + t % TC])])
                     # reduction tree: shuffles within the row's lanes, then across warps
                     for r in T.unroll(RI):
                         for s in T.unroll(NSTEP):
@@ -317,26 +342,37 @@ def build_gemv(key: CudaKey, knobs: GemvKnobs, name: str):
 
 
 def build_gemm(key: CudaKey, knobs: GemmKnobs, name: str):
-    """TVMScript prim_func for n >= 2 rows of x: ``y[n, r] = sum_k W_hat[r, k] * x[n, k] + bias[r]``."""
+    """TVMScript prim_func for n >= 2 rows of x: ``y[n, r] = sum_k W_hat[r, k] * x[n, k] + bias[r]``.
+
+    A block owns ``16 * wm`` rows and ``np`` rows of x and has ``wm * wk``
+    warps: warp (i, j) owns rows ``16 i ..`` and every ``wk``-th k-tile from
+    ``j`` (split K inside the block). Per k-tile a warp decodes its 16 x KT
+    weight tile once into its own shared tile (fp16), then runs
+    ``mma.sync.m16n8k16`` over it with x fragments read straight from global
+    memory (L1-cached, shared by the ``wm`` warps of one k-range). The ``wk``
+    partial sums meet in shared memory (a reduction, no atomics); the first
+    warp of each row group adds the sparse corrections and the bias.
+    """
     from tvm.script import tirx as T
 
     lay = ChunkLayout(key.in_features, key.bits)
     P, CW, NC, NW = lay.per_word, lay.chunk_cols, lay.n_chunks, lay.words
     R, K, b = key.rows, key.in_features, key.bits
     E, MASK = 1 << b, (1 << b) - 1
-    WM, WN, NP, KC = knobs.wm, knobs.wn, knobs.np, knobs.kc
-    if (KC * CW) % 16 or NP % (8 * WN):
+    WM, WK, NP, KC = knobs.wm, knobs.wk, knobs.np, knobs.kc
+    if (KC * CW) % 16 or NP % 8:
         raise ValueError(f"gemm knobs {knobs} do not tile {CW}-column chunks into k16 steps / the batch tile into n8")
     RT = 16 * WM
     KT = KC * CW
-    KTP = KT + 8  # padded row stride of the shared tiles: fragment loads hit 32 distinct banks
-    NT = 32 * WM * WN
-    NTW = NP // (8 * WN)  # n8 tiles per warp
+    KTP = KT + 8  # padded row stride of a warp's tile: the fragment loads hit 32 distinct banks
+    NT = 32 * WM * WK
+    NTW = NP // 8  # n8 tiles per warp
     NKT = -(-NC // KC)
+    NKW = -(-NKT // WK)  # k-tiles per warp
     NBLK = -(-R // RT)
-    NDEC = -(-(RT * KC) // NT)
-    NXL = -(-(NP * KT) // NT)
+    NDEC = -(-(16 * KC) // 32)
     NLUT = -(-(RT * E) // NT)
+    PAIRS = K % 2 == 0  # x rows 4-byte aligned: fragment pairs load as one 32-bit word
     sparse = key.sparse
     lut_dt, col_dt, val_dt = key.lut_dtype, key.col_dtype, key.val_dtype
 
@@ -359,9 +395,9 @@ def build_gemm(key: CudaKey, knobs: GemmKnobs, name: str):
             for by in T.thread_binding((n + NP - 1) // NP, thread="blockIdx.y"):
                 for t in T.thread_binding(NT, thread="threadIdx.x"):
                     lut_s = T.alloc_buffer((RT * E,), "float32", scope="shared")
-                    w_s = T.alloc_buffer((RT * KTP,), "float16", scope="shared")
-                    x_s = T.alloc_buffer((NP * KTP,), "float16", scope="shared")
-                    wr = T.alloc_buffer((4,), "uint32", scope="local")
+                    w_s = T.alloc_buffer((WM * WK * 16 * KTP,), "float16", scope="shared")
+                    red_s = T.alloc_buffer((WM * 32 * NTW * 4,), "float32", scope="shared")
+                    wr = T.alloc_buffer((NDEC * 4,), "uint32", scope="local")
                     af = T.alloc_buffer((8,), "float16", scope="local")
                     bf = T.alloc_buffer((4,), "float16", scope="local")
                     cf = T.alloc_buffer((NTW * 4,), "float32", scope="local")
@@ -372,65 +408,105 @@ def build_gemm(key: CudaKey, knobs: GemmKnobs, name: str):
                     for i in T.unroll(NTW * 4):
                         cf[i] = T.float32(0)
                     T.tvm_storage_sync("shared")
-                    for kt in range(NKT):
-                        # decode the weight tile once: one 16-byte load per (row, chunk)
-                        for i in range(NDEC):
-                            if i * NT + t < RT * KC:
-                                if bx * RT + (i * NT + t) // KC < R and kt * KC + (i * NT + t) % KC < NC:
-                                    for v in T.vectorized(4):
-                                        wr[v] = W[bx * RT + (i * NT + t) // KC, (kt * KC + (i * NT + t) % KC) * 4 + v]
+                    # words of the warp's first k-tile; each iteration then loads the next tile's words
+                    # right after decoding the current one, so the loads fly during the sync and the mma
+                    for i in T.unroll(NDEC):
+                        if (i * 32 + t % 32 < 16 * KC and bx * RT + (t // 32) % WM * 16 + (i * 32 + t % 32) // KC < R
+                                and ((t // 32) // WM) * KC + (i * 32 + t % 32) % KC < NC):
+                            for v in T.vectorized(4):
+                                wr[i * 4 + v] = W[bx * RT + (t // 32) % WM * 16 + (i * 32 + t % 32) // KC,
+                                                  (((t // 32) // WM) * KC + (i * 32 + t % 32) % KC) * 4 + v]
+                    for kw in range(NKW):
+                        # (a warp past the last k-tile decodes zeros: its chunks are past NC, its x past K)
+                        for i in T.unroll(NDEC):
+                            if i * 32 + t % 32 < 16 * KC:
+                                if (bx * RT + (t // 32) % WM * 16 + (i * 32 + t % 32) // KC < R
+                                        and ((t // 32) // WM + kw * WK) * KC + (i * 32 + t % 32) % KC < NC):
                                     for v in T.unroll(4):
                                         for j in T.unroll(P):
-                                            w_s[((i * NT + t) // KC) * KTP + ((i * NT + t) % KC) * CW + v * P + j] = T.Cast(
-                                                "float16", lut_s[((i * NT + t) // KC) * E + T.Cast("int32", T.bitwise_and(
-                                                    T.shift_right(wr[v], T.uint32(j * b)), T.uint32(MASK)))])
+                                            w_s[(t // 32) * 16 * KTP + ((i * 32 + t % 32) // KC) * KTP
+                                                + ((i * 32 + t % 32) % KC) * CW + v * P + j] = T.Cast(
+                                                "float16", lut_s[((t // 32) % WM * 16 + (i * 32 + t % 32) // KC) * E
+                                                                 + T.Cast("int32", T.bitwise_and(
+                                                                     T.shift_right(wr[i * 4 + v], T.uint32(j * b)),
+                                                                     T.uint32(MASK)))])
                                 else:
                                     for q in T.unroll(CW):
-                                        w_s[((i * NT + t) // KC) * KTP + ((i * NT + t) % KC) * CW + q] = T.float16(0)
-                        # stage the x tile (0 past K and past n)
-                        for i in range(NXL):
-                            if i * NT + t < NP * KT:
-                                x_s[((i * NT + t) // KT) * KTP + (i * NT + t) % KT] = T.if_then_else(
-                                    by * NP + (i * NT + t) // KT < n and kt * KT + (i * NT + t) % KT < K,
-                                    X[T.min(by * NP + (i * NT + t) // KT, n - 1), T.min(kt * KT + (i * NT + t) % KT, K - 1)],
-                                    T.float16(0))
-                        T.tvm_storage_sync("shared")
-                        for ks in range(KT // 16):
-                            # A fragment: rows g, g+8 of this warp's 16; k pairs 2q, 2q+8
+                                        w_s[(t // 32) * 16 * KTP + ((i * 32 + t % 32) // KC) * KTP
+                                            + ((i * 32 + t % 32) % KC) * CW + q] = T.float16(0)
+                        for i in T.unroll(NDEC):
+                            if (i * 32 + t % 32 < 16 * KC and bx * RT + (t // 32) % WM * 16 + (i * 32 + t % 32) // KC < R
+                                    and ((t // 32) // WM + (kw + 1) * WK) * KC + (i * 32 + t % 32) % KC < NC):
+                                for v in T.vectorized(4):
+                                    wr[i * 4 + v] = W[bx * RT + (t // 32) % WM * 16 + (i * 32 + t % 32) // KC,
+                                                      (((t // 32) // WM + (kw + 1) * WK) * KC + (i * 32 + t % 32) % KC) * 4 + v]
+                        for ks in T.unroll(KT // 16):
+                            # A fragment: rows g, g+8 of the warp's 16; k pairs 2q, 2q+8
                             for h in T.unroll(4):
                                 for v in T.vectorized(2):
-                                    af[h * 2 + v] = w_s[((t // 32) % WM * 16 + (t % 32) // 4 + (h % 2) * 8) * KTP
+                                    af[h * 2 + v] = w_s[(t // 32) * 16 * KTP + ((t % 32) // 4 + (h % 2) * 8) * KTP
                                                         + ks * 16 + (t % 4) * 2 + (h // 2) * 8 + v]
                             for nt in T.unroll(NTW):
+                                # B fragment from x in global memory: row n = g of the n8 tile, k pairs 2q, 2q+8
                                 for h in T.unroll(2):
-                                    for v in T.vectorized(2):
-                                        bf[h * 2 + v] = x_s[((t // 32) // WM * (NP // WN) + nt * 8 + (t % 32) // 4) * KTP
-                                                            + ks * 16 + (t % 4) * 2 + h * 8 + v]
+                                    if PAIRS:
+                                        if (by * NP + nt * 8 + (t % 32) // 4 < n
+                                                and ((t // 32) // WM + kw * WK) * KT + ks * 16 + (t % 4) * 2 + h * 8 < K):
+                                            for v in T.vectorized(2):
+                                                bf[h * 2 + v] = X[by * NP + nt * 8 + (t % 32) // 4,
+                                                                  ((t // 32) // WM + kw * WK) * KT + ks * 16
+                                                                  + (t % 4) * 2 + h * 8 + v]
+                                        else:
+                                            for v in T.unroll(2):
+                                                bf[h * 2 + v] = T.float16(0)
+                                    else:
+                                        for v in T.unroll(2):
+                                            bf[h * 2 + v] = T.if_then_else(
+                                                by * NP + nt * 8 + (t % 32) // 4 < n and ((t // 32) // WM + kw * WK) * KT
+                                                + ks * 16 + (t % 4) * 2 + h * 8 + v < K,
+                                                X[T.min(by * NP + nt * 8 + (t % 32) // 4, n - 1),
+                                                  T.min(((t // 32) // WM + kw * WK) * KT + ks * 16 + (t % 4) * 2
+                                                        + h * 8 + v, K - 1)], T.float16(0))
                                 T.evaluate(T.call_extern("void", "sqc_mma_16816", T.address_of(cf[nt * 4]),
                                                          af.data, bf.data))
+                    # the wk partial sums of each row group meet in shared memory, one round per k-warp
+                    for s in range(1, WK):
                         T.tvm_storage_sync("shared")
-                    # epilogue: sparse corrections of the thread's two rows, bias, fp16 store
-                    for h in T.unroll(2):
-                        if bx * RT + (t // 32) % WM * 16 + (t % 32) // 4 + h * 8 < R:
-                            if sparse:
-                                for e in range(CROW[bx * RT + (t // 32) % WM * 16 + (t % 32) // 4 + h * 8 + 1]
-                                               - CROW[bx * RT + (t // 32) % WM * 16 + (t % 32) // 4 + h * 8]):
-                                    for nt in T.unroll(NTW):
-                                        for v in T.unroll(2):
-                                            if by * NP + (t // 32) // WM * (NP // WN) + nt * 8 + (t % 4) * 2 + v < n:
-                                                cf[nt * 4 + h * 2 + v] = cf[nt * 4 + h * 2 + v] + (
-                                                    T.Cast("float32", VAL[CROW[bx * RT + (t // 32) % WM * 16 + (t % 32) // 4 + h * 8] + e])
-                                                    - T.Cast("float32", LUT[bx * RT + (t // 32) % WM * 16 + (t % 32) // 4 + h * 8,
-                                                                            T.Cast("int32", SC[CROW[bx * RT + (t // 32) % WM * 16 + (t % 32) // 4 + h * 8] + e])])
-                                                ) * T.Cast("float32", X[by * NP + (t // 32) // WM * (NP // WN) + nt * 8
-                                                                        + (t % 4) * 2 + v, T.Cast("int32", COL[CROW[bx * RT + (t // 32) % WM * 16 + (t % 32) // 4 + h * 8] + e])])
-                            for nt in T.unroll(NTW):
-                                for v in T.unroll(2):
-                                    if by * NP + (t // 32) // WM * (NP // WN) + nt * 8 + (t % 4) * 2 + v < n:
-                                        Y[by * NP + (t // 32) // WM * (NP // WN) + nt * 8 + (t % 4) * 2 + v,
-                                          bx * RT + (t // 32) % WM * 16 + (t % 32) // 4 + h * 8] = T.Cast(
-                                            "float16", cf[nt * 4 + h * 2 + v] + T.Cast(
-                                                "float32", BIAS[bx * RT + (t // 32) % WM * 16 + (t % 32) // 4 + h * 8]))
+                        if (t // 32) // WM == s:
+                            for i in T.unroll(NTW * 4):
+                                red_s[((t // 32) % WM * 32 + t % 32) * NTW * 4 + i] = cf[i]
+                        T.tvm_storage_sync("shared")
+                        if (t // 32) // WM == 0:
+                            for i in T.unroll(NTW * 4):
+                                cf[i] = cf[i] + red_s[((t // 32) % WM * 32 + t % 32) * NTW * 4 + i]
+                    # epilogue (first k-warp of each row group): sparse corrections, bias, fp16 store
+                    if (t // 32) // WM == 0:
+                        for h in T.unroll(2):
+                            if bx * RT + (t // 32) % WM * 16 + (t % 32) // 4 + h * 8 < R:
+                                if sparse:
+                                    for e in range(CROW[bx * RT + (t // 32) % WM * 16 + (t % 32) // 4 + h * 8 + 1]
+                                                   - CROW[bx * RT + (t // 32) % WM * 16 + (t % 32) // 4 + h * 8]):
+                                        for nt in T.unroll(NTW):
+                                            for v in T.unroll(2):
+                                                if by * NP + nt * 8 + (t % 4) * 2 + v < n:
+                                                    cf[nt * 4 + h * 2 + v] = cf[nt * 4 + h * 2 + v] + (
+                                                        T.Cast("float32", VAL[CROW[bx * RT + (t // 32) % WM * 16
+                                                                                   + (t % 32) // 4 + h * 8] + e])
+                                                        - T.Cast("float32", LUT[
+                                                            bx * RT + (t // 32) % WM * 16 + (t % 32) // 4 + h * 8,
+                                                            T.Cast("int32", SC[CROW[bx * RT + (t // 32) % WM * 16
+                                                                                    + (t % 32) // 4 + h * 8] + e])])
+                                                    ) * T.Cast("float32", X[
+                                                        by * NP + nt * 8 + (t % 4) * 2 + v,
+                                                        T.Cast("int32", COL[CROW[bx * RT + (t // 32) % WM * 16
+                                                                                 + (t % 32) // 4 + h * 8] + e])])
+                                for nt in T.unroll(NTW):
+                                    for v in T.unroll(2):
+                                        if by * NP + nt * 8 + (t % 4) * 2 + v < n:
+                                            Y[by * NP + nt * 8 + (t % 4) * 2 + v,
+                                              bx * RT + (t // 32) % WM * 16 + (t % 32) // 4 + h * 8] = T.Cast(
+                                                "float16", cf[nt * 4 + h * 2 + v] + T.Cast(
+                                                    "float32", BIAS[bx * RT + (t // 32) % WM * 16 + (t % 32) // 4 + h * 8]))
 
     geo = {"NT": NT, "NBLK": NBLK, "RT": RT, "KT": KT, "NP": NP}
     return gemm, geo

@@ -92,20 +92,27 @@ _FRAME = re.compile(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) b
 _USED = re.compile(r"Used (\d+) registers(?:.*?(\d+) bytes smem)?")
 
 
-def resource_report(source: str, arch: str) -> dict[str, dict[str, int]]:
-    """ptxas's report per kernel for ``arch``: registers, shared memory, stack frame, spill stores/loads."""
+def resource_report(source: str, archs: tuple[str, ...]) -> dict[str, dict[str, dict[str, int]]]:
+    """ptxas's report for each arch and kernel: registers, shared memory, stack frame, spill stores/loads.
+
+    One nvcc run builds every architecture (in parallel threads) with ``-Xptxas -v``.
+    """
     nvcc = _need_nvcc()
-    n = _arch_num(arch)
+    gencode = []
+    for a in archs:
+        n = _arch_num(a)
+        gencode += ["-gencode", f"arch=compute_{n},code=sm_{n}"]
     with tempfile.TemporaryDirectory() as tmp:
         with open(os.path.join(tmp, "kernels.cu"), "w") as f:
             f.write(source)
-        p = _run([nvcc, "-cubin", "-O3", "-std=c++17", f"-arch=sm_{n}", "-Xptxas", "-v", "-o", "k.cubin", "kernels.cu"], tmp)
-    out: dict[str, dict[str, int]] = {}
+        p = _run([nvcc, "-fatbin", "-O3", "-std=c++17", "--threads", "0", *gencode, "-Xptxas", "-v",
+                  "-o", "k.fatbin", "kernels.cu"], tmp)
+    out: dict[str, dict[str, dict[str, int]]] = {a: {} for a in archs}
     cur = None
     for line in p.stderr.splitlines():
         m = _ENTRY.search(line)
         if m:
-            cur = out.setdefault(m.group(1), {})
+            cur = out.setdefault(m.group(2), {}).setdefault(m.group(1), {})
             continue
         if cur is None:
             continue
