@@ -67,7 +67,7 @@ def prepare(folder: str, arch: str) -> None:
 
     model = tiny_llama()
     ids = torch.randint(0, 128, (1, 12))
-    compiled = sqc.compile(model, (ids,), config="w3-s0.45", target=f"cuda -arch={arch}", tune=False)
+    compiled = sqc.compile(model, (ids,), config="w3-s0.45", target=f"cuda -arch={arch}", tune=True)
     sqc.save(compiled, os.path.join(folder, "tiny-llama"), overwrite=True)
     print(f"wrote {folder}/tiny-llama")
 

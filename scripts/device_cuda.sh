@@ -10,6 +10,6 @@ mkdir -p "$OUT"
 nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.mem,driver_version --format=csv,noheader
 python3 -c "import torch, sys; print('torch', torch.__version__, 'python', sys.version.split()[0])"
 timeout 240 python3 -m pytest -q -p no:cacheprovider tests/codegen/test_cuda_kernels.py \
-    -k "reference_op or artifact_runs or chunk_layout or import_sqc" 2>&1 | tee "$OUT/pytest_gpu.log" | tail -25
+    -k "reference_op or artifact_runs or chunk_layout or import_sqc or tune_gpu" 2>&1 | tee "$OUT/pytest_gpu.log" | tail -25
 timeout 300 python3 benchmarks/kernels.py --device cuda --bundle .devbundle \
     --out "$OUT/kernels_cuda.json" --plan-out "$OUT/kernels_cuda_plan.json" 2>&1 | tee "$OUT/bench.log" | tail -45

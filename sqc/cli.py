@@ -358,7 +358,29 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--latency", action="store_true", help="measure each layer shape's kernel vs torch fp32 / bf16")
     r.add_argument("--repeats", type=int, default=15)
     common(r)
+
+    t = sub.add_parser("tune-gpu", help="time a CUDA artifact's candidate kernels on this GPU and keep the fastest")
+    t.add_argument("dir")
+    t.add_argument("--repeats", type=int, default=100)
+    common(t)
     return p
+
+
+def cmd_tune_gpu(args, progress: Progress) -> dict[str, Any]:
+    from .runtime.artifact import _read_manifest
+    from .runtime.cuda import tune_artifact
+
+    if not os.path.isdir(args.dir):
+        raise CLIError(f"{args.dir} is not an sqc artifact folder")
+    _read_manifest(os.path.abspath(args.dir))
+    progress.log("timing every candidate CUDA kernel on this GPU ...")
+    records = tune_artifact(args.dir, repeats=args.repeats)
+    if not args.json:
+        for r in records:
+            k = r["key"]
+            print(f"{k['op']} {k['out_features']}x{k['in_features']} b{k['bits']} batch {r['bucket']}: "
+                  f"{1e3 * r['best_ms']:.2f} us (default {1e3 * r['default_ms']:.2f} us), {r['gbps']:.0f} GB/s")
+    return {"kernels": records}
 
 
 def cmd_report(args, progress: Progress) -> dict[str, Any]:
@@ -383,6 +405,7 @@ def cmd_report(args, progress: Progress) -> dict[str, Any]:
 
 COMMANDS = {
     "compile": cmd_compile, "eval": cmd_eval, "bench": cmd_bench, "generate": cmd_generate, "report": cmd_report,
+    "tune-gpu": cmd_tune_gpu,
 }
 
 
@@ -401,7 +424,9 @@ def main(argv: list[str] | None = None) -> int:
         from .runtime.artifact import ArtifactError
         from .trace import TraceError
 
-        known = (CLIError, ArtifactError, TraceError, FileExistsError, FileNotFoundError, ValueError)
+        from .runtime.cuda import CudaUnavailable
+
+        known = (CLIError, ArtifactError, TraceError, FileExistsError, FileNotFoundError, ValueError, CudaUnavailable)
         if not isinstance(e, known):
             raise
         print(f"sqc {args.command}: error: {e}", file=sys.stderr)

@@ -208,7 +208,8 @@ def _cuda_kernels(model: nn.Module, spec: TargetSpec, tune: bool, notes: list[st
     if bundle is not None:
         notes.append(f"CUDA kernels generated for {spec} ({len(bundle.plan['kernels'])} kernels); "
                      "they run on an NVIDIA GPU once the model is moved there (model.to('cuda'))"
-                     + ("; candidates untimed: time them on a GPU with sqc tune-cuda" if tune else ""))
+                     + ("; tuning candidates are built in but untimed: `sqc tune-gpu ARTIFACT` on the GPU times them"
+                        if tune else ""))
     return bundle
 
 

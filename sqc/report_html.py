@@ -100,7 +100,7 @@ def _tuning_plot(kernels: list[dict[str, Any]]):
     fig, ax = plt.subplots(figsize=(7, 3.5))
     for k in kernels:
         ms = [c["ms"] for c in k.get("candidates", [])]
-        if len(ms) < 2:
+        if len(ms) < 2 or any(m is None for m in ms):  # untimed (CUDA candidates before a GPU timed them)
             continue
         best = [min(ms[: i + 1]) for i in range(len(ms))]
         key = k["key"]
@@ -151,7 +151,7 @@ def render_report(path: str) -> str:
             )) + "</tr>"
         )
     figures = _plots(layers)
-    if any(len(k.get("candidates", [])) > 1 for k in kernels):
+    if any(len(k.get("candidates", [])) > 1 and k.get("best_ms") is not None for k in kernels):
         figures.append(("Tuning curves: best latency so far against trials, per kernel", _tuning_plot(kernels)))
     latency = None
     lpath = os.path.join(path, "latency.json")

@@ -66,6 +66,11 @@ __device__ __forceinline__ void sqc_mma_16816(float* c, const void* a, const voi
       : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
       : "r"(A[0]), "r"(A[1]), "r"(A[2]), "r"(A[3]), "r"(B[0]), "r"(B[1]));
 }
+// two fp32 values as one word of two fp16 (lo in the low half)
+__device__ __forceinline__ unsigned sqc_pack_half2(float lo, float hi) {
+  __half2 h = __floats2half2_rn(lo, hi);
+  return *reinterpret_cast<unsigned*>(&h);
+}
 """
 
 
@@ -185,9 +190,9 @@ def gemv_candidates(key: CudaKey) -> list[GemvKnobs]:
 
 
 def _kt_chunks(bits: int, kc: int) -> int:
-    """Smallest multiple of ``kc`` chunks whose columns are a multiple of the mma k (16)."""
+    """Smallest even chunk count >= ``kc`` whose columns are a multiple of the mma k (16)."""
     cw = 4 * (32 // bits)
-    while (kc * cw) % 16:
+    while (kc * cw) % 16 or kc % 2:  # even: a warp decodes 16 rows x 2 chunks per round
         kc += 1
     return kc
 
@@ -202,9 +207,23 @@ def gemm_candidates(key: CudaKey, batch_tile: int) -> list[GemmKnobs]:
 
 def gemm_smem(key: CudaKey, knobs: GemmKnobs) -> int:
     """Static shared memory of a gemm: fp32 tables, one fp16 tile per warp, the fp32 reduction buffer."""
-    ktp = knobs.kc * 4 * (32 // key.bits) + 8
-    return (16 * knobs.wm * (1 << key.bits) * 4 + knobs.wm * knobs.wk * 16 * ktp * 2
+    _, S = _tile_strides(key.bits, knobs.kc)
+    return (16 * knobs.wm * (1 << key.bits) * 4 + knobs.wm * knobs.wk * 16 * S * 4
             + knobs.wm * 32 * (knobs.np // 2) * 4)
+
+
+def _tile_strides(bits: int, kc: int) -> tuple[int, int]:
+    """(chunk stride D, row stride S) of a warp's fp16 tile, in 32-bit words.
+
+    A decode round has lane ``l`` write row ``l % 16``, chunk ``l // 16`` of a chunk pair, one word (two
+    fp16) at a time: with S even, S / 2 odd and D odd, the 32 lanes start in 32 distinct banks.
+    """
+    D = 2 * (32 // bits) + 1  # a chunk is 4 * (32 // bits) fp16 = 2 * (32 // bits) words, plus one
+    S = kc * D
+    S += S % 2
+    while (S // 2) % 2 == 0:
+        S += 2
+    return D, S
 
 
 def _code4(T, word, shift, mask: int):
@@ -227,6 +246,7 @@ def build_gemv(key: CudaKey, knobs: GemvKnobs, name: str):
     geo = gemv_geometry(key, knobs)
     TC, CPT, NT, TR, RB, NBLK = (geo[k] for k in ("TC", "CPT", "NT", "TR", "RB", "NBLK"))
     RI, IT = knobs.ri, geo["IT"]
+    NR = RI * IT  # rows per thread
     NWC = TC // 32 if TC > 32 else 1  # warps along a row
     SW = min(TC, 32)  # shuffle width of the first reduction stage
     NSTEP = int(math.log2(SW))
@@ -251,92 +271,99 @@ def build_gemv(key: CudaKey, knobs: GemvKnobs, name: str):
         for bx in T.thread_binding(NBLK, thread="blockIdx.x"):
             for t in T.thread_binding(NT, thread="threadIdx.x"):
                 lut_s = T.alloc_buffer((RB * E,), "float32", scope="shared")
-                red_s = T.alloc_buffer((NWC * RI,), "float32", scope="shared")
+                red_s = T.alloc_buffer((NWC * NR,), "float32", scope="shared")
                 xr = T.alloc_buffer((CPT * CW,), "float32", scope="local")
-                wr = T.alloc_buffer((IT * RI * CPT * 4,), "uint32", scope="local")
-                sp = T.alloc_buffer((IT * RI,), "float32", scope="local")
-                acc = T.alloc_buffer((RI,), "float32", scope="local")
-                # every row's 16-byte code loads are issued first: IT * RI * CPT loads in flight per thread
-                for it in T.unroll(IT):
-                    for r in T.unroll(RI):
-                        for c in T.unroll(CPT):
-                            if bx * RB + (it * TR + t // TC) * RI + r < R and c * TC + t % TC < NC:
-                                for v in T.vectorized(4):
-                                    wr[((it * RI + r) * CPT + c) * 4 + v] = W[
-                                        bx * RB + (it * TR + t // TC) * RI + r, (c * TC + t % TC) * 4 + v]
-                            else:
-                                for v in T.unroll(4):
-                                    wr[((it * RI + r) * CPT + c) * 4 + v] = T.uint32(0)
-                # the block's tables, fp32, in shared memory
-                for i in range(NLUT):
-                    if i * NT + t < RB * E:
-                        if bx * RB + (i * NT + t) // E < R:
-                            lut_s[i * NT + t] = T.Cast("float32", LUT[bx * RB + (i * NT + t) // E, (i * NT + t) % E])
-                # this thread's x, fp32, in registers for the whole block (0 past K)
+                wr = T.alloc_buffer((NR * CPT * 4,), "uint32", scope="local")
+                cr = T.alloc_buffer((2 * NR,), "int32", scope="local")
+                sv = T.alloc_buffer((NR,), "float32", scope="local")
+                sx = T.alloc_buffer((NR,), "float32", scope="local")
+                acc = T.alloc_buffer((NR,), "float32", scope="local")
+                # thread-local row i is block row ((i // RI) * TR + t // TC) * RI + i % RI
+                # 1. every row's 16-byte code loads are issued first: NR * CPT loads in flight per thread
+                for i in T.unroll(NR):
+                    for c in T.unroll(CPT):
+                        if (bx * RB + ((i // RI) * TR + t // TC) * RI + i % RI < R) and c * TC + t % TC < NC:
+                            for v in T.vectorized(4):
+                                wr[(i * CPT + c) * 4 + v] = W[bx * RB + ((i // RI) * TR + t // TC) * RI + i % RI,
+                                                              (c * TC + t % TC) * 4 + v]
+                        else:
+                            for v in T.unroll(4):
+                                wr[(i * CPT + c) * 4 + v] = T.uint32(0)
+                # 2. the rows' CSR bounds (their latency hides behind the dense work)
+                if sparse:
+                    for i in T.unroll(NR):
+                        if bx * RB + ((i // RI) * TR + t // TC) * RI + i % RI < R:
+                            cr[2 * i] = CROW[bx * RB + ((i // RI) * TR + t // TC) * RI + i % RI]
+                            cr[2 * i + 1] = CROW[bx * RB + ((i // RI) * TR + t // TC) * RI + i % RI + 1]
+                        else:
+                            cr[2 * i] = 0
+                            cr[2 * i + 1] = 0
+                # 3. the block's tables (fp32, shared) and this thread's x (fp32, registers, 0 past K)
+                for q in range(NLUT):
+                    if q * NT + t < RB * E:
+                        if bx * RB + (q * NT + t) // E < R:
+                            lut_s[q * NT + t] = T.Cast("float32", LUT[bx * RB + (q * NT + t) // E, (q * NT + t) % E])
                 for c in T.unroll(CPT):
                     for q in T.unroll(CW):
                         xr[c * CW + q] = T.if_then_else(
                             ((c * TC + t % TC) * CW + q) < K,
                             T.Cast("float32", X[0, T.min((c * TC + t % TC) * CW + q, K - 1)]), T.float32(0))
                 T.tvm_storage_sync("shared")
+                # 4. the first sparse entry of every row per thread: (val - lut[scode]) and x[col] are loaded now,
+                #    so their two dependent round trips overlap the dense work of this and the other warps
                 if sparse:
-                    # the first non-zero of every row per thread, all rows at once (independent loads);
-                    # rows with more non-zeros than TC threads finish in the row loop below
-                    for it in T.unroll(IT):
-                        for r in T.unroll(RI):
-                            sp[it * RI + r] = T.float32(0)
-                            if bx * RB + (it * TR + t // TC) * RI + r < R:
-                                if CROW[bx * RB + (it * TR + t // TC) * RI + r] + t % TC < CROW[
-                                        bx * RB + (it * TR + t // TC) * RI + r + 1]:
-                                    sp[it * RI + r] = (
-                                        T.Cast("float32", VAL[CROW[bx * RB + (it * TR + t // TC) * RI + r] + t % TC])
-                                        - lut_s[((it * TR + t // TC) * RI + r) * E + T.Cast(
-                                            "int32", SC[CROW[bx * RB + (it * TR + t // TC) * RI + r] + t % TC])]
-                                    ) * T.Cast("float32", X[0, T.Cast(
-                                        "int32", COL[CROW[bx * RB + (it * TR + t // TC) * RI + r] + t % TC])])
-                for it in T.unroll(IT):
-                    for r in T.unroll(RI):
-                        acc[r] = sp[it * RI + r] if sparse else T.float32(0)
-                        for c in T.unroll(CPT):
-                            for v in T.unroll(4):
-                                for j in T.unroll(P):
-                                    acc[r] = acc[r] + lut_s[((it * TR + t // TC) * RI + r) * E + _code4(
-                                        T, wr[((it * RI + r) * CPT + c) * 4 + v], j * b, MASK) // 4] * xr[c * CW + v * P + j]
-                        if sparse:
-                            if bx * RB + (it * TR + t // TC) * RI + r < R:
-                                e0 = CROW[bx * RB + (it * TR + t // TC) * RI + r]
-                                e1 = CROW[bx * RB + (it * TR + t // TC) * RI + r + 1]
-                                for e in range((e1 - e0 + TC - 1) // TC - 1):
-                                    if e0 + (e + 1) * TC + t % TC < e1:
-                                        acc[r] = acc[r] + (
-                                            T.Cast("float32", VAL[e0 + (e + 1) * TC + t % TC])
-                                            - lut_s[((it * TR + t // TC) * RI + r) * E
-                                                    + T.Cast("int32", SC[e0 + (e + 1) * TC + t % TC])]
-                                        ) * T.Cast("float32", X[0, T.Cast("int32", COL[e0 + (e + 1) * TC + t % TC])])
-                    # reduction tree: shuffles within the row's lanes, then across warps
-                    for r in T.unroll(RI):
-                        for s in T.unroll(NSTEP):
-                            acc[r] = acc[r] + T.call_extern("float32", "__shfl_xor_sync", T.uint32(0xFFFFFFFF),
-                                                            acc[r], (SW // 2) >> s, 32)
-                    if NWC == 1:
-                        for r in T.unroll(RI):
-                            if t % TC == 0:
-                                if bx * RB + (it * TR + t // TC) * RI + r < R:
-                                    Y[0, bx * RB + (it * TR + t // TC) * RI + r] = T.Cast(
-                                        "float16", acc[r] + T.Cast("float32", BIAS[bx * RB + (it * TR + t // TC) * RI + r]))
-                    else:
-                        if t % 32 == 0:
-                            for r in T.unroll(RI):
-                                red_s[(t // 32) * RI + r] = acc[r]
-                        T.tvm_storage_sync("shared")
-                        if t < RI:
-                            acc[0] = T.float32(0)
-                            for wi in T.unroll(NWC):
-                                acc[0] = acc[0] + red_s[wi * RI + t]
-                            if bx * RB + it * RI + t < R:
-                                Y[0, bx * RB + it * RI + t] = T.Cast(
-                                    "float16", acc[0] + T.Cast("float32", BIAS[bx * RB + it * RI + t]))
-                        T.tvm_storage_sync("shared")
+                    for i in T.unroll(NR):
+                        if cr[2 * i] + t % TC < cr[2 * i + 1]:
+                            sv[i] = T.Cast("float32", VAL[cr[2 * i] + t % TC]) - lut_s[
+                                (((i // RI) * TR + t // TC) * RI + i % RI) * E + T.Cast("int32", SC[cr[2 * i] + t % TC])]
+                            sx[i] = T.Cast("float32", X[0, T.Cast("int32", COL[cr[2 * i] + t % TC])])
+                        else:
+                            sv[i] = T.float32(0)
+                            sx[i] = T.float32(0)
+                # 5. dense dot products of all rows
+                for i in T.unroll(NR):
+                    acc[i] = T.float32(0)
+                    for c in T.unroll(CPT):
+                        for v in T.unroll(4):
+                            for j in T.unroll(P):
+                                acc[i] = acc[i] + lut_s[(((i // RI) * TR + t // TC) * RI + i % RI) * E + _code4(
+                                    T, wr[(i * CPT + c) * 4 + v], j * b, MASK) // 4] * xr[c * CW + v * P + j]
+                # 6. sparse corrections (val - lut[scode]) * x[col]: each thread takes every TC-th non-zero of a
+                #    row; the first ones were loaded above, longer rows finish in a loop
+                if sparse:
+                    for i in T.unroll(NR):
+                        acc[i] = acc[i] + sv[i] * sx[i]
+                    for i in T.unroll(NR):
+                        for e in range((cr[2 * i + 1] - cr[2 * i] + TC - 1) // TC - 1):
+                            if cr[2 * i] + (e + 1) * TC + t % TC < cr[2 * i + 1]:
+                                acc[i] = acc[i] + (
+                                    T.Cast("float32", VAL[cr[2 * i] + (e + 1) * TC + t % TC])
+                                    - lut_s[(((i // RI) * TR + t // TC) * RI + i % RI) * E
+                                            + T.Cast("int32", SC[cr[2 * i] + (e + 1) * TC + t % TC])]
+                                ) * T.Cast("float32", X[0, T.Cast("int32", COL[cr[2 * i] + (e + 1) * TC + t % TC])])
+                # 7. reduction tree: shuffles within the row's lanes, then (TC > 32) across warps in shared memory
+                for i in T.unroll(NR):
+                    for s in T.unroll(NSTEP):
+                        acc[i] = acc[i] + T.call_extern("float32", "__shfl_xor_sync", T.uint32(0xFFFFFFFF),
+                                                        acc[i], (SW // 2) >> s, 32)
+                if NWC == 1:
+                    for i in T.unroll(NR):
+                        if t % TC == 0:
+                            if bx * RB + ((i // RI) * TR + t // TC) * RI + i % RI < R:
+                                Y[0, bx * RB + ((i // RI) * TR + t // TC) * RI + i % RI] = T.Cast(
+                                    "float16", acc[i] + T.Cast(
+                                        "float32", BIAS[bx * RB + ((i // RI) * TR + t // TC) * RI + i % RI]))
+                else:  # TR == 1: thread-local row i is block row i
+                    if t % 32 == 0:
+                        for i in T.unroll(NR):
+                            red_s[(t // 32) * NR + i] = acc[i]
+                    T.tvm_storage_sync("shared")
+                    if t < NR:
+                        acc[0] = T.float32(0)
+                        for wi in T.unroll(NWC):
+                            acc[0] = acc[0] + red_s[wi * NR + t]
+                        if bx * RB + t < R:
+                            Y[0, bx * RB + t] = T.Cast("float16", acc[0] + T.Cast("float32", BIAS[bx * RB + t]))
 
     return gemv, geo
 
@@ -349,9 +376,10 @@ def build_gemm(key: CudaKey, knobs: GemmKnobs, name: str):
     ``j`` (split K inside the block). Per k-tile a warp decodes its 16 x KT
     weight tile once into its own shared tile (fp16), then runs
     ``mma.sync.m16n8k16`` over it with x fragments read straight from global
-    memory (L1-cached, shared by the ``wm`` warps of one k-range). The ``wk``
-    partial sums meet in shared memory (a reduction, no atomics); the first
-    warp of each row group adds the sparse corrections and the bias.
+    memory (L1-cached, shared by the ``wm`` warps of one k-range). The sparse
+    corrections are split over the ``wk`` warps too; the partial sums meet in
+    shared memory (a reduction, no atomics) and the first warp of each row
+    group adds the bias and stores.
     """
     from tvm.script import tirx as T
 
@@ -360,17 +388,19 @@ def build_gemm(key: CudaKey, knobs: GemmKnobs, name: str):
     R, K, b = key.rows, key.in_features, key.bits
     E, MASK = 1 << b, (1 << b) - 1
     WM, WK, NP, KC = knobs.wm, knobs.wk, knobs.np, knobs.kc
-    if (KC * CW) % 16 or NP % 8:
-        raise ValueError(f"gemm knobs {knobs} do not tile {CW}-column chunks into k16 steps / the batch tile into n8")
+    if (KC * CW) % 16 or KC % 2 or NP % 8:
+        raise ValueError(f"gemm knobs {knobs}: the k-tile must be an even number of chunks and a multiple of 16 "
+                         "columns, the batch tile a multiple of 8")
     RT = 16 * WM
     KT = KC * CW
-    KTP = KT + 8  # padded row stride of a warp's tile: the fragment loads hit 32 distinct banks
+    CWW = CW // 2  # words per decoded chunk
+    D, S = _tile_strides(b, KC)
     NT = 32 * WM * WK
     NTW = NP // 8  # n8 tiles per warp
     NKT = -(-NC // KC)
     NKW = -(-NKT // WK)  # k-tiles per warp
     NBLK = -(-R // RT)
-    NDEC = -(-(16 * KC) // 32)
+    NDEC = KC // 2  # decode rounds: 16 rows x 2 chunks each
     NLUT = -(-(RT * E) // NT)
     PAIRS = K % 2 == 0  # x rows 4-byte aligned: fragment pairs load as one 32-bit word
     sparse = key.sparse
@@ -394,58 +424,61 @@ def build_gemm(key: CudaKey, knobs: GemmKnobs, name: str):
         for bx in T.thread_binding(NBLK, thread="blockIdx.x"):
             for by in T.thread_binding((n + NP - 1) // NP, thread="blockIdx.y"):
                 for t in T.thread_binding(NT, thread="threadIdx.x"):
+                    # tables code-major per 16-row group: the 16 rows of a decode round read 16 banks
                     lut_s = T.alloc_buffer((RT * E,), "float32", scope="shared")
-                    w_s = T.alloc_buffer((WM * WK * 16 * KTP,), "float16", scope="shared")
+                    w_s = T.alloc_buffer((WM * WK * 16 * S,), "uint32", scope="shared")
                     red_s = T.alloc_buffer((WM * 32 * NTW * 4,), "float32", scope="shared")
                     wr = T.alloc_buffer((NDEC * 4,), "uint32", scope="local")
-                    af = T.alloc_buffer((8,), "float16", scope="local")
+                    af = T.alloc_buffer((4,), "uint32", scope="local")
                     bf = T.alloc_buffer((4,), "float16", scope="local")
                     cf = T.alloc_buffer((NTW * 4,), "float32", scope="local")
                     for i in range(NLUT):
                         if i * NT + t < RT * E:
-                            if bx * RT + (i * NT + t) // E < R:
-                                lut_s[i * NT + t] = T.Cast("float32", LUT[bx * RT + (i * NT + t) // E, (i * NT + t) % E])
+                            if bx * RT + (i * NT + t) // (16 * E) * 16 + (i * NT + t) % 16 < R:
+                                lut_s[i * NT + t] = T.Cast("float32", LUT[
+                                    bx * RT + (i * NT + t) // (16 * E) * 16 + (i * NT + t) % 16, (i * NT + t) // 16 % E])
                     for i in T.unroll(NTW * 4):
                         cf[i] = T.float32(0)
                     T.tvm_storage_sync("shared")
                     # words of the warp's first k-tile; each iteration then loads the next tile's words
                     # right after decoding the current one, so the loads fly during the sync and the mma
                     for i in T.unroll(NDEC):
-                        if (i * 32 + t % 32 < 16 * KC and bx * RT + (t // 32) % WM * 16 + (i * 32 + t % 32) // KC < R
-                                and ((t // 32) // WM) * KC + (i * 32 + t % 32) % KC < NC):
+                        if (bx * RT + (t // 32) % WM * 16 + t % 16 < R
+                                and ((t // 32) // WM) * KC + 2 * i + (t % 32) // 16 < NC):
                             for v in T.vectorized(4):
-                                wr[i * 4 + v] = W[bx * RT + (t // 32) % WM * 16 + (i * 32 + t % 32) // KC,
-                                                  (((t // 32) // WM) * KC + (i * 32 + t % 32) % KC) * 4 + v]
+                                wr[i * 4 + v] = W[bx * RT + (t // 32) % WM * 16 + t % 16,
+                                                  (((t // 32) // WM) * KC + 2 * i + (t % 32) // 16) * 4 + v]
                     for kw in range(NKW):
                         # (a warp past the last k-tile decodes zeros: its chunks are past NC, its x past K)
                         for i in T.unroll(NDEC):
-                            if i * 32 + t % 32 < 16 * KC:
-                                if (bx * RT + (t // 32) % WM * 16 + (i * 32 + t % 32) // KC < R
-                                        and ((t // 32) // WM + kw * WK) * KC + (i * 32 + t % 32) % KC < NC):
-                                    for v in T.unroll(4):
-                                        for j in T.unroll(P):
-                                            w_s[(t // 32) * 16 * KTP + ((i * 32 + t % 32) // KC) * KTP
-                                                + ((i * 32 + t % 32) % KC) * CW + v * P + j] = T.Cast(
-                                                "float16", lut_s[((t // 32) % WM * 16 + (i * 32 + t % 32) // KC) * E
-                                                                 + T.Cast("int32", T.bitwise_and(
-                                                                     T.shift_right(wr[i * 4 + v], T.uint32(j * b)),
-                                                                     T.uint32(MASK)))])
-                                else:
-                                    for q in T.unroll(CW):
-                                        w_s[(t // 32) * 16 * KTP + ((i * 32 + t % 32) // KC) * KTP
-                                            + ((i * 32 + t % 32) % KC) * CW + q] = T.float16(0)
+                            if (bx * RT + (t // 32) % WM * 16 + t % 16 < R
+                                    and ((t // 32) // WM + kw * WK) * KC + 2 * i + (t % 32) // 16 < NC):
+                                for v in T.unroll(4):
+                                    for jj in T.unroll(P // 2):
+                                        w_s[((t // 32) * 16 + t % 16) * S + (2 * i + (t % 32) // 16) * D
+                                            + (v * P) // 2 + jj] = T.call_extern(
+                                            "uint32", "sqc_pack_half2",
+                                            lut_s[((t // 32) % WM * E + T.Cast("int32", T.bitwise_and(
+                                                T.shift_right(wr[i * 4 + v], T.uint32(2 * jj * b)), T.uint32(MASK))))
+                                                  * 16 + t % 16],
+                                            lut_s[((t // 32) % WM * E + T.Cast("int32", T.bitwise_and(
+                                                T.shift_right(wr[i * 4 + v], T.uint32((2 * jj + 1) * b)), T.uint32(MASK))))
+                                                  * 16 + t % 16])
+                            else:
+                                for q in T.unroll(CWW):
+                                    w_s[((t // 32) * 16 + t % 16) * S + (2 * i + (t % 32) // 16) * D + q] = T.uint32(0)
                         for i in T.unroll(NDEC):
-                            if (i * 32 + t % 32 < 16 * KC and bx * RT + (t // 32) % WM * 16 + (i * 32 + t % 32) // KC < R
-                                    and ((t // 32) // WM + (kw + 1) * WK) * KC + (i * 32 + t % 32) % KC < NC):
+                            if (bx * RT + (t // 32) % WM * 16 + t % 16 < R
+                                    and ((t // 32) // WM + (kw + 1) * WK) * KC + 2 * i + (t % 32) // 16 < NC):
                                 for v in T.vectorized(4):
-                                    wr[i * 4 + v] = W[bx * RT + (t // 32) % WM * 16 + (i * 32 + t % 32) // KC,
-                                                      (((t // 32) // WM + (kw + 1) * WK) * KC + (i * 32 + t % 32) % KC) * 4 + v]
+                                    wr[i * 4 + v] = W[bx * RT + (t // 32) % WM * 16 + t % 16,
+                                                      (((t // 32) // WM + (kw + 1) * WK) * KC + 2 * i + (t % 32) // 16) * 4 + v]
                         for ks in T.unroll(KT // 16):
-                            # A fragment: rows g, g+8 of the warp's 16; k pairs 2q, 2q+8
+                            # A fragment (4 words): rows g, g+8 of the warp's 16; k pairs 2q, 2q+8
                             for h in T.unroll(4):
-                                for v in T.vectorized(2):
-                                    af[h * 2 + v] = w_s[(t // 32) * 16 * KTP + ((t % 32) // 4 + (h % 2) * 8) * KTP
-                                                        + ks * 16 + (t % 4) * 2 + (h // 2) * 8 + v]
+                                af[h] = w_s[((t // 32) * 16 + (t % 32) // 4 + (h % 2) * 8) * S
+                                            + ((ks * 16 + (h // 2) * 8 + (t % 4) * 2) // CW) * D
+                                            + ((ks * 16 + (h // 2) * 8 + (t % 4) * 2) % CW) // 2]
                             for nt in T.unroll(NTW):
                                 # B fragment from x in global memory: row n = g of the n8 tile, k pairs 2q, 2q+8
                                 for h in T.unroll(2):
@@ -469,6 +502,28 @@ def build_gemm(key: CudaKey, knobs: GemmKnobs, name: str):
                                                         + h * 8 + v, K - 1)], T.float16(0))
                                 T.evaluate(T.call_extern("void", "sqc_mma_16816", T.address_of(cf[nt * 4]),
                                                          af.data, bf.data))
+                    # sparse corrections, split over the wk warps of each row group (entry e goes to warp e % wk),
+                    # added to the partial sums before they meet
+                    if sparse:
+                        for h in T.unroll(2):
+                            if bx * RT + (t // 32) % WM * 16 + (t % 32) // 4 + h * 8 < R:
+                                for e in range((CROW[bx * RT + (t // 32) % WM * 16 + (t % 32) // 4 + h * 8 + 1]
+                                                - CROW[bx * RT + (t // 32) % WM * 16 + (t % 32) // 4 + h * 8]
+                                                - (t // 32) // WM + WK - 1) // WK):
+                                    for nt in T.unroll(NTW):
+                                        for v in T.unroll(2):
+                                            if by * NP + nt * 8 + (t % 4) * 2 + v < n:
+                                                cf[nt * 4 + h * 2 + v] = cf[nt * 4 + h * 2 + v] + (
+                                                    T.Cast("float32", VAL[CROW[bx * RT + (t // 32) % WM * 16 + (t % 32) // 4
+                                                                               + h * 8] + (t // 32) // WM + e * WK])
+                                                    - T.Cast("float32", LUT[
+                                                        bx * RT + (t // 32) % WM * 16 + (t % 32) // 4 + h * 8,
+                                                        T.Cast("int32", SC[CROW[bx * RT + (t // 32) % WM * 16 + (t % 32) // 4
+                                                                                + h * 8] + (t // 32) // WM + e * WK])])
+                                                ) * T.Cast("float32", X[
+                                                    by * NP + nt * 8 + (t % 4) * 2 + v,
+                                                    T.Cast("int32", COL[CROW[bx * RT + (t // 32) % WM * 16 + (t % 32) // 4
+                                                                             + h * 8] + (t // 32) // WM + e * WK])])
                     # the wk partial sums of each row group meet in shared memory, one round per k-warp
                     for s in range(1, WK):
                         T.tvm_storage_sync("shared")
@@ -479,27 +534,10 @@ def build_gemm(key: CudaKey, knobs: GemmKnobs, name: str):
                         if (t // 32) // WM == 0:
                             for i in T.unroll(NTW * 4):
                                 cf[i] = cf[i] + red_s[((t // 32) % WM * 32 + t % 32) * NTW * 4 + i]
-                    # epilogue (first k-warp of each row group): sparse corrections, bias, fp16 store
+                    # epilogue (first k-warp of each row group): bias, fp16 store
                     if (t // 32) // WM == 0:
                         for h in T.unroll(2):
                             if bx * RT + (t // 32) % WM * 16 + (t % 32) // 4 + h * 8 < R:
-                                if sparse:
-                                    for e in range(CROW[bx * RT + (t // 32) % WM * 16 + (t % 32) // 4 + h * 8 + 1]
-                                                   - CROW[bx * RT + (t // 32) % WM * 16 + (t % 32) // 4 + h * 8]):
-                                        for nt in T.unroll(NTW):
-                                            for v in T.unroll(2):
-                                                if by * NP + nt * 8 + (t % 4) * 2 + v < n:
-                                                    cf[nt * 4 + h * 2 + v] = cf[nt * 4 + h * 2 + v] + (
-                                                        T.Cast("float32", VAL[CROW[bx * RT + (t // 32) % WM * 16
-                                                                                   + (t % 32) // 4 + h * 8] + e])
-                                                        - T.Cast("float32", LUT[
-                                                            bx * RT + (t // 32) % WM * 16 + (t % 32) // 4 + h * 8,
-                                                            T.Cast("int32", SC[CROW[bx * RT + (t // 32) % WM * 16
-                                                                                    + (t % 32) // 4 + h * 8] + e])])
-                                                    ) * T.Cast("float32", X[
-                                                        by * NP + nt * 8 + (t % 4) * 2 + v,
-                                                        T.Cast("int32", COL[CROW[bx * RT + (t // 32) % WM * 16
-                                                                                 + (t % 32) // 4 + h * 8] + e])])
                                 for nt in T.unroll(NTW):
                                     for v in T.unroll(2):
                                         if by * NP + nt * 8 + (t % 4) * 2 + v < n:

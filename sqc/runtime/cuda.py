@@ -180,11 +180,12 @@ class CudaLutKernels:
         self.bits = packed.bits
         self.out_features = packed.out_features
         self.in_features = packed.in_features
-        codes = packed.unpack()
-        self.words = to_chunk_words(codes, packed.bits)
+        dev = packed.lut.device  # the layer's own device (CPU at compile and load, the GPU when re-tuned there)
+        codes = packed.unpack().cpu()
+        self.words = to_chunk_words(codes, packed.bits).to(dev)
         rows, cols = packed.sparse_coo()
-        self.scode = codes[rows, cols].to(torch.uint8).contiguous()
-        b = bias.detach() if bias is not None else torch.zeros(packed.out_features)
+        self.scode = codes[rows.cpu(), cols.cpu()].to(torch.uint8).contiguous().to(dev)
+        b = bias.detach() if bias is not None else torch.zeros(packed.out_features, device=dev)
         self.bias16 = b.to(torch.float16).contiguous()
         self.module = module
         self.names = dict(names)
@@ -394,3 +395,41 @@ def copy_bandwidth_gbps(device, nbytes: int = 1 << 30) -> float:
     b = torch.empty_like(a)
     ms = event_median_ms(lambda: b.copy_(a), 20, 3)
     return 2 * nbytes / (ms * 1e-3) / 1e9
+
+
+def tune_artifact(path: str, model: torch.nn.Module | None = None, repeats: int = 100) -> list[dict[str, Any]]:
+    """The GPU half of CUDA tuning: time every candidate kernel of a saved CUDA artifact on this GPU.
+
+    The candidates were generated and built where the artifact was compiled
+    (``sqc.compile(..., target="cuda -arch=...", tune=True)``); here they are
+    only loaded and timed. The winners and every timing are written back into
+    the artifact (``cuda/plan.json``, ``tuning.json``, ``tuning.md``, each
+    replaced atomically), so a later ``sqc.load`` runs the tuned kernels.
+    Needs neither TVM nor nvcc. Returns the tuning records.
+    """
+    from ..codegen.report import tuning_markdown
+    from .artifact import load
+
+    if not torch.cuda.is_available():
+        raise CudaUnavailable(f"tuning {path} needs an NVIDIA GPU; torch sees none here")
+    compiled = load(path, model=model)
+    if compiled.cuda is None:
+        raise ValueError(f"{path} holds no CUDA kernels (compiled for '{compiled.target}'); "
+                         "compile with target='cuda -arch=sm_XX' to tune for a GPU")
+    compiled.to("cuda")
+    compiled.cuda.tune(compiled.model, repeats=repeats)
+    records = compiled.cuda.records()
+    data = {"target": str(compiled.target), "kernels": records}
+    _atomic_text(os.path.join(path, "cuda", "plan.json"), json.dumps(compiled.cuda.plan, indent=1))
+    _atomic_text(os.path.join(path, "tuning.json"), json.dumps(data, indent=1, default=str))
+    _atomic_text(os.path.join(path, "tuning.md"), tuning_markdown(data))
+    return records
+
+
+def _atomic_text(path: str, text: str) -> None:
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)

@@ -169,6 +169,9 @@ def test_cuda_compile_save_load_without_gpu(tmp_path, mlp):
     assert "['tvm-cuda-sm_86']" in p.stdout
     if not torch.cuda.is_available():
         assert "clear error: layer" in p.stdout
+    if not torch.cuda.is_available():  # the GPU half of tuning refuses clearly where there is no GPU
+        p = subprocess.run([sys.executable, "-m", "sqc", "tune-gpu", out], capture_output=True, text=True, timeout=300)
+        assert p.returncode == 1 and "needs an NVIDIA GPU" in p.stderr, p.stderr[-2000:]
     w = torch.load(tmp_path / "w.pt")
     assert torch.equal(w, compiled.quantized_modules()["0"].packed.dequantize())
     assert torch.isfinite(ref).all()
@@ -261,3 +264,31 @@ def test_cuda_artifact_runs_on_gpu_without_tvm():
     for n in out:
         assert ((out[n] - ref[n]).norm() / ref[n].norm()) < 1e-2
     assert step.shape == (1, 13)
+
+
+@gpu
+def test_tune_gpu_times_every_candidate_and_rewrites_the_plan(tmp_path):
+    """``sqc tune-gpu`` on a CUDA artifact (``$SQC_CUDA_ARTIFACT``): every slot timed, the plan rewritten."""
+    import json
+    import shutil
+
+    src = os.environ.get("SQC_CUDA_ARTIFACT")
+    if not src:
+        pytest.skip("no $SQC_CUDA_ARTIFACT")
+    path = str(tmp_path / "a")
+    shutil.copytree(src, path)
+    p = subprocess.run([sys.executable, "-m", "sqc", "tune-gpu", path, "--json", "--repeats", "20"],
+                       capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    with open(os.path.join(path, "cuda", "plan.json")) as f:
+        plan = json.load(f)
+    assert plan["device"] and plan["copy_gbps"] > 0
+    for slot in plan["slots"]:
+        assert set(slot["ms"]) == set(slot["candidates"]) and slot["chosen"] == min(slot["ms"], key=slot["ms"].get)
+    import sqc
+
+    compiled = sqc.load(path).to("cuda")
+    ids = torch.randint(0, 128, (1, 7), device="cuda")
+    with torch.no_grad():
+        assert torch.isfinite(compiled(ids).logits).all()
+    assert "not timed" not in open(os.path.join(path, "tuning.md")).read()
