@@ -26,7 +26,7 @@ import torch
 from .layout import PackedLinear, pack_codes
 
 __all__ = ["to_chunk_words", "from_chunk_words", "CudaModule", "CudaLutKernels", "CudaUnavailable", "driver",
-           "cuda_available"]
+           "CudaBundle", "tune_artifact"]
 
 
 class CudaUnavailable(RuntimeError):
@@ -112,10 +112,6 @@ class _Driver:
 
 _DRIVER: _Driver | None = None
 _DRIVER_LOCK = threading.Lock()
-
-
-def cuda_available() -> bool:
-    return torch.cuda.is_available()
 
 
 def driver() -> _Driver:
@@ -216,8 +212,9 @@ class CudaLutKernels:
                                "call model.to(x.device)")
         lead = x.shape[:-1]
         x2 = x.reshape(-1, x.shape[-1])
-        if x2.dtype != torch.float16 or not x2.is_contiguous():
-            x2 = x2.to(torch.float16).contiguous()
+        if x2.dtype != torch.float16 or not x2.is_contiguous() or x2.data_ptr() % 16:
+            # fp16, contiguous, and aligned (the gemm reads x in 4-byte pairs): a fresh tensor
+            x2 = torch.empty(x2.shape, dtype=torch.float16, device=x2.device).copy_(x2)
         n = x2.shape[0]
         y = torch.empty((n, self.out_features), dtype=torch.float16, device=x.device)
         if n:
