@@ -8,7 +8,7 @@ Two steps, because the GPU machines have no TVM:
   bundle to ``DIR``.
 * ``python benchmarks/kernels.py --device cuda --bundle DIR`` (on the GPU):
   measures the device-to-device copy bandwidth; checks every benchmark kernel
-  against an fp64 reference on fresh random data (output poisoned first);
+  against the reference op in fp64 on fresh random data (output poisoned first);
   times every candidate (the remote half of tuning: the winners are written
   into the plan, ``<out dir>/kernels_cuda_plan.json``); times the winner against
   cuBLAS fp16 at batch 1, 16 and 64; writes ``benchmarks/results/kernels_cuda.json``
@@ -30,6 +30,10 @@ import sys
 import time
 
 import torch
+
+from sqc.runtime import ops  # noqa: F401  (registers torch.ops.sqc.lut_linear)
+from sqc.runtime.cuda import from_chunk_words
+from sqc.runtime.layout import pack_codes
 
 BENCH_SHAPES = [(4096, 4096), (11008, 4096)]
 BENCH_VARIANTS = [(3, False), (3, True), (4, False), (4, True)]
@@ -74,13 +78,6 @@ def prepare(folder: str, arch: str) -> None:
 
 # -- on the GPU -----------------------------------------------------------------------------------
 
-def _decode_words(words: torch.Tensor, bits: int, k: int) -> torch.Tensor:
-    p = 32 // bits
-    u = words.to(torch.int64).unsqueeze(-1) & 0xFFFFFFFF
-    shifts = torch.arange(p, device=words.device) * bits
-    return ((u >> shifts) & ((1 << bits) - 1)).reshape(words.shape[0], -1)[:, :k]
-
-
 def random_layer(key: dict, gen: torch.Generator, dev) -> dict:
     """Random chunk words, tables and CSR on the GPU; the codes are whatever the words hold."""
     R, K, b = key["rows"], key["in_features"], key["bits"]
@@ -94,7 +91,7 @@ def random_layer(key: dict, gen: torch.Generator, dev) -> dict:
         col = cols.reshape(-1).to(torch.int16)
         crow = torch.arange(R + 1, device=dev, dtype=torch.int32) * nnz_row
         val = (torch.randn(R * nnz_row, generator=gen, device=dev) * 0.2).half()
-        codes = _decode_words(words, b, K)
+        codes = from_chunk_words(words, b, K)
         rows = torch.arange(R, device=dev).repeat_interleave(nnz_row)
         scode = codes[rows, cols.reshape(-1)].to(torch.uint8)
     else:
@@ -107,12 +104,10 @@ def random_layer(key: dict, gen: torch.Generator, dev) -> dict:
 
 
 def reference(layer: dict, key: dict, x: torch.Tensor) -> torch.Tensor:
-    codes = _decode_words(layer["w"], key["bits"], key["in_features"])
-    w = layer["lut"].double().gather(1, codes)
-    if key["sparse"]:
-        rows = torch.repeat_interleave(torch.arange(key["rows"], device=x.device), layer["crow"].diff().long())
-        w[rows, layer["col"].long()] = layer["val"].double()
-    return x.double() @ w.T + layer["bias"].double()
+    """The reference op in fp64 on the GPU, on the canonical packing of whatever codes the words hold."""
+    codes = pack_codes(from_chunk_words(layer["w"], key["bits"], key["in_features"]), key["bits"])
+    return torch.ops.sqc.lut_linear(x.double(), codes, layer["lut"], layer["crow"], layer["col"], layer["val"],
+                                    layer["bias"], key["bits"], key["in_features"])
 
 
 def graph_us(fns, reps: int = 15, min_launches: int = 200) -> float:

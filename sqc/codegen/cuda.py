@@ -227,8 +227,9 @@ def _tile_strides(bits: int, kc: int) -> tuple[int, int]:
 
 
 def _code4(T, word, shift, mask: int):
-    """``4 * ((word >> shift) & mask)`` as one shift and one mask: the byte offset of an fp32 table entry in
-    two integer instructions (the ``// 4`` at the call folds into the ``* 4`` of the address). Done in int32:
+    """``4 * ((word >> shift) & mask)`` as one shift and one mask, meant to give the byte offset of an fp32
+    table entry in two integer instructions (the ``// 4`` at the call folds into the ``* 4`` of the address);
+    on the H200 it measured the same as the plain form (the gemv is not bound by integer work). Done in int32:
     the mask drops whatever an arithmetic shift brings in; the select folds once ``shift`` is unrolled."""
     w = T.Cast("int32", word)
     s = T.Select(shift >= 2, T.shift_right(w, T.max(shift - 2, 0)), T.shift_left(w, T.max(2 - shift, 0)))
@@ -615,6 +616,45 @@ def generate_source(requests: list[tuple[str, CudaKey, Any]], arch: str = "sm_90
     return source, out
 
 
+def _build(entries: list[tuple[CudaKey, list[str]]], arch: str, target: str, candidates: bool,
+           notes: list[str] | None):
+    """Generate and build the kernels of ``entries`` (key, layers it serves) into a CudaBundle.
+
+    Each key gets a gemv (batch 1) and two gemms (batch tiles 16 and 64); with
+    ``candidates`` every tuning candidate is built too, else only the defaults.
+    ``notes=None`` lets a missing nvcc raise; a list records it and keeps the
+    source without a fatbin.
+    """
+    from ..runtime.cuda import CUDA_FORMAT, CudaBundle
+    from .build import BUCKETS, import_tvm
+    from .nvcc import NvccError, build_fatbin, nvcc_version
+
+    requests, slots = [], []
+    for key, layers in entries:
+        for bucket in BUCKETS:
+            if bucket == "1":
+                op, cands = "gemv", gemv_candidates(key)
+            else:
+                op, cands = "gemm", gemm_candidates(key, GEMM_BATCH_TILES[bucket])
+            if not candidates:
+                cands = cands[:1]
+            requests += [(op, key, kn) for kn in cands]
+            syms = [kernel_name(op, key, kn) + "_kernel" for kn in cands]
+            slots.append({"key": dataclasses.asdict(key), "bucket": bucket, "layers": list(layers),
+                          "candidates": syms, "chosen": syms[0]})
+    source, specs = generate_source(requests, arch)
+    try:
+        fatbin, nvcc = build_fatbin(source, (arch,)), nvcc_version()
+    except NvccError as e:
+        if notes is None:
+            raise
+        fatbin, nvcc = b"", None
+        notes.append(f"no fatbin in this build ({e}); the CUDA source is kept, but running needs a rebuild with nvcc")
+    plan = {"format": CUDA_FORMAT, "arch": [arch], "target": target, "nvcc": nvcc,
+            "tvm": import_tvm().__version__, "kernels": {s.name: s.as_dict() for s in specs}, "slots": slots}
+    return CudaBundle(source, fatbin, plan)
+
+
 def build_bundle(model, target_spec, tune: bool = True, notes: list[str] | None = None):
     """Generate, build and plan the CUDA kernels of every quantized layer of ``model``; attach them.
 
@@ -625,46 +665,21 @@ def build_bundle(model, target_spec, tune: bool = True, notes: list[str] | None 
     run the reference op and say why. Returns the
     :class:`~sqc.runtime.cuda.CudaBundle`, or None when no layer got a kernel.
     """
-    from ..runtime.cuda import BUCKETS, CUDA_FORMAT, CudaBundle, layer_key
+    from ..runtime.cuda import layer_key
     from ..runtime.qlinear import SqcLinear
-    from .nvcc import NvccError, build_fatbin, nvcc_version
 
-    notes = notes if notes is not None else []
-    arch = str(target_spec.as_dict().get("arch", "sm_80"))
-    mods = {n: m for n, m in model.named_modules() if isinstance(m, SqcLinear)}
     groups: dict[CudaKey, list[str]] = {}
-    for name, m in mods.items():
+    for name, m in model.named_modules():
+        if not isinstance(m, SqcLinear):
+            continue
         if m.bits not in SUPPORTED_BITS:
             m.set_kernel(None, f"reference (no CUDA LUT kernel for {m.bits}-bit codes)")
             continue
         groups.setdefault(CudaKey(**layer_key(m)), []).append(name)
     if not groups:
         return None
-    requests, slots = [], []
-    for key, layers in groups.items():
-        for bucket in BUCKETS:
-            if bucket == "1":
-                op, cands = "gemv", gemv_candidates(key)
-            else:
-                op, cands = "gemm", gemm_candidates(key, GEMM_BATCH_TILES[bucket])
-            if not tune:
-                cands = cands[:1]
-            requests += [(op, key, kn) for kn in cands]
-            syms = [kernel_name(op, key, kn) + "_kernel" for kn in cands]
-            slots.append({"key": dataclasses.asdict(key), "bucket": bucket, "layers": layers, "candidates": syms,
-                          "chosen": syms[0]})
-    source, specs = generate_source(requests, arch)
-    try:
-        fatbin = build_fatbin(source, (arch,))
-        nvcc = nvcc_version()
-    except NvccError as e:
-        fatbin, nvcc = b"", None
-        notes.append(f"no fatbin in this build ({e}); the CUDA source is kept, but running needs a rebuild with nvcc")
-    from .build import import_tvm
-
-    plan = {"format": CUDA_FORMAT, "arch": [arch], "target": str(target_spec), "nvcc": nvcc,
-            "tvm": import_tvm().__version__, "kernels": {s.name: s.as_dict() for s in specs}, "slots": slots}
-    bundle = CudaBundle(source, fatbin, plan)
+    arch = str(target_spec.as_dict().get("arch", "sm_80"))
+    bundle = _build(list(groups.items()), arch, str(target_spec), tune, notes if notes is not None else [])
     bundle.attach(model, str(target_spec))
     return bundle
 
@@ -675,25 +690,4 @@ def build_check_bundle(keys: list[CudaKey], arch: str = "sm_90", all_candidates:
     Returns a :class:`~sqc.runtime.cuda.CudaBundle` whose slots serve no layers;
     write it with ``bundle.write(folder)`` and read it on the GPU machine.
     """
-    from ..runtime.cuda import BUCKETS, CUDA_FORMAT, CudaBundle
-    from .build import import_tvm
-    from .nvcc import build_fatbin, nvcc_version
-
-    requests, slots = [], []
-    for key in keys:
-        for bucket in BUCKETS:
-            if bucket == "1":
-                op, cands = "gemv", gemv_candidates(key)
-            else:
-                op, cands = "gemm", gemm_candidates(key, GEMM_BATCH_TILES[bucket])
-            if not all_candidates:
-                cands = cands[:1]
-            requests += [(op, key, kn) for kn in cands]
-            syms = [kernel_name(op, key, kn) + "_kernel" for kn in cands]
-            slots.append({"key": dataclasses.asdict(key), "bucket": bucket, "layers": [], "candidates": syms,
-                          "chosen": syms[0]})
-    source, specs = generate_source(requests, arch)
-    fatbin = build_fatbin(source, (arch,))
-    plan = {"format": CUDA_FORMAT, "arch": [arch], "target": f"cuda -arch={arch}", "nvcc": nvcc_version(),
-            "tvm": import_tvm().__version__, "kernels": {s.name: s.as_dict() for s in specs}, "slots": slots}
-    return CudaBundle(source, fatbin, plan)
+    return _build([(k, []) for k in keys], arch, f"cuda -arch={arch}", all_candidates, None)

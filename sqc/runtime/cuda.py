@@ -23,6 +23,7 @@ from typing import Any
 
 import torch
 
+from ..codegen.build import BUCKETS, bucket_of
 from .layout import PackedLinear, pack_codes
 
 __all__ = ["to_chunk_words", "from_chunk_words", "CudaModule", "CudaLutKernels", "CudaUnavailable", "driver",
@@ -53,10 +54,10 @@ def to_chunk_words(codes: torch.Tensor, bits: int) -> torch.Tensor:
 
 
 def from_chunk_words(words: torch.Tensor, bits: int, in_features: int) -> torch.Tensor:
-    """Inverse of :func:`to_chunk_words`: codes as int64 ``[R, K]``."""
+    """Inverse of :func:`to_chunk_words`: codes as int64 ``[R, K]``, on the words' device."""
     p, nc = _chunk_geometry(in_features, bits)
-    u = words.to(torch.int64).cpu().unsqueeze(-1) & 0xFFFFFFFF
-    shifts = torch.arange(p) * bits
+    u = words.to(torch.int64).unsqueeze(-1) & 0xFFFFFFFF
+    shifts = torch.arange(p, device=words.device) * bits
     c = (u >> shifts) & ((1 << bits) - 1)
     return c.reshape(words.shape[0], nc * 4 * p)[:, :in_features]
 
@@ -127,40 +128,46 @@ def driver() -> _Driver:
 class CudaModule:
     """A fatbin and its kernel descriptions; loaded into a device's context on first use."""
 
-    def __init__(self, fatbin: bytes, specs: dict[str, Any], source: str = "", arch: tuple[str, ...] = ()) -> None:
+    def __init__(self, fatbin: bytes, specs: dict[str, Any], arch: tuple[str, ...] = ()) -> None:
         self.fatbin = fatbin
         self.specs = specs  # symbol -> KernelSpec
-        self.source = source
-        self.arch = arch
-        self._loaded: dict[int, tuple[Any, dict[str, Any]]] = {}
+        self.arch = arch  # what the fatbin was built for (named in load errors)
+        self._driver: _Driver | None = None
+        self._mods: dict[int, Any] = {}
+        self._fns: dict[int, dict[str, Any]] = {}
+
+    def _load(self, device: int) -> dict[str, Any]:
+        if not self.fatbin:
+            raise CudaUnavailable("these CUDA kernels have no fatbin (nvcc was missing where they were compiled): "
+                                  "compile again on a machine with nvcc on PATH (or SQC_NVCC set)")
+        d = self._driver = driver()
+        with torch.cuda.device(device):
+            torch.cuda.current_stream(device)  # makes torch create its (primary) context
+            d.ensure_context(device)
+            try:
+                self._mods[device] = d.load(self.fatbin)
+            except RuntimeError as e:
+                major, minor = torch.cuda.get_device_capability(device)
+                raise CudaUnavailable(
+                    f"the kernels were built for {', '.join(self.arch) or 'another GPU'} and do not load on this "
+                    f"sm_{major}{minor} GPU ({e}): compile with target='cuda -arch=sm_{major}{minor}'") from None
+        return self._fns.setdefault(device, {})
 
     def function(self, name: str, device: int):
-        d = driver()
-        if device not in self._loaded:
-            with torch.cuda.device(device):
-                torch.cuda.current_stream(device)  # makes torch create its (primary) context
-                d.ensure_context(device)
-                self._loaded[device] = (d.load(self.fatbin), {})
-        mod, fns = self._loaded[device]
-        if name not in fns:
-            fns[name] = d.function(mod, name)
-        return fns[name]
+        fns = self._fns.get(device)
+        if fns is None:
+            fns = self._load(device)
+        fn = fns.get(name)
+        if fn is None:
+            fn = fns[name] = self._driver.function(self._mods[device], name)
+        return fn
 
     def launch(self, name: str, n: int, tensors: dict[str, Any], device: int) -> None:
         spec = self.specs[name]
-        args = []
-        for p in spec.params:
-            if p == "n":
-                args.append(int(n))
-            else:
-                args.append(tensors[p])
+        args = [int(n) if p == "n" else tensors[p] for p in spec.params]
         fn = self.function(name, device)
         stream = torch.cuda.current_stream(device).cuda_stream
-        driver().launch(fn, spec.grid(n), spec.threads, args, stream, name)
-
-
-def _bucket(n: int) -> str:
-    return "1" if n == 1 else ("2-16" if n <= 16 else "17+")
+        self._driver.launch(fn, spec.grid(n), spec.threads, args, stream, name)
 
 
 class CudaLutKernels:
@@ -196,7 +203,7 @@ class CudaLutKernels:
         self.bias16 = b.to(torch.float16) if b.dtype != torch.float16 else b
 
     def canonical_codes(self) -> torch.Tensor:
-        return pack_codes(from_chunk_words(self.words, self.bits, self.in_features), self.bits).to(self.words.device)
+        return pack_codes(from_chunk_words(self.words, self.bits, self.in_features), self.bits)
 
     def nbytes(self) -> int:
         return self.words.numel() * 4 + self.scode.numel()
@@ -220,14 +227,16 @@ class CudaLutKernels:
         if n:
             tensors = {"x": x2, "w": self.words, "lut": lut, "crow": crow, "col": col, "val": val, "sc": self.scode,
                        "bias": self.bias16, "y": y}
-            self.module.launch(self.names[_bucket(n)], n, tensors, x.device.index or 0)
+            try:
+                self.module.launch(self.names[bucket_of(n)], n, tensors, x.device.index or 0)
+            except (RuntimeError, KeyError) as e:
+                raise type(e)(f"layer '{self.layer}': {e}") from e
         return y.to(x.dtype).view(*lead, self.out_features)
 
 
 # -- the CUDA part of a compiled model: kernels, which layer runs which, tuning -------------------------------
 
-BUCKETS = ("1", "2-16", "17+")
-#: the batch each bucket's kernel is timed at when tuning on the GPU
+#: the batch each bucket's kernel is timed at on the GPU (16, not the CPU's 8: the gemm's batch tile is 16)
 BUCKET_TUNE_BATCH = {"1": 1, "2-16": 16, "17+": 64}
 CUDA_FORMAT = 1
 
@@ -259,7 +268,7 @@ class CudaBundle:
         self.source = source
         self.plan = plan
         specs = {s: KernelSpec.from_dict(d) for s, d in plan["kernels"].items()}
-        self.module = CudaModule(fatbin, specs, source, tuple(plan["arch"]))
+        self.module = CudaModule(fatbin, specs, tuple(plan["arch"]))
 
     @property
     def fatbin(self) -> bytes:
@@ -367,7 +376,8 @@ class CudaBundle:
             nbytes += 2 * n * (m.in_features + m.out_features)
             slot.update(ms=times, chosen=chosen, bytes=nbytes, gbps=nbytes / (times[chosen] * 1e-3) / 1e9)
             slot["bw_ratio"] = slot["gbps"] / copy
-        self.attach(model, self.plan.get("target", "cuda"))
+            for layer in slot["layers"]:
+                mods[layer]._kernels.names[slot["bucket"]] = chosen
 
 
 def event_median_ms(fn, repeats: int = 100, warmup: int = 10) -> float:

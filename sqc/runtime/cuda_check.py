@@ -13,7 +13,7 @@ from typing import Any
 import torch
 
 from . import ops  # noqa: F401  (registers torch.ops.sqc.lut_linear)
-from .cuda import CudaLutKernels, to_chunk_words
+from .cuda import to_chunk_words
 from .layout import PackedLinear, pack_codes
 
 __all__ = ["random_packed", "run_kernel", "check_kernel", "TOLERANCE", "CHECK_KEYS"]
@@ -60,14 +60,12 @@ def random_packed(key: dict[str, Any], gen: torch.Generator, density: float = 0.
     return PackedLinear(b, K, R, pack_codes(codes, b), lut, crow, col, val)
 
 
-def run_kernel(module, symbol: str, packed: PackedLinear, x: torch.Tensor, bias: torch.Tensor | None,
-               words: torch.Tensor | None = None) -> torch.Tensor:
+def run_kernel(module, symbol: str, packed: PackedLinear, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """Launch one kernel symbol on GPU tensors; y is poisoned with NaN first."""
     dev = x.device
     codes = packed.unpack()
     rows, cols = packed.sparse_coo()
-    if words is None:
-        words = to_chunk_words(codes, packed.bits).to(dev)
+    words = to_chunk_words(codes, packed.bits).to(dev)
     scode = codes[rows, cols].to(torch.uint8).to(dev)
     b16 = (bias if bias is not None else torch.zeros(packed.out_features)).to(dev, torch.float16)
     y = torch.full((x.shape[0], packed.out_features), float("nan"), dtype=torch.float16, device=dev)
@@ -94,13 +92,3 @@ def check_kernel(module, symbol: str, key: dict[str, Any], n: int, gen: torch.Ge
     err = float((yf - ref).norm() / ref.norm().clamp_min(1e-30))
     return {"symbol": symbol, "n": n, "rel_err": err, "unwritten": unwritten,
             "ok": unwritten == 0 and err <= TOLERANCE}
-
-
-def check_layer_kernels(kernels: CudaLutKernels, m, n: int, gen: torch.Generator) -> float:
-    """Relative error of a model layer's attached kernels against its reference op, for batch n."""
-    x = torch.randn((n, m.in_features), generator=gen).to(torch.float16)
-    y = kernels(x.cuda(), m.lut, m.crow, m.col, m.val, m.bias).float().cpu()
-    codes = kernels.canonical_codes()
-    ref = torch.ops.sqc.lut_linear(x.float(), codes, m.lut.cpu(), m.crow.cpu(), m.col.cpu(), m.val.cpu(),
-                                   kernels.bias16.float().cpu(), m.bits, m.in_features)
-    return float((y - ref).norm() / ref.norm().clamp_min(1e-30))
