@@ -54,7 +54,9 @@ class QuantConfig:
     skip : tuple of str
         ``fnmatch`` patterns of module names that are left in floating point.
     chunk_rows : int
-        Rows fitted per JAX call; bounds the fitting memory.
+        Rows fitted per JAX call; bounds the fitting memory. 512 keeps a
+        chunk's DP tables in cache: on SmolLM2 at 4 bits, 2048 rows per call
+        fit 25 % slower.
 
     Examples
     --------
@@ -71,7 +73,7 @@ class QuantConfig:
     table_dtype: TableDType = TableDType.FLOAT16
     kmeans_iters: int = 8
     skip: tuple[str, ...] = ()
-    chunk_rows: int = 2048
+    chunk_rows: int = 512
     version: int = CONFIG_VERSION
 
     def __post_init__(self) -> None:

@@ -183,11 +183,12 @@ def _row_solver(n_centroids: int, iters: int, trace: bool):
         K = xs.shape[0]
         bounds = _bin_bounds(K, _bins(C))
         M = len(bounds) - 1
-        zero = jnp.zeros((1,), xs.dtype)
         b = jnp.asarray(bounds)
-        q0 = jnp.concatenate([zero, jnp.cumsum(ws)])[b]
-        q1 = jnp.concatenate([zero, jnp.cumsum(ws * xs)])[b]
-        q2 = jnp.concatenate([zero, jnp.cumsum(ws * xs * xs)])[b]
+        # prefix sums of w, w*x, w*x^2 at the bin starts, as one product with
+        # a constant 0/1 matrix (under vmap a matmul over the chunk: 8x
+        # faster on CPU than cumsum followed by a gather)
+        below = jnp.asarray(np.arange(K)[:, None] < bounds[None, :], xs.dtype)
+        q0, q1, q2 = jnp.dot(jnp.stack([ws, ws * xs, ws * xs * xs]), below, precision="highest")
         # cost_t[j, i]: weighted SSE of the bins [i, j) about their mean
         s0 = q0[:, None] - q0[None, :]
         s1 = q1[:, None] - q1[None, :]
@@ -198,7 +199,8 @@ def _row_solver(n_centroids: int, iters: int, trace: bool):
         cost_t = s2 - s1 * s1 / jnp.maximum(s0, 1e-30)
         # a segment [i, j) needs i <= j; empty segments (i == j, cost 0) let
         # rows with fewer bins than centroids duplicate a centroid
-        valid = jnp.arange(M + 1)[:, None] >= jnp.arange(M + 1)[None, :]
+        ar = jnp.arange(M + 1, dtype=jnp.int32)
+        valid = ar[:, None] >= ar[None, :]
         cost_t = jnp.where(valid, jnp.maximum(cost_t, 0.0), jnp.inf)
 
         def layer(D, _):
@@ -209,15 +211,18 @@ def _row_solver(n_centroids: int, iters: int, trace: bool):
         # (the C-cluster table itself is never needed, only its argmin at bin M)
         last, Ds = jax.lax.scan(layer, cost_t[:, 0], None, length=C - 2)
         Ds = jnp.concatenate([Ds, last[None]], axis=0)
+
         # Ds[k] is the best cost of k+1 clusters over bins [0, i). Walk back
-        # from bin M, recovering each boundary with one small argmin.
+        # from bin M, recovering each boundary as the first index attaining the
+        # minimum (two plain reductions: XLA's argmin is 2x slower here)
         def back(j, D):
-            i = jnp.argmin(D + cost_t[j]).astype(j.dtype)
+            v = D + cost_t[j]
+            i = jnp.min(jnp.where(v == v.min(), ar, M)).astype(j.dtype)
             return i, i
 
-        _, bounds = jax.lax.scan(back, jnp.asarray(M, jnp.int32), Ds, reverse=True)
-        lo = jnp.concatenate([jnp.zeros((1,), jnp.int32), bounds])
-        hi = jnp.concatenate([bounds, jnp.full((1,), M, jnp.int32)])
+        _, cuts = jax.lax.scan(back, jnp.asarray(M, jnp.int32), Ds, reverse=True)
+        lo = jnp.concatenate([jnp.zeros((1,), jnp.int32), cuts])
+        hi = jnp.concatenate([cuts, jnp.full((1,), M, jnp.int32)])
         w_seg = q0[hi] - q0[lo]
         first_x = xs[jnp.clip(b[lo], 0, K - 1)]
         c = jnp.where(w_seg > 0, (q1[hi] - q1[lo]) / jnp.where(w_seg > 0, w_seg, 1.0), first_x)
@@ -257,21 +262,25 @@ def _row_solver(n_centroids: int, iters: int, trace: bool):
 def _sort_rows(w: np.ndarray, f: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Sort each row of ``w`` ascending and carry ``f`` along (ties by column).
 
-    The float bits are mapped to an order-preserving integer, shifted into the
-    high half of an int64 whose low half is the column, and sorted as plain
-    integers: NumPy's SIMD sort of keys is several times faster than argsort
-    followed by gathers.
+    Each entry becomes one int64 key whose high half is the float's bits
+    mapped to an order-preserving integer and whose low half is its column
+    (built in place as int32 pairs, little-endian), and the keys are sorted as
+    plain integers: NumPy's SIMD sort of keys is several times faster than
+    argsort followed by gathers.
     """
     R, K = w.shape
     b = np.ascontiguousarray(w, dtype=np.float32).view(np.int32)
-    key = (b ^ ((b >> 31) & 0x7FFFFFFF)).astype(np.int64)
-    key <<= 32
-    key |= np.arange(K, dtype=np.int64)
-    key.sort(axis=1)
-    col = key & 0xFFFFFFFF
-    hi = (key >> 32).astype(np.int32)
-    hi ^= (hi >> 31) & 0x7FFFFFFF
-    return hi.view(np.float32), np.take_along_axis(f, col, axis=1)
+    if np.little_endian:
+        lo_half, hi_half = 0, 1
+    else:  # pragma: no cover - big-endian hosts
+        lo_half, hi_half = 1, 0
+    pairs = np.empty((R, K, 2), np.int32)
+    pairs[..., lo_half] = np.arange(K, dtype=np.int32)
+    np.bitwise_xor(b, (b >> 31) & 0x7FFFFFFF, out=pairs[..., hi_half])
+    pairs.view(np.int64).reshape(R, K).sort(axis=1)
+    hi = pairs[..., hi_half]
+    x = hi ^ ((hi >> 31) & 0x7FFFFFFF)
+    return x.view(np.float32), np.take_along_axis(f, pairs[..., lo_half], axis=1)
 
 
 def _workers() -> int:
@@ -312,7 +321,7 @@ def fit_rows(
     active,
     bits: int,
     iters: int = 8,
-    chunk_rows: int = 2048,
+    chunk_rows: int = 512,
 ) -> KMeansResult:
     """Fit one weighted k-means codebook per row.
 

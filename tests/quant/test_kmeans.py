@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from sqc.quant.kmeans import fit_rows, lloyd_trace
+from sqc.quant.kmeans import _sort_rows, fit_rows, lloyd_trace
 
 
 def weighted_err(w, f, c):
@@ -14,6 +14,29 @@ def rtn_err(w, f, bits):
     lo, hi = w.min(1, keepdims=True), w.max(1, keepdims=True)
     grid = lo + (hi - lo) * np.arange(1 << bits) / ((1 << bits) - 1)
     return weighted_err(w, f, grid)
+
+
+@settings(max_examples=50, deadline=None)
+@given(
+    pool=st.lists(st.floats(width=32, allow_nan=False, allow_infinity=False), min_size=1, max_size=6),
+    R=st.integers(1, 4),
+    K=st.integers(1, 40),
+    seed=st.integers(0, 10_000),
+)
+def test_sort_rows_carries_weights_and_breaks_ties_by_column(pool, R, K, seed):
+    # few distinct values (ties, signed zeros, subnormals from the pool)
+    rng = np.random.default_rng(seed)
+    w = np.asarray(pool, np.float32)[rng.integers(0, len(pool), (R, K))]
+    cols = np.broadcast_to(np.arange(K, dtype=np.float32), (R, K))
+    x, g = _sort_rows(w, cols)
+    order = g.astype(np.int64)
+    # a permutation of each row, carried along, values ascending
+    assert (np.sort(order, axis=1) == np.arange(K)).all()
+    assert np.array_equal(x.view(np.int32), np.take_along_axis(w, order, 1).view(np.int32))
+    assert (np.diff(x, axis=1) >= 0).all()
+    # equal bit patterns keep column order
+    same = x.view(np.int32)[:, 1:] == x.view(np.int32)[:, :-1]
+    assert (np.diff(order, axis=1)[same] > 0).all()
 
 
 @settings(max_examples=30, deadline=None)
