@@ -38,7 +38,7 @@ def main(argv: list[str] | None = None) -> int:
     from sqc.runtime.artifact import artifact_bits_per_weight
 
     torch.manual_seed(0)
-    print(f"loading SmolLM2-135M (GGUF, de-quantized to fp32) ...", flush=True)
+    print("loading SmolLM2-135M (GGUF, de-quantized to fp32) ...", flush=True)
     model, tok = load_smollm2()
     windows = eval_windows(tok, args.eval_windows, args.seq_len)
     calib = calibration_windows(tok, args.calib_samples, args.seq_len)

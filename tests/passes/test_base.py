@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from sqc.config import QuantConfig
-from sqc.passes import FitCodebook, Lower, PackLayout
+from sqc.passes import FitCodebook, Lower
 from sqc.passes.base import CompileContext, IRDumpInstrument, MissingMetadataError, PassManager, TimingInstrument
 from sqc.trace import trace
 
