@@ -146,12 +146,15 @@ def cmd_compile(args, progress: Progress) -> dict[str, Any]:
             k: v for k, v in (
                 ("bits", args.bits), ("outlier_pct", args.outlier_pct), ("sensitive_pct", args.sensitive_pct),
                 ("table_dtype", args.table_dtype), ("kmeans_iters", args.kmeans_iters),
-                ("chunk_rows", args.chunk_rows),
+                ("chunk_rows", args.chunk_rows), ("fit", args.fit),
                 ("skip", tuple(args.skip) if args.skip else None),
             ) if v is not None
         }
         if overrides:
             cfg = cfg.replace(**overrides)
+        if args.no_calib and cfg.fit.value == "guided":
+            raise UsageError(f"the guided fit (--preset {args.preset}{' --fit guided' if args.fit else ''}) needs "
+                             "calibration data: drop --no-calib, or use a k-means preset such as w3-s0.45")
         from .codegen.target import parse_target
 
         target = parse_target(args.target)
@@ -297,7 +300,7 @@ def cmd_generate(args, progress: Progress) -> dict[str, Any]:
 # -- parser --------------------------------------------------------------------
 
 def build_parser() -> argparse.ArgumentParser:
-    from .config import PRESETS, TableDType
+    from .config import PRESETS, FitMode, TableDType
 
     p = argparse.ArgumentParser(prog="sqc", description="SqueezeLLM dense-and-sparse quantization compiler")
     sub = p.add_subparsers(dest="command", required=True)
@@ -326,6 +329,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--table-dtype", choices=[t.value for t in TableDType])
     c.add_argument("--kmeans-iters", type=int)
     c.add_argument("--chunk-rows", type=int)
+    c.add_argument("--fit", choices=[m.value for m in FitMode],
+                   help="codebook fit: kmeans, or guided (layer-output objective; needs calibration)")
     c.add_argument("--skip", action="append", metavar="PATTERN", help="module-name pattern left in float (repeatable)")
     c.add_argument("--verbose", action="store_true", help="print the per-layer report")
     common(c)

@@ -11,10 +11,11 @@ import torch
 from torch import nn
 
 from .codegen.target import TargetSpec, parse_target
-from .config import QuantConfig, resolve_config
-from .passes.annotate_sensitivity import AnnotateSensitivity, AttachSensitivity
+from .config import FitMode, QuantConfig, resolve_config
+from .passes.annotate_sensitivity import AnnotateSensitivity, AttachSensitivity, Sensitivity
 from .passes.base import CompileContext, IRDumpInstrument, LayerReport, PassManager, TimingInstrument
 from .passes.fit_codebook import FitCodebook
+from .passes.fit_guided import FitGuided
 from .passes.lower import Lower
 from .passes.pack_layout import PackLayout
 from .passes.split_outliers import SplitOutliers
@@ -35,14 +36,17 @@ def _release_memory() -> None:
         pass
 
 
-def default_pipeline(sensitivity: dict[str, torch.Tensor] | None = None) -> list:
+def default_pipeline(sensitivity: "dict[str, torch.Tensor] | Sensitivity | None" = None,
+                     config: QuantConfig | None = None) -> list:
     """The pass list, in order. A disabled pass is left out of this list."""
+    guided = config is not None and config.fit is FitMode.GUIDED
     return [
-        # analysis: Fisher from calibration data, or one computed earlier
-        AnnotateSensitivity() if sensitivity is None else AttachSensitivity(sensitivity),
+        # analysis: Fisher (and guided Hessians) from calibration data, or computed earlier
+        AnnotateSensitivity(guided) if sensitivity is None else AttachSensitivity(sensitivity, guided),
         # dense-and-sparse decomposition
         SplitOutliers(),
         FitCodebook(),
+        *([FitGuided()] if guided else []),
         # representation
         PackLayout(),
         # graph rewrite
@@ -224,7 +228,7 @@ def compile(  # noqa: A001 - the public name
     example_kwargs: dict[str, Any] | None = None,
     dump_ir: str | None = None,
     progress: Callable[[str, int, int], None] | None = None,
-    sensitivity: dict[str, torch.Tensor] | None = None,
+    sensitivity: "dict[str, torch.Tensor] | Sensitivity | None" = None,
     tune: bool = True,
     tune_trials: int | None = None,
     kernels: bool = True,
@@ -247,8 +251,11 @@ def compile(  # noqa: A001 - the public name
     dump_ir : a folder to write the graph after every pass.
     progress : ``progress(stage, done, total)`` callback.
     sensitivity : Fisher diagonals by weight name, computed earlier with
-        :func:`sqc.passes.annotate_sensitivity.fisher_information`; replaces
-        the calibration pass (e.g. to try several bit widths on one Fisher).
+        :func:`sqc.passes.annotate_sensitivity.fisher_information`, or a
+        :class:`~sqc.passes.annotate_sensitivity.Sensitivity` (Fisher and
+        guided Hessians, from ``calibration_statistics``; guided presets need
+        the Hessians); replaces the calibration pass (e.g. to try several bit
+        widths on one calibration).
     tune : search each kernel's schedule knobs (results persist in the tuning
         database, so a second compile tunes nothing); ``False`` uses the
         database's choice when there is one, else the default knobs.
@@ -306,7 +313,7 @@ def compile(  # noqa: A001 - the public name
     instruments: list = [TimingInstrument()]
     if dump_ir:
         instruments.append(IRDumpInstrument(dump_ir))
-    gm = PassManager(default_pipeline(sensitivity), instruments).run(traced.graph_module, ctx)
+    gm = PassManager(default_pipeline(sensitivity, cfg), instruments).run(traced.graph_module, ctx)
     del params, traced
     tuning = []
     if spec.kind == "llvm" and not kernels:

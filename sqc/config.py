@@ -8,7 +8,9 @@ Presets
 -------
 ``"w4"``, ``"w3"`` (dense only) and ``"w4-s0.45"``, ``"w3-s0.45"`` (0.40 % of the
 largest-magnitude weights plus 0.05 % of the most sensitive ones kept exactly in
-the sparse part) are accepted wherever a config is.
+the sparse part) are accepted wherever a config is. Each has a ``-g`` twin
+(``"w3-s0.45-g"``...) with the guided, error-compensating fit
+(:mod:`sqc.quant.guided`), which needs calibration data.
 """
 from __future__ import annotations
 
@@ -19,7 +21,7 @@ from typing import Any, Mapping
 
 CONFIG_VERSION = 1
 
-__all__ = ["QuantConfig", "TableDType", "PRESETS", "resolve_config", "CONFIG_VERSION"]
+__all__ = ["QuantConfig", "TableDType", "FitMode", "PRESETS", "resolve_config", "CONFIG_VERSION"]
 
 
 class TableDType(str, enum.Enum):
@@ -28,6 +30,15 @@ class TableDType(str, enum.Enum):
     FLOAT16 = "float16"
     BFLOAT16 = "bfloat16"
     FLOAT32 = "float32"
+
+
+class FitMode(str, enum.Enum):
+    """How the codebooks are fitted."""
+
+    #: Fisher-weighted k-means per row (SqueezeLLM's objective)
+    KMEANS = "kmeans"
+    #: k-means start, then the guided layer-output objective with error feedback (:mod:`sqc.quant.guided`)
+    GUIDED = "guided"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,6 +68,16 @@ class QuantConfig:
         Rows fitted per JAX call; bounds the fitting memory. 512 keeps a
         chunk's DP tables in cache: on SmolLM2 at 4 bits, 2048 rows per call
         fit 25 % slower.
+    fit : FitMode
+        ``"kmeans"`` (default) or ``"guided"``: after k-means, minimise each
+        layer's gradient-weighted output error ``e^T H e`` with error-feedback
+        assignment, least-squares tables and coordinate descent. Needs
+        calibration data (``H`` comes from the calibration gradients). Same
+        packed format and kernels.
+    guided_iters : int
+        Rounds of least-squares tables + coordinate descent in a guided fit.
+    guided_damp : float
+        Damping of the guided Hessian's diagonal, relative to its mean.
 
     Examples
     --------
@@ -74,6 +95,9 @@ class QuantConfig:
     kmeans_iters: int = 8
     skip: tuple[str, ...] = ()
     chunk_rows: int = 512
+    fit: FitMode = FitMode.KMEANS
+    guided_iters: int = 2
+    guided_damp: float = 0.01
     version: int = CONFIG_VERSION
 
     def __post_init__(self) -> None:
@@ -100,6 +124,21 @@ class QuantConfig:
                 raise ValueError(
                     f"QuantConfig.table_dtype {self.table_dtype!r} is not one of: {valid}"
                 ) from None
+        if not isinstance(self.fit, FitMode):
+            try:
+                object.__setattr__(self, "fit", FitMode(self.fit))
+            except ValueError:
+                valid = ", ".join(m.value for m in FitMode)
+                raise ValueError(f"QuantConfig.fit {self.fit!r} is not one of: {valid}") from None
+        if isinstance(self.guided_iters, bool) or not isinstance(self.guided_iters, int) or not 0 <= self.guided_iters <= 100:
+            raise ValueError(f"QuantConfig.guided_iters must be an integer in 0..100, got {self.guided_iters!r}")
+        if isinstance(self.guided_damp, bool) or not isinstance(self.guided_damp, (int, float)) \
+                or not 0.0 < float(self.guided_damp) <= 10.0:
+            raise ValueError(
+                f"QuantConfig.guided_damp must be a number in (0, 10] (a fraction of the mean Hessian diagonal; "
+                f"0.01 is the usual value), got {self.guided_damp!r}"
+            )
+        object.__setattr__(self, "guided_damp", float(self.guided_damp))
         if not isinstance(self.kmeans_iters, int) or not 1 <= self.kmeans_iters <= 10_000:
             raise ValueError(f"QuantConfig.kmeans_iters must be in 1..10000, got {self.kmeans_iters!r}")
         if not isinstance(self.chunk_rows, int) or self.chunk_rows < 1:
@@ -126,6 +165,7 @@ class QuantConfig:
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         d["table_dtype"] = self.table_dtype.value
+        d["fit"] = self.fit.value
         d["skip"] = list(self.skip)
         return d
 
@@ -157,6 +197,7 @@ PRESETS: dict[str, QuantConfig] = {
     "w4-s0.45": QuantConfig(bits=4, outlier_pct=0.40, sensitive_pct=0.05),
     "w3-s0.45": QuantConfig(bits=3, outlier_pct=0.40, sensitive_pct=0.05),
 }
+PRESETS.update({f"{name}-g": cfg.replace(fit=FitMode.GUIDED) for name, cfg in list(PRESETS.items())})
 
 
 def resolve_config(config: "QuantConfig | str | Mapping[str, Any] | None") -> QuantConfig:

@@ -95,6 +95,8 @@ def test_progress_lines_when_not_a_tty(workspace, tmp_path):
         (["compile", "MODEL", "--out", "X", "--no-calib", "--target", "metal"], 2, "unknown target"),
         (["compile", "MODEL", "--out", "EXISTING", "--no-calib"], 1, "exists; pass --force"),
         (["compile", "MODEL", "--out", "X"], 2, "give --calib TEXTFILE"),
+        (["compile", "MODEL", "--out", "X", "--no-calib", "--preset", "w3-s0.45-g"], 2, "needs calibration data"),
+        (["compile", "MODEL", "--out", "X", "--no-calib", "--fit", "guided"], 2, "needs calibration data"),
         (["compile", "NOTAMODEL", "--out", "X", "--no-calib"], 1, "not a Hugging Face model folder"),
         (["eval", "/no/such/dir", "--text", "T"], 1, "is not an sqc artifact folder"),
         (["frobnicate"], 2, "invalid choice"),

@@ -43,7 +43,7 @@ def test_json_round_trip(bits, o, s, t, skip):
 def test_presets():
     assert resolve_config("w3-s0.45") == QuantConfig(bits=3, outlier_pct=0.40, sensitive_pct=0.05)
     assert resolve_config("w4").sparse_pct == 0
-    assert set(PRESETS) == {"w4", "w3", "w4-s0.45", "w3-s0.45"}
+    assert set(PRESETS) == {"w4", "w3", "w4-s0.45", "w3-s0.45", "w4-g", "w3-g", "w4-s0.45-g", "w3-s0.45-g"}
     with pytest.raises(ValueError, match="valid presets: w4, w3"):
         resolve_config("w5")
     assert resolve_config({"bits": 4}).bits == 4
@@ -57,3 +57,24 @@ def test_future_version_refused():
 def test_unknown_field_refused():
     with pytest.raises(ValueError, match="unknown QuantConfig fields"):
         QuantConfig.from_dict({"bitz": 3})
+
+
+def test_guided_fit_mode_and_presets():
+    from sqc.config import FitMode
+
+    for base in ("w4", "w3", "w4-s0.45", "w3-s0.45"):
+        g = PRESETS[base + "-g"]
+        assert g.fit is FitMode.GUIDED and g.replace(fit="kmeans") == PRESETS[base]
+        assert QuantConfig.from_json(g.to_json()) == g
+    assert QuantConfig().fit is FitMode.KMEANS
+    # an artifact written before the field existed still reads
+    old = PRESETS["w3"].to_dict()
+    for k in ("fit", "guided_iters", "guided_damp"):
+        old.pop(k)
+    assert QuantConfig.from_dict(old) == PRESETS["w3"]
+    with pytest.raises(ValueError, match="fit 'gptq' is not one of: kmeans, guided"):
+        QuantConfig(fit="gptq")
+    with pytest.raises(ValueError, match="guided_damp"):
+        QuantConfig(guided_damp=0)
+    with pytest.raises(ValueError, match="guided_iters"):
+        QuantConfig(guided_iters=-1)

@@ -1,7 +1,10 @@
 """AnnotateSensitivity: the Fisher-information diagonal of every quantized weight.
 
 Reads ``sqc.site``; writes ``sqc.fisher`` (the store key, or ``None`` when no
-calibration data was given, which means plain unweighted k-means).
+calibration data was given, which means plain unweighted k-means) and, for a
+guided fit (``QuantConfig(fit="guided")``), ``sqc.hessian``: the store key of
+the layer's guided Hessian ``H = sum_t mean_j (dL/dz_tj)^2 x_t x_t^T``
+(``in x in`` fp32, :mod:`sqc.quant.guided`).
 
 Fisher = sum over calibration samples of the squared gradient of that
 sample's loss with respect to each weight. Gradients are requested only for
@@ -11,13 +14,17 @@ one extra copy of the quantized weights, never one per sample.
 """
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 from torch import nn
 
+from ..quant.guided import accumulate_guided_hessian
 from ..trace import SITE, is_hf_model
 from .base import CompileContext, Pass, PassResult, unique_sites
 
-__all__ = ["AnnotateSensitivity", "AttachSensitivity", "causal_lm_loss", "fisher_information"]
+__all__ = ["AnnotateSensitivity", "AttachSensitivity", "Sensitivity", "calibration_statistics", "causal_lm_loss",
+           "fisher_information"]
 
 
 def causal_lm_loss(output, sample: tuple) -> torch.Tensor:
@@ -44,7 +51,35 @@ def fisher_information(
     """Diagonal Fisher information of the named ``weights``.
 
     Sum over calibration samples of the squared gradient of each sample's
-    loss, accumulated in place into one fp32 buffer per weight.
+    loss, accumulated in place into one fp32 buffer per weight
+    (:func:`calibration_statistics` also gives the guided Hessians).
+    """
+    return calibration_statistics(model, calibration, weights, loss_fn, call_kwargs, progress).fisher
+
+
+@dataclasses.dataclass
+class Sensitivity:
+    """What calibration measured, by weight name: Fisher diagonals and (guided fits) layer Hessians."""
+
+    fisher: dict[str, torch.Tensor]
+    hessian: dict[str, torch.Tensor] | None = None
+
+
+def calibration_statistics(
+    model: nn.Module,
+    calibration,
+    weights: list[str],
+    loss_fn=None,
+    call_kwargs: dict | None = None,
+    progress=None,
+    hessian_modules: dict[str, str] | None = None,
+) -> Sensitivity:
+    """Fisher diagonals of ``weights`` and, for ``hessian_modules`` (weight name -> owning module
+    name), the guided Hessian of each, all from the same forward/backward pass per sample.
+
+    The Hessian hooks keep one layer input per call until its output gradient
+    arrives in the backward pass (autograd holds that tensor anyway), then fold
+    it into the layer's ``in x in`` fp32 matrix and drop it.
     """
     if loss_fn is None:
         if not _is_causal_lm(model):
@@ -56,6 +91,9 @@ def fisher_information(
     call_kwargs = dict(call_kwargs or {})
     params = dict(model.named_parameters())
     fisher = {name: torch.zeros(params[name].shape, dtype=torch.float32) for name in weights}
+    hessian = None
+    if hessian_modules is not None:
+        hessian = {w: torch.zeros((params[w].shape[1],) * 2, dtype=torch.float32) for w in hessian_modules}
     saved_flags = {name: p.requires_grad for name, p in params.items()}
     handles = []
 
@@ -67,6 +105,15 @@ def fisher_information(
 
         return hook
 
+    def make_hessian_hook(buf: torch.Tensor):
+        def forward_hook(module, args, output) -> None:
+            if not torch.is_grad_enabled() or not isinstance(output, torch.Tensor) or not output.requires_grad:
+                return
+            x = args[0]
+            output.register_hook(lambda g: accumulate_guided_hessian(buf, x, g))
+
+        return forward_hook
+
     was_training = model.training
     model.eval()
     try:
@@ -74,6 +121,9 @@ def fisher_information(
             p.requires_grad_(name in fisher)
         for name in fisher:
             handles.append(params[name].register_post_accumulate_grad_hook(make_hook(fisher[name])))
+        for wname, mname in (hessian_modules or {}).items():
+            module = model.get_submodule(mname)
+            handles.append(module.register_forward_hook(make_hessian_hook(hessian[wname])))
         total = len(calibration)
         for i, sample in enumerate(calibration):
             if not isinstance(sample, (tuple, list)):
@@ -96,54 +146,84 @@ def fisher_information(
             p.requires_grad_(saved_flags[name])
             p.grad = None
         model.train(was_training)
-    return fisher
+    return Sensitivity(fisher, hessian)
+
+
+_GUIDED_NEEDS_DATA = (
+    "QuantConfig(fit='guided') fits each layer to its gradient-weighted output error, which needs "
+    "calibration data: pass calibration=[...] (or sensitivity=Sensitivity(fisher, hessian)), "
+    "or use a k-means preset such as 'w3-s0.45' instead of 'w3-s0.45-g'"
+)
 
 
 class AnnotateSensitivity(Pass):
+    """Fisher diagonals from the calibration data; with ``guided=True`` also the guided Hessians."""
+
     name = "AnnotateSensitivity"
     requires = (SITE,)
     ensures = ("sqc.fisher",)
 
+    def __init__(self, guided: bool = False) -> None:
+        self.guided = guided
+        if guided:
+            self.ensures = ("sqc.fisher", "sqc.hessian")
+
     def run(self, gm, ctx: CompileContext) -> PassResult:
         sites = unique_sites(gm)
         if ctx.calibration is None:
+            if self.guided:
+                raise ValueError(_GUIDED_NEEDS_DATA)
             for site, nodes in sites:
                 for n in nodes:
                     n.meta["sqc.fisher"] = None
             ctx.notes.append("no calibration data: unweighted k-means, no sensitive weights split off")
             return PassResult(gm, False, {"samples": 0})
-        fisher = fisher_information(
-            ctx.model, ctx.calibration, [s.weight for s, _ in sites], ctx.loss_fn, ctx.call_kwargs, ctx.tick
+        sens = calibration_statistics(
+            ctx.model, ctx.calibration, [s.weight for s, _ in sites], ctx.loss_fn, ctx.call_kwargs, ctx.tick,
+            hessian_modules={s.weight: s.module for s, _ in sites} if self.guided else None,
         )
-        _attach(sites, fisher, ctx)
+        _attach(sites, sens, ctx)
         return PassResult(gm, False, {"samples": len(ctx.calibration)})
 
 
-def _attach(sites, fisher: dict[str, torch.Tensor], ctx: CompileContext) -> None:
+def _attach(sites, sens: Sensitivity, ctx: CompileContext) -> None:
     for site, nodes in sites:
-        key = ctx.store.put("fisher", site.weight, fisher[site.weight])
+        key = ctx.store.put("fisher", site.weight, sens.fisher[site.weight])
         for n in nodes:
             n.meta["sqc.fisher"] = key
+        if sens.hessian is not None:
+            hkey = ctx.store.put("hessian", site.weight, sens.hessian[site.weight])
+            for n in nodes:
+                n.meta["sqc.hessian"] = hkey
 
 
 class AttachSensitivity(Pass):
-    """Use Fisher diagonals computed earlier (e.g. once for several bit widths).
+    """Use calibration statistics computed earlier (e.g. once for several bit widths).
 
-    Reads ``sqc.site``; writes ``sqc.fisher``. Fails naming the first
-    quantized weight the given dict lacks or whose shape differs.
+    Reads ``sqc.site``; writes ``sqc.fisher`` (and ``sqc.hessian`` with
+    ``guided=True``). ``sensitivity`` is a dict of Fisher diagonals by weight
+    name or a :class:`Sensitivity`. Fails naming the first quantized weight
+    it lacks or whose shape differs.
     """
 
     name = "AttachSensitivity"
     requires = (SITE,)
     ensures = ("sqc.fisher",)
 
-    def __init__(self, fisher: dict[str, torch.Tensor]) -> None:
-        self.fisher = fisher
+    def __init__(self, sensitivity: "dict[str, torch.Tensor] | Sensitivity", guided: bool = False) -> None:
+        self.sensitivity = sensitivity if isinstance(sensitivity, Sensitivity) else Sensitivity(sensitivity)
+        self.guided = guided
+        if guided:
+            self.ensures = ("sqc.fisher", "sqc.hessian")
 
     def run(self, gm, ctx: CompileContext) -> PassResult:
         sites = unique_sites(gm)
+        sens = self.sensitivity
+        if self.guided and sens.hessian is None:
+            raise ValueError(_GUIDED_NEEDS_DATA + " (the given sensitivity has no hessian: compute it with "
+                             "calibration_statistics(..., hessian_modules=...))")
         for site, _ in sites:
-            f = self.fisher.get(site.weight)
+            f = sens.fisher.get(site.weight)
             if f is None:
                 raise ValueError(f"sensitivity has no Fisher diagonal for {site.weight}; recompute it for this model")
             if tuple(f.shape) != (site.out_features, site.in_features):
@@ -151,5 +231,13 @@ class AttachSensitivity(Pass):
                     f"sensitivity for {site.weight} has shape {tuple(f.shape)}, the weight is "
                     f"{(site.out_features, site.in_features)}"
                 )
-        _attach(sites, {s.weight: self.fisher[s.weight].float() for s, _ in sites}, ctx)
+            if self.guided:
+                h = sens.hessian.get(site.weight)
+                if h is None or tuple(h.shape) != (site.in_features,) * 2:
+                    got = "none" if h is None else f"shape {tuple(h.shape)}"
+                    raise ValueError(f"sensitivity has no [{site.in_features}, {site.in_features}] guided Hessian "
+                                     f"for {site.weight} (got {got}); recompute it for this model")
+        fisher = {s.weight: sens.fisher[s.weight].float() for s, _ in sites}
+        hessian = {s.weight: sens.hessian[s.weight].float() for s, _ in sites} if self.guided else None
+        _attach(sites, Sensitivity(fisher, hessian), ctx)
         return PassResult(gm, False, {})

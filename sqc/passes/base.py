@@ -42,6 +42,7 @@ log = logging.getLogger("sqc")
 PRODUCERS = {
     SITE: "sqc.trace",
     "sqc.fisher": "AnnotateSensitivity",
+    "sqc.hessian": "AnnotateSensitivity(guided=True)",
     "sqc.sparse": "SplitOutliers",
     "sqc.codebook": "FitCodebook",
     "sqc.packed": "PackLayout",
@@ -124,6 +125,9 @@ class LayerReport:
     notes: list[str] = dataclasses.field(default_factory=list)
     weight_power: float | None = None  # mean W^2, for the SNR of the report
     tuned_ms: float | None = None  # the tuned batch-1 kernel's latency, when a generated kernel runs
+    # guided fits: sum over rows of e^T H e (damped guided Hessian) at the k-means start and at the end
+    layer_objective_start: float | None = None
+    layer_objective: float | None = None
 
     @property
     def bits_per_weight(self) -> float | None:
