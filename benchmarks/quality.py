@@ -3,10 +3,13 @@
 Writes ``benchmarks/results/quality.json`` and prints a table:
 
 * perplexity (tutorial text, 16 x 512) for FP32, per-row RTN 4/3-bit, sqc
-  4/3-bit dense and + 0.45 % (0.40 outliers + 0.05 sensitive), with the mean
-  Fisher-weighted error sum F (W - W_hat)^2 / N of the quantized layers;
+  4/3-bit dense and + 0.45 % (0.40 outliers + 0.05 sensitive), each with the
+  k-means fit and with the guided fit (``-g`` presets), with the mean
+  Fisher-weighted error sum F (W - W_hat)^2 / N of the quantized layers and
+  the guided layer-output objective sum e^T H e / N (damped guided Hessian);
 * stored bits per weight measured from each saved artifact;
-* wall time of each stage (trace, Fisher once for all settings, split, fit, pack);
+* wall time of each stage (trace, Fisher once for the k-means settings,
+  Fisher + guided Hessians once for the guided ones, split, fit, pack);
 * bits per weight of random fp16 layers of LLaMA-7B shapes (4096x4096,
   11008x4096, 4096x11008) for the four presets.
 
@@ -29,7 +32,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 import sqc  # noqa: E402
-from sqc.passes.annotate_sensitivity import fisher_information  # noqa: E402
+from sqc.passes.annotate_sensitivity import calibration_statistics, fisher_information  # noqa: E402
+from sqc.quant.guided import damped  # noqa: E402
+from sqc.runtime.layout import dequantize  # noqa: E402
 from sqc.quant.rtn import rtn_quantize  # noqa: E402
 from sqc.real import calibration_windows, eval_windows, load_smollm2, perplexity  # noqa: E402
 from sqc.runtime.artifact import artifact_bits_per_weight  # noqa: E402
@@ -47,6 +52,8 @@ REFERENCE = {
     "w3": 28.664,
     "w3-s0.45": 22.023,
 }
+# sqc's k-means figures before the guided fit existed (issue 12's bar for the -g presets)
+KMEANS_BEFORE = {"w4": 16.080, "w4-s0.45": 15.492, "w3": 26.639, "w3-s0.45": 21.246}
 STORAGE_LIMITS = {"w3": 3.05, "w3-s0.45": 3.25, "w4": 4.08, "w4-s0.45": 4.30}
 
 
@@ -91,11 +98,58 @@ def storage_7b_shapes() -> dict:
     return out
 
 
+def layer_output_objective(compiled, params: dict, hessian: dict, damp: float) -> float:
+    """sum over quantized layers of sum_r e_r^T H e_r (e = W - W_hat), per weight."""
+    total, n = 0.0, 0
+    for name, m in compiled.quantized_modules().items():
+        wname = name + ".weight"
+        w = params[wname].detach().double()
+        p = m.packed
+        e = w - dequantize(p.codes, p.lut, p.crow, p.col, p.val, p.bits, p.in_features, dtype=torch.float64)
+        h = damped(hessian[wname], damp)
+        total += float(((e @ h) * e).sum())
+        n += w.numel()
+    return total / n
+
+
+def markdown_table(results: dict) -> str:
+    """The README's quality table, generated from quality.json."""
+    label = {"fp32": "FP32", "rtn-w4": "per-row RTN 4-bit", "rtn-w3": "per-row RTN 3-bit"}
+    f = lambda v, fmt: (fmt.format(v) if v is not None else "–")  # noqa: E731
+    rows = ["| setting | ppl | SqueezeLLM reference ppl | sqc k-means before | Σ F·(W−Ŵ)²/N | Σ eᵀHe/N | "
+            "bits/weight (artifact) | fit s |", "|---|---|---|---|---|---|---|---|"]
+    for name, r in results["settings"].items():
+        base = name.removesuffix("-g")
+        ppl = f"{r['ppl']:.3f}" if name in label else f"**{r['ppl']:.3f}**"
+        ref = REFERENCE.get(base)
+        if name.startswith("rtn"):
+            ref_s = f"({ref})"
+        else:
+            ref_s = f(ref, "{:.3f}")
+        rows.append(
+            f"| {label.get(name, 'sqc ' + name)} | {ppl} | {ref_s} | {f(r.get('kmeans_before_ppl'), '{:.3f}')} | "
+            f"{f(r.get('weighted_error'), '{:.2e}')} | {f(r.get('layer_objective'), '{:.2e}')} | "
+            f"{f(r.get('bits_per_weight'), '{:.3f}') if name != 'fp32' else '32'} | {f(r.get('fit_s'), '{:.1f}')} |"
+        )
+    st = results.get("stages", {})
+    if "guided_calibration_s" in st:
+        rows.append("")
+        rows.append(f"Calibration (32 x 512 tokens): Fisher {st['fisher_s']:.0f} s; Fisher + guided Hessians "
+                    f"{st['guided_calibration_s']:.0f} s ({st['guided_calibration_over_fisher']:.2f}x).")
+    return "\n".join(rows)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results", "quality.json"))
+    ap.add_argument("--markdown", action="store_true",
+                    help="print the README's quality table from the JSON at --out and exit (nothing is run)")
     args = ap.parse_args(argv)
+    if args.markdown:
+        with open(args.out) as fh:
+            print(markdown_table(json.load(fh)))
+        return 0
     n_eval, n_calib = (4, 8) if args.quick else (16, 32)
 
     t = time.perf_counter()
@@ -123,7 +177,13 @@ def main(argv=None) -> int:
     fisher = fisher_information(base, [(w,) for w in calib], names, call_kwargs={"use_cache": False})
     fisher_s = time.perf_counter() - t
     print(f"trace {trace_s:.1f} s, Fisher {fisher_s:.1f} s for {n_calib} x 512 tokens, {len(names)} linears", flush=True)
-    results["stages"] = {"load_s": load_s, "trace_s": trace_s, "fisher_s": fisher_s, "n_linears": len(names)}
+    t = time.perf_counter()
+    sens = calibration_statistics(base, [(w,) for w in calib], names, call_kwargs={"use_cache": False},
+                                  hessian_modules={n: n.removesuffix(".weight") for n in names})
+    guided_calib_s = time.perf_counter() - t
+    print(f"Fisher + guided Hessians {guided_calib_s:.1f} s ({guided_calib_s / fisher_s:.2f}x Fisher alone)", flush=True)
+    results["stages"] = {"load_s": load_s, "trace_s": trace_s, "fisher_s": fisher_s, "n_linears": len(names),
+                         "guided_calibration_s": guided_calib_s, "guided_calibration_over_fisher": guided_calib_s / fisher_s}
 
     params = dict(base.named_parameters())
     n_total = sum(params[n].numel() for n in names)
@@ -142,10 +202,12 @@ def main(argv=None) -> int:
         print(f"rtn-w{bits} ppl {ppl:.3f}", flush=True)
         del model, mp
 
-    for preset in ("w4", "w4-s0.45", "w3", "w3-s0.45"):
+    for preset in ("w4", "w4-s0.45", "w3", "w3-s0.45", "w4-g", "w4-s0.45-g", "w3-g", "w3-s0.45-g"):
         model = copy.deepcopy(base)
+        guided = preset.endswith("-g")
         t = time.perf_counter()
-        compiled = sqc.compile(model, (calib[0],), config=preset, sensitivity=fisher)
+        compiled = sqc.compile(model, (calib[0],), config=preset, sensitivity=sens if guided else fisher,
+                               kernels=False)
         compile_s = time.perf_counter() - t
         layers = [r for r in compiled.layers if r.quantized]
         werr = sum(r.weighted_error * r.in_features * r.out_features for r in layers) / n_total
@@ -155,22 +217,29 @@ def main(argv=None) -> int:
         with tempfile.TemporaryDirectory() as d:
             bpw = artifact_bits_per_weight(sqc.save(compiled, os.path.join(d, "a")))["overall"]
         st = compiled.stage_seconds
+        objective = layer_output_objective(compiled, params, sens.hessian, compiled.config.guided_damp)
+        base_name = preset.removesuffix("-g")
         results["settings"][preset] = {
             "ppl": ppl,
             "weighted_error": werr,
+            "layer_objective": objective,
             "bits_per_weight": bpw,
             "sparse_pct": 100.0 * sum(r.sparse_nnz for r in layers) / n_total,
             "split_s": st.get("SplitOutliers"),
-            "fit_s": st.get("FitCodebook"),
+            "fit_s": st.get("FitCodebook", 0.0) + st.get("FitGuided", 0.0),
+            "kmeans_fit_s": st.get("FitCodebook"),
+            "guided_fit_s": st.get("FitGuided"),
             "pack_s": st.get("PackLayout"),
             "lower_s": st.get("Lower"),
             "trace_s": st.get("trace"),
             "compile_s": compile_s,
             "eval_s": eval_s,
-            "reference_ppl": REFERENCE[preset],
+            "reference_ppl": REFERENCE[base_name],
+            "kmeans_before_ppl": KMEANS_BEFORE[base_name],
         }
-        print(f"sqc {preset}: ppl {ppl:.3f} (reference {REFERENCE[preset]}), fit {st.get('FitCodebook'):.1f} s, "
-              f"{bpw:.3f} bits/weight", flush=True)
+        fit_s = results["settings"][preset]["fit_s"]
+        print(f"sqc {preset}: ppl {ppl:.3f} (reference {REFERENCE[base_name]}, k-means before {KMEANS_BEFORE[base_name]}), "
+              f"fit {fit_s:.1f} s, layer objective {objective:.3e}, {bpw:.3f} bits/weight", flush=True)
         del compiled, model
 
     if not args.quick:
@@ -179,17 +248,20 @@ def main(argv=None) -> int:
     write_json(args.out, results)
 
     print()
-    print(f"{'setting':<10} {'ppl':>9} {'ref ppl':>9} {'w.err':>10} {'bits/w':>7} {'split s':>8} {'fit s':>6} {'pack s':>7}")
+    print(f"{'setting':<11} {'ppl':>9} {'ref ppl':>9} {'w.err':>10} {'layer obj':>10} {'bits/w':>7} {'split s':>8} "
+          f"{'fit s':>6} {'pack s':>7}")
     for name, r in results["settings"].items():
-        ref = REFERENCE.get(name)
+        ref = REFERENCE.get(name.removesuffix("-g"))
         f = lambda v, fmt: (fmt.format(v) if v is not None else "-")  # noqa: E731
         print(
-            f"{name:<10} {r['ppl']:>9.3f} {f(ref, '{:.3f}'):>9} {f(r.get('weighted_error'), '{:.3e}'):>10} "
+            f"{name:<11} {r['ppl']:>9.3f} {f(ref, '{:.3f}'):>9} {f(r.get('weighted_error'), '{:.3e}'):>10} "
+            f"{f(r.get('layer_objective'), '{:.3e}'):>10} "
             f"{f(r.get('bits_per_weight'), '{:.3f}'):>7} {f(r.get('split_s'), '{:.2f}'):>8} "
             f"{f(r.get('fit_s'), '{:.2f}'):>6} {f(r.get('pack_s'), '{:.2f}'):>7}"
         )
     s = results["stages"]
-    print(f"trace {s['trace_s']:.1f} s, Fisher {s['fisher_s']:.1f} s ({n_calib} x 512 tokens)")
+    print(f"trace {s['trace_s']:.1f} s, Fisher {s['fisher_s']:.1f} s, Fisher + guided Hessians "
+          f"{s['guided_calibration_s']:.1f} s ({s['guided_calibration_over_fisher']:.2f}x) ({n_calib} x 512 tokens)")
     for preset, r in results.get("storage_7b_shapes", {}).items():
         print(f"7B-shaped fp16 {preset:<9} {r['bits_per_weight']:.3f} bits/weight (limit {r['limit']})")
     print(f"wrote {args.out}")

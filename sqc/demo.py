@@ -1,5 +1,8 @@
 """The main job: compile SmolLM2-135M to 3-bit + 0.45 % and show quality, size, memory and a sample.
 
+The default preset is ``w3-s0.45-g``: SqueezeLLM's format (3-bit per-row tables
++ 0.45 % exact sparse part) with sqc's guided, error-compensating fit.
+
 Run with ``python -m sqc.demo`` (``--help`` for options).
 """
 from __future__ import annotations
@@ -25,7 +28,8 @@ def _rss_mib() -> float:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m sqc.demo", description=__doc__)
-    ap.add_argument("--preset", default="w3-s0.45", help="w3, w4, w3-s0.45, w4-s0.45")
+    ap.add_argument("--preset", default="w3-s0.45-g",
+                    help="w3, w4, w3-s0.45, w4-s0.45 (k-means fits) or the same with -g (guided fits)")
     ap.add_argument("--calib-samples", type=int, default=32)
     ap.add_argument("--eval-windows", type=int, default=16)
     ap.add_argument("--seq-len", type=int, default=512)

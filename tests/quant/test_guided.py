@@ -93,7 +93,7 @@ def test_sparse_positions_are_excluded_from_the_objective(seed, shape, bits):
     assert a.objective == b.objective
 
 
-@pytest.mark.parametrize("case", ["zero", "rank1", "dead", "huge"])
+@pytest.mark.parametrize("case", ["zero", "rank1", "dead", "huge", "indefinite"])
 def test_singular_or_ill_conditioned_hessian_is_damped_without_nan(case):
     w, h, active, lut, codes = problem(1, (5, 40), 200, 3)
     if case == "zero":
@@ -104,11 +104,14 @@ def test_singular_or_ill_conditioned_hessian_is_damped_without_nan(case):
     elif case == "dead":
         h[:10] = 0.0
         h[:, :10] = 0.0
-    else:
+    elif case == "huge":
         h = torch.diag(torch.logspace(-20, 20, 40))
+    else:  # rounding made it slightly indefinite: more damping for the error feedback, no error
+        v = torch.randn(40)
+        h = torch.outer(v, v) * 1e3 - 50.0 * torch.eye(40)
     fit = guided_fit(w, h, active, lut, codes, iters=2)
     assert torch.isfinite(fit.lut).all() and np.isfinite(fit.objective)
-    assert fit.objective <= fit.objective_start * (1 + 1e-6) + 1e-12
+    assert fit.objective <= fit.objective_start + 1e-6 * abs(fit.objective_start) + 1e-12
     if case == "zero":
         assert torch.equal(damped(h, 0.01), torch.eye(40, dtype=torch.float64))
 
@@ -140,10 +143,13 @@ def test_hessian_accumulation_against_float64(lead):
     x = torch.randn(*lead, 96, generator=g) * torch.rand(96, generator=g) * 3
     grad = torch.randn(*lead, 40, generator=g) * 1e-4 * torch.rand(*lead, 1, generator=g)
     h = torch.zeros(96, 96)
+    before = torch.backends.mkldnn.matmul.fp32_precision
     accumulate_guided_hessian(h, x, grad)
     accumulate_guided_hessian(h, x, grad)
     x2, g2 = x.reshape(-1, 96).double(), grad.reshape(-1, 40).double()
     ref = 2 * (x2 * (g2 ** 2).mean(1, keepdim=True)).T @ x2
-    # bf16 products with fp32 accumulation: ~1e-3 relative
-    assert float((h.double() - ref).norm() / ref.norm()) < 1e-2
+    assert float((h.double() - ref).norm() / ref.norm()) < 1e-5
     assert h.dtype == torch.float32
+    # positive semi-definite (the fit's Cholesky relies on it), and the GEMM setting is restored
+    assert float(torch.linalg.eigvalsh(h.double()).min()) >= -1e-6 * float(torch.diagonal(h).max())
+    assert torch.backends.mkldnn.matmul.fp32_precision == before
