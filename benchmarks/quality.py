@@ -217,7 +217,7 @@ def main(argv=None) -> int:
         with tempfile.TemporaryDirectory() as d:
             bpw = artifact_bits_per_weight(sqc.save(compiled, os.path.join(d, "a")))["overall"]
         st = compiled.stage_seconds
-        objective = layer_output_objective(compiled, params, sens.hessian, compiled.config.guided_damp)
+        objective = layer_output_objective(compiled, params, sens.hessian, compiled.quant_config.guided_damp)
         base_name = preset.removesuffix("-g")
         results["settings"][preset] = {
             "ppl": ppl,

@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
 import time
 from typing import Any
@@ -168,6 +169,12 @@ def cmd_compile(args, progress: Progress) -> dict[str, Any]:
     out = os.path.abspath(args.out)
     if os.path.exists(out) and not args.force:
         raise CLIError(f"output folder {out} exists; pass --force to replace it")
+    from .runtime.artifact import check_replaceable
+
+    try:
+        check_replaceable(out)  # before minutes of compiling, not at the save
+    except FileExistsError as e:
+        raise CLIError(str(e)) from e
 
     progress.log(f"loading {args.model} ...")
     model, tok = load_source(args.model)
@@ -189,6 +196,7 @@ def cmd_compile(args, progress: Progress) -> dict[str, Any]:
                            tune=args.tune, tune_trials=args.tune_trials)
     compile_s = time.perf_counter() - t
     sqc.save(compiled, out, overwrite=args.force, tokenizer=tok, source=os.path.abspath(args.model) if args.model != SMOLLM2 else SMOLLM2)
+    args.written = out
     from .report_html import write_report
     from .runtime.artifact import artifact_bits_per_weight
 
@@ -299,6 +307,17 @@ def cmd_generate(args, progress: Progress) -> dict[str, Any]:
 
 # -- parser --------------------------------------------------------------------
 
+def _positive_int(text: str) -> int:
+    """argparse type: an integer >= 1 (``--windows 0`` is a usage error, not a ZeroDivisionError)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .config import PRESETS, FitMode, TableDType
 
@@ -315,14 +334,14 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--target", default="llvm", help="llvm, 'llvm -mcpu=...', 'cuda -arch=sm_86'")
     c.add_argument("--calib", help="calibration text file")
     c.add_argument("--no-calib", action="store_true", help="no Fisher information: plain k-means")
-    c.add_argument("--calib-samples", type=int, default=32)
-    c.add_argument("--seq-len", type=int, default=512)
+    c.add_argument("--calib-samples", type=_positive_int, default=32)
+    c.add_argument("--seq-len", type=_positive_int, default=512)
     c.add_argument("--out", required=True, help="artifact folder")
     c.add_argument("--force", action="store_true", help="replace an existing output folder")
     c.add_argument("--tune", dest="tune", action="store_true", default=True)
     c.add_argument("--no-tune", dest="tune", action="store_false",
                    help="no schedule search: the tuning database's choice, else default knobs")
-    c.add_argument("--tune-trials", type=int, default=None, help="at most this many candidates per kernel")
+    c.add_argument("--tune-trials", type=_positive_int, default=None, help="at most this many candidates per kernel")
     c.add_argument("--bits", type=int)
     c.add_argument("--outlier-pct", type=float)
     c.add_argument("--sensitive-pct", type=float)
@@ -339,20 +358,20 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("dir")
     e.add_argument("--text", required=True)
     e.add_argument("--baseline", action="store_true", help="also the float model it was compiled from")
-    e.add_argument("--windows", type=int, default=16)
-    e.add_argument("--seq-len", type=int, default=512)
+    e.add_argument("--windows", type=_positive_int, default=16)
+    e.add_argument("--seq-len", type=_positive_int, default=512)
     common(e)
 
     b = sub.add_parser("bench", help="prefill / decode tokens/s and peak memory vs the float model")
     b.add_argument("dir")
-    b.add_argument("--prompt-len", type=int, default=128)
-    b.add_argument("--new-tokens", type=int, default=32)
+    b.add_argument("--prompt-len", type=_positive_int, default=128)
+    b.add_argument("--new-tokens", type=_positive_int, default=32)
     common(b)
 
     g = sub.add_parser("generate", help="generate text with a compiled model")
     g.add_argument("dir")
     g.add_argument("--prompt", required=True)
-    g.add_argument("--max-new-tokens", type=int, default=40)
+    g.add_argument("--max-new-tokens", type=_positive_int, default=40)
     g.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
     g.add_argument("--top-p", type=float, default=0.95)
     g.add_argument("--seed", type=int, default=0)
@@ -361,13 +380,15 @@ def build_parser() -> argparse.ArgumentParser:
     r = sub.add_parser("report", help="write the self-contained HTML report into the artifact folder")
     r.add_argument("dir")
     r.add_argument("--latency", action="store_true", help="measure each layer shape's kernel vs torch fp32 / bf16")
-    r.add_argument("--repeats", type=int, default=15)
+    r.add_argument("--repeats", type=_positive_int, default=15)
     common(r)
 
     t = sub.add_parser("tune-gpu", help="time a CUDA artifact's candidate kernels on this GPU and keep the fastest")
     t.add_argument("dir")
-    t.add_argument("--repeats", type=int, default=100)
+    t.add_argument("--repeats", type=_positive_int, default=100)
     common(t)
+    # a usage error found inside a subcommand prints that subcommand's usage, not the top level's
+    p.subcommand_parsers = {"compile": c, "eval": e, "bench": b, "generate": g, "report": r, "tune-gpu": t}
     return p
 
 
@@ -418,13 +439,29 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)  # exits 2 on usage errors
     progress = Progress(quiet=args.quiet or args.json)
+    interrupted = []
+
+    def on_sigint(signum, frame):
+        interrupted.append(True)  # remembered even where a library callback swallows the exception
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGINT, on_sigint)
+    args.written = None  # set by a command once its output is complete on disk
     try:
         result = COMMANDS[args.command](args, progress)
+        if interrupted:
+            raise KeyboardInterrupt
     except UsageError as e:
-        parser.error(str(e))  # exit code 2
+        parser.subcommand_parsers[args.command].error(str(e))  # exit code 2
     except KeyboardInterrupt:
-        print("sqc: interrupted; nothing was written (artifacts are renamed into place only when complete)", file=sys.stderr)
+        if args.written:
+            print(f"sqc: interrupted after {args.written} was written completely; it is usable", file=sys.stderr)
+        else:
+            print("sqc: interrupted; nothing was written (artifacts are renamed into place only when complete)",
+                  file=sys.stderr)
         return 1
+    finally:
+        signal.signal(signal.SIGINT, previous)
     except Exception as e:  # noqa: BLE001 - every failure becomes a message and exit code 1
         from .runtime.artifact import ArtifactError
         from .trace import TraceError

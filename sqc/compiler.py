@@ -57,6 +57,9 @@ def default_pipeline(sensitivity: "dict[str, torch.Tensor] | Sensitivity | None"
 class CompiledModel(nn.Module):
     """A compiled model: call it like the original; attributes fall through to it.
 
+    ``quant_config`` holds the sqc settings (a :class:`QuantConfig`);
+    ``config`` is the wrapped model's own config, as Hugging Face code expects.
+
     ``compiled.generate(...)`` works for Hugging Face causal LMs because the
     wrapped model is the original class with its linears replaced by
     :class:`~sqc.runtime.qlinear.SqcLinear`.
@@ -76,7 +79,8 @@ class CompiledModel(nn.Module):
     ) -> None:
         super().__init__()
         self.model = model
-        self.config = config
+        #: the sqc settings; ``compiled.config`` is the wrapped model's own config (Hugging Face code reads it)
+        self.quant_config = config
         self.target = target
         self.layers = list(layers)
         self.notes = list(notes)
@@ -137,7 +141,7 @@ class CompiledModel(nn.Module):
 
     def report_dict(self) -> dict[str, Any]:
         return {
-            "config": self.config.to_dict(),
+            "config": self.quant_config.to_dict(),
             "target": str(self.target),
             "notes": self.notes,
             "stage_seconds": self.stage_seconds,
@@ -167,7 +171,7 @@ class CompiledModel(nn.Module):
     def report(self) -> str:
         """A per-layer table: bits, sparse %, weighted error, bytes, kernel used."""
         lines = [
-            f"sqc compile report  config={self.config.to_json()}  target={self.target}",
+            f"sqc compile report  config={self.quant_config.to_json()}  target={self.target}",
             f"{'layer':<44} {'shape':>12} {'bits':>4} {'sparse%':>8} {'w.error':>10} {'bytes':>10} {'b/w':>6}  kernel",
         ]
         for r in self.layers:

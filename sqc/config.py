@@ -76,6 +76,8 @@ class QuantConfig:
         packed format and kernels.
     guided_iters : int
         Rounds of least-squares tables + coordinate descent in a guided fit.
+        1 by default: on SmolLM2 w3-s0.45 a second round moved perplexity
+        from 17.91 to 17.80 but took the 4-bit fits past 60 s on 2 cores.
     guided_damp : float
         Damping of the guided Hessian's diagonal, relative to its mean.
 
@@ -96,7 +98,7 @@ class QuantConfig:
     skip: tuple[str, ...] = ()
     chunk_rows: int = 512
     fit: FitMode = FitMode.KMEANS
-    guided_iters: int = 2
+    guided_iters: int = 1
     guided_damp: float = 0.01
     version: int = CONFIG_VERSION
 

@@ -98,8 +98,11 @@ def test_progress_lines_when_not_a_tty(workspace, tmp_path):
         (["compile", "MODEL", "--out", "X", "--no-calib", "--preset", "w3-s0.45-g"], 2, "needs calibration data"),
         (["compile", "MODEL", "--out", "X", "--no-calib", "--fit", "guided"], 2, "needs calibration data"),
         (["compile", "NOTAMODEL", "--out", "X", "--no-calib"], 1, "not a Hugging Face model folder"),
+        (["compile", "MODEL", "--out", "MODEL", "--no-calib", "--force"], 1, "is not an sqc artifact"),
         (["eval", "/no/such/dir", "--text", "T"], 1, "is not an sqc artifact folder"),
         (["frobnicate"], 2, "invalid choice"),
+        (["eval", "/no/such/dir", "--text", "T", "--windows", "0"], 2, "must be at least 1"),
+        (["compile", "MODEL", "--out", "X", "--calib-samples", "-3"], 2, "must be at least 1"),
     ],
 )
 def test_errors(workspace, tmp_path, args, rc, msg):
@@ -111,6 +114,8 @@ def test_errors(workspace, tmp_path, args, rc, msg):
     proc = run(*[subst.get(a, a) for a in args])
     assert proc.returncode == rc, (proc.stdout, proc.stderr)
     assert msg in proc.stderr
+    if rc == 2 and args[0] in ("compile", "eval"):  # the subcommand's usage, not the top level's
+        assert f"usage: sqc {args[0]}" in proc.stderr
     assert not (tmp_path / "x").exists()
 
 
@@ -247,3 +252,40 @@ def test_architecture_sqc_cannot_compile(tmp_path, workspace):
     assert "GPT2LMHeadModel has no linear layer sqc can quantize" in proc.stderr
     assert "Conv1D" in proc.stderr and "lm_head" in proc.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_ctrl_c_after_the_artifact_is_complete_says_so(workspace, tmp_path, monkeypatch, capsys):
+    import sqc.report_html
+    from sqc import cli
+
+    _, model_dir, _ = workspace
+
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(sqc.report_html, "write_report", interrupted)
+    rc = cli.main(["compile", str(model_dir), "--no-calib", "--no-tune", "--out", str(tmp_path / "x"), "--quiet"])
+    err = capsys.readouterr().err
+    assert rc == 1 and "was written completely; it is usable" in err and "nothing was written" not in err
+    assert (tmp_path / "x" / "manifest.json").exists()
+
+
+def test_ctrl_c_swallowed_by_a_library_callback_still_stops_the_run(workspace, tmp_path, monkeypatch, capsys):
+    import signal
+
+    import sqc
+    from sqc import cli
+
+    _, model_dir, _ = workspace
+    real = sqc.compile
+
+    def compile_with_swallowed_interrupt(*a, **k):
+        try:  # as JAX's garbage-collection callback does: the exception is caught and dropped
+            os.kill(os.getpid(), signal.SIGINT)
+        except KeyboardInterrupt:
+            pass
+        return real(*a, **k)
+
+    monkeypatch.setattr(sqc, "compile", compile_with_swallowed_interrupt)
+    rc = cli.main(["compile", str(model_dir), "--no-calib", "--no-tune", "--out", str(tmp_path / "y"), "--quiet"])
+    assert rc == 1 and "interrupted" in capsys.readouterr().err

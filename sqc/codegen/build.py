@@ -26,7 +26,7 @@ import threading
 import time
 from typing import Any, Callable
 
-from .cpu import GemmKnobs, GemvKnobs, KernelKey, build_gemm, build_gemv
+from .cpu import GemmKnobs, GemvKnobs, KernelKey, build_gemm, build_gemv, gemm_candidates, gemv_candidates
 
 __all__ = ["cache_dir", "import_tvm", "KernelLibrary", "TuningDB", "STATS", "BUCKETS", "bucket_of", "median_ms",
            "copy_bandwidth_gbps", "atomic_write"]
@@ -121,11 +121,13 @@ class KernelLibrary:
             return self._mem[digest]
         path = os.path.join(self.dir, f"{key.tag()}_{knobs.tag()}_{digest}.so")
         fn = None
-        if os.path.exists(path):
+        # a truncated or byte-flipped library can crash the process inside dlopen: load only what matches the
+        # checksum written beside it when it was built; anything else is rebuilt
+        if os.path.exists(path) and _file_sha256(path) == _read_text(path + ".sha256"):
             try:
                 fn = self.tvm.runtime.load_module(path)[key.op]
                 STATS["cache_hits"] += 1
-            except Exception:  # a corrupt or foreign library: rebuild it
+            except Exception:  # a foreign library (another TVM build): rebuild it
                 fn = None
         if fn is None:
             ex = self.tvm.compile(self.tvm.IRModule({key.op: func}), target=self.target)
@@ -134,6 +136,7 @@ class KernelLibrary:
             os.close(fd)
             try:
                 ex.export_library(tmp)
+                atomic_write(path + ".sha256", _file_sha256(tmp).encode())
                 os.replace(tmp, path)
             finally:
                 if os.path.exists(tmp):
@@ -141,6 +144,22 @@ class KernelLibrary:
             fn = self.tvm.runtime.load_module(path)[key.op]
         self._mem[digest] = fn
         return fn
+
+
+def _file_sha256(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _read_text(path: str) -> str | None:
+    try:
+        with open(path) as fh:
+            return fh.read().strip()
+    except OSError:
+        return None
 
 
 class TuningDB:
@@ -161,24 +180,35 @@ class TuningDB:
         return self._read().get(self.prefix + f"{key.tag()}|{bucket}")
 
     def store(self, key: KernelKey, bucket: str, record: dict[str, Any]) -> None:
-        with _LOCK:
-            db = self._read()
-            db[self.prefix + f"{key.tag()}|{bucket}"] = record
-            atomic_write(self.path, json.dumps(db, indent=1, sort_keys=True).encode())
+        # read-modify-write under a lock across threads (_LOCK) and processes (flock on a side file):
+        # two processes tuning at once must not drop each other's entries
+        import fcntl
+
+        with _LOCK, open(self.path + ".lock", "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            try:
+                db = self._read()
+                db[self.prefix + f"{key.tag()}|{bucket}"] = record
+                atomic_write(self.path, json.dumps(db, indent=1, sort_keys=True).encode())
+            finally:
+                fcntl.flock(lock, fcntl.LOCK_UN)
 
 
 def knobs_from_dict(op: str, d: dict[str, Any]):
     return GemvKnobs(**d) if op == "gemv" else GemmKnobs(**d)
 
 
-def db_knobs(op: str, rec: dict[str, Any] | None):
-    """The knobs of a database record, or None when there is none or it is from another sqc version."""
+def db_knobs(op: str, rec: dict[str, Any] | None, bucket: str = "17+"):
+    """The knobs of a database record, or None when there is none, it is from another sqc version, or its
+    knobs are not among this version's candidates (an edited or foreign entry is not trusted)."""
     if rec is None:
         return None
     try:
-        return knobs_from_dict(op, rec["knobs"])
+        knobs = knobs_from_dict(op, rec["knobs"])
     except (KeyError, TypeError, ValueError):
         return None
+    allowed = gemv_candidates() + [GemvKnobs()] if op == "gemv" else gemm_candidates(bucket)
+    return knobs if knobs in allowed else None
 
 
 def knobs_to_dict(k) -> dict[str, Any]:

@@ -54,10 +54,11 @@ def parse_target(target: Any) -> TargetSpec:
         return target
     if isinstance(target, Mapping):
         d = dict(target)
-        kind = d.pop("kind", None)
+        kind = _SYNONYMS.get(d.get("kind"), d.get("kind"))
+        d.pop("kind", None)
         if kind not in KNOWN_KINDS:
             raise ValueError(f"target dict needs 'kind' in {KNOWN_KINDS}, got {kind!r}")
-        return TargetSpec(kind, tuple(sorted(d.items())))
+        return _validated(kind, d)
     if not isinstance(target, str):
         export = getattr(target, "export", None)
         if callable(export):  # tvm.target.Target
@@ -67,6 +68,8 @@ def parse_target(target: Any) -> TargetSpec:
             return parse_target({"kind": kind, **keep})
         raise TypeError(f"target must be a string, dict or tvm.target.Target, got {type(target).__name__}")
     tokens = shlex.split(target)
+    if tokens:
+        tokens[0] = _SYNONYMS.get(tokens[0], tokens[0])
     if not tokens or tokens[0] not in KNOWN_KINDS:
         raise ValueError(
             f"unknown target {target!r}: the target kind must be one of {', '.join(KNOWN_KINDS)} "
@@ -78,6 +81,23 @@ def parse_target(target: Any) -> TargetSpec:
             raise ValueError(f"target option {tok!r} in {target!r} is not of the form -key=value")
         k, v = tok.lstrip("-").split("=", 1)
         attrs[k] = _coerce(v)
-    if tokens[0] == "cuda" and "arch" in attrs and not str(attrs["arch"]).startswith("sm_"):
-        raise ValueError(f"cuda -arch must look like sm_86, got {attrs['arch']!r}")
-    return TargetSpec(tokens[0], tuple(sorted(attrs.items())))
+    return _validated(tokens[0], attrs)
+
+
+#: what users write for a kind TVM spells otherwise
+_SYNONYMS = {"cpu": "llvm"}
+#: the CUDA kernels use mma.sync.m16n8k16 on fp16 (Ampere's tensor cores) and cp.async
+MIN_CUDA_ARCH = 80
+
+
+def _validated(kind: str, attrs: dict[str, Any]) -> TargetSpec:
+    if kind == "cuda" and "arch" in attrs:
+        arch = str(attrs["arch"])
+        if not arch.startswith("sm_") or not arch[3:].rstrip("a").isdigit():
+            raise ValueError(f"cuda -arch must look like sm_86, got {attrs['arch']!r}")
+        if int(arch[3:].rstrip("a")) < MIN_CUDA_ARCH:
+            raise ValueError(
+                f"target cuda -arch={arch}: sqc's CUDA kernels need sm_{MIN_CUDA_ARCH} or newer (tensor-core "
+                "mma.sync m16n8k16 on fp16); compile for sm_80/86/89/90, or use target='llvm' for the CPU"
+            )
+    return TargetSpec(kind, tuple(sorted(attrs.items())))

@@ -53,6 +53,18 @@ def _batches(members: list, max_rows: int):
         yield batch
 
 
+def _check_table_range(module: str, cents: torch.Tensor, lut: torch.Tensor, table_dtype: torch.dtype) -> None:
+    """A centroid beyond the table dtype's range would be stored as +-inf (NaN outputs): refuse it."""
+    bad = ~torch.isfinite(lut)
+    if bad.any():
+        r = int(torch.nonzero(bad)[0, 0])
+        raise ValueError(
+            f"layer {module}: row {r} needs a table entry of {float(cents[r].abs().max()):.6g}, beyond "
+            f"{str(table_dtype).removeprefix('torch.')}'s range ({torch.finfo(table_dtype).max:.6g}); use "
+            "QuantConfig(table_dtype='float32') or 'bfloat16', or skip the layer with QuantConfig(skip=(...))"
+        )
+
+
 class FitCodebook(Pass):
     name = "FitCodebook"
     requires = (SITE, "sqc.fisher", "sqc.sparse")
@@ -98,6 +110,7 @@ class FitCodebook(Pass):
             start += R
             # the solver returns ascending centroids; rounding keeps the order
             lut = cents.to(table_dtype)
+            _check_table_range(site.module, cents, lut, table_dtype)
             w = torch.from_numpy(w_np)
             codes = assign_codes(w, lut)
             key = ctx.store.put("codebook", site.weight, (lut, codes))

@@ -129,16 +129,27 @@ def _distinct_tables(w: torch.Tensor, active: torch.Tensor, lut: torch.Tensor, c
     (exact, zero error); other rows keep ``lut`` / ``codes``. None when no row qualifies."""
     C = lut.shape[1]
     x = torch.where(active > 0, w, torch.inf)
-    srt = torch.sort(x, dim=1).values
+    # cheap screen: a row with more than C distinct active values among its first 4 (C + 1) entries
+    # cannot qualify (sparse entries read as +inf and do not count)
+    head = torch.sort(x[:, : 4 * (C + 1)], dim=1).values
+    fresh = torch.ones_like(head, dtype=torch.bool)
+    fresh[:, 1:] = head[:, 1:] != head[:, :-1]
+    maybe = (fresh & torch.isfinite(head)).sum(dim=1) <= C
+    if not bool(maybe.any()):
+        return None
+    rows = torch.nonzero(maybe).squeeze(1)
+    srt = torch.sort(x[rows], dim=1).values
     new = torch.ones_like(srt, dtype=torch.bool)
     new[:, 1:] = srt[:, 1:] != srt[:, :-1]
     new &= torch.isfinite(srt)
     count = new.sum(dim=1)
-    ok = (count >= 1) & (count <= C)
-    if not bool(ok.any()):
+    sel = (count >= 1) & (count <= C)
+    if not bool(sel.any()):
         return None
-    srt = srt[ok]
-    rank = (torch.cumsum(new[ok], dim=1) - 1).clamp_(0, C - 1)
+    ok = torch.zeros(w.shape[0], dtype=torch.bool)
+    ok[rows[sel]] = True
+    srt, new = srt[sel], new[sel]
+    rank = (torch.cumsum(new, dim=1) - 1).clamp_(0, C - 1)
     table = srt[:, :1].expand(-1, C).clone()  # unused entries repeat the smallest value
     fin = torch.isfinite(srt)
     table.scatter_(1, torch.where(fin, rank, 0), torch.where(fin, srt, srt[:, :1]))
@@ -225,13 +236,17 @@ def _inverse_cholesky_upper(h: torch.Tensor) -> torch.Tensor:
     """
     mean = float(torch.diagonal(h).mean())
     extra = 0.0
+    # with J the reversal, J H J = L L^T gives H^-1 = U^T U for the upper triangular U = J L^-1 J:
+    # one factorisation and one triangular inverse
+    rev = h.flip(0).flip(1)
     for _ in range(12):
-        hx = h if extra == 0.0 else h + extra * torch.eye(h.shape[0], dtype=h.dtype)
+        hx = rev if extra == 0.0 else rev + extra * torch.eye(h.shape[0], dtype=h.dtype)
         for dt in (torch.float32, torch.float64):
             low, info = torch.linalg.cholesky_ex(hx.to(dt))
             if int(info) == 0:
-                u, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(low), upper=True)
-                if int(info) == 0 and torch.isfinite(u).all():
+                eye = torch.eye(h.shape[0], dtype=dt)
+                u = torch.linalg.solve_triangular(low, eye, upper=False).flip(0).flip(1)
+                if torch.isfinite(u).all():
                     return u
         extra = max(extra * 10.0, 1e-3 * abs(mean) or 1e-3)
     raise ValueError("guided fit: the Hessian is not positive definite even with 1e8x damping; "
@@ -374,7 +389,7 @@ def guided_fit(
     lut0: torch.Tensor,
     codes0: torch.Tensor,
     *,
-    iters: int = 2,
+    iters: int = 1,
     damp: float = 0.01,
     block: int = 64,
     table_dtype: torch.dtype | None = None,
@@ -420,7 +435,9 @@ def guided_fit(
 
     def score(l, c):
         e = _error(w32, l.float(), c, act32)
-        return ((e @ h32) * e).sum(dim=1, dtype=torch.float64)
+        with _onednn_fp32_gemm():
+            eh = e @ h32
+        return (eh * e).sum(dim=1, dtype=torch.float64)
 
     cur = score(lut, codes)
     start = float(cur.sum())
@@ -435,7 +452,7 @@ def guided_fit(
         cur = torch.where(better, new, cur)
         trace.append((stage, float(cur.sum())))
 
-    exact = _distinct_tables(wd, act, lut, codes)
+    exact = _distinct_tables(w32, act32, lut, codes)
     if exact is not None:
         keep_better(exact[0].to(tdt).to(torch.float64), exact[1], "distinct values")
     keep_better(lut, _assign_error_feedback(w32, lut.float(), act32, hd, block), "error feedback")

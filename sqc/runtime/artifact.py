@@ -108,6 +108,7 @@ def save(
     path = os.path.abspath(os.fspath(path))
     if os.path.exists(path) and not overwrite:
         raise FileExistsError(f"{path} already exists; pass overwrite=True or choose another folder")
+    check_replaceable(path)
     parent = os.path.dirname(path)
     os.makedirs(parent, exist_ok=True)
     model = compiled.model
@@ -126,7 +127,7 @@ def save(
     manifest = {
         "format": FORMAT_NAME,
         "format_version": FORMAT_VERSION,
-        "config": compiled.config.to_dict(),
+        "config": compiled.quant_config.to_dict(),
         "target": str(compiled.target),
         "model": _model_description(model),
         "layers": layers,
@@ -139,8 +140,11 @@ def save(
         "float_weight_bytes": compiled.float_weight_bytes,
         "source": source,
     }
-    tmp = tempfile.mkdtemp(prefix=".sqc-tmp-", dir=parent)
+    manifest["manifest_sha256"] = _manifest_digest(manifest)
+    _clean_leftovers(parent)
+    tmp = tempfile.mkdtemp(prefix=f".sqc-tmp-{os.getpid()}-", dir=parent)
     try:
+        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700; an artifact gets the user's usual mode
         save_file(tensors, os.path.join(tmp, TENSORS), metadata={"format": FORMAT_NAME})
         if tokenizer is not None:
             tokenizer.save_pretrained(os.path.join(tmp, "tokenizer"))
@@ -155,7 +159,7 @@ def save(
                 fh.flush()
                 os.fsync(fh.fileno())
         if os.path.exists(path):
-            old = tempfile.mkdtemp(prefix=".sqc-old-", dir=parent)
+            old = tempfile.mkdtemp(prefix=f".sqc-old-{os.getpid()}-", dir=parent)
             os.rename(path, os.path.join(old, "a"))
             os.rename(tmp, path)
             shutil.rmtree(old, ignore_errors=True)
@@ -165,6 +169,59 @@ def save(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return path
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _manifest_digest(manifest: dict[str, Any]) -> str:
+    body = {k: v for k, v in manifest.items() if k != "manifest_sha256"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _clean_leftovers(parent: str) -> None:
+    """Remove ``.sqc-tmp-<pid>-*`` / ``.sqc-old-<pid>-*`` folders of saves whose process is gone (killed)."""
+    try:
+        names = os.listdir(parent)
+    except OSError:
+        return
+    for name in names:
+        parts = name.split("-")
+        if not (name.startswith((".sqc-tmp-", ".sqc-old-")) and len(parts) >= 4 and parts[2].isdigit()):
+            continue
+        pid = int(parts[2])
+        try:
+            os.kill(pid, 0)
+            continue  # a save in progress
+        except ProcessLookupError:
+            pass
+        except PermissionError:
+            continue  # alive, another user's
+        shutil.rmtree(os.path.join(parent, name), ignore_errors=True)
+
+
+def check_replaceable(path: str) -> None:
+    """Raise unless ``path`` is absent or an sqc artifact (a folder whose manifest names the sqc format):
+    ``overwrite=True`` / ``--force`` replace artifacts only, never a source folder or a file."""
+    if not os.path.lexists(path):
+        return
+    mpath = os.path.join(path, MANIFEST)
+    ok = False
+    if os.path.isdir(path) and not os.path.islink(path) and os.path.isfile(mpath):
+        try:
+            with open(mpath) as fh:
+                ok = json.load(fh).get("format") == FORMAT_NAME
+        except (OSError, ValueError, AttributeError):
+            ok = False
+    if not ok:
+        kind = "a folder" if os.path.isdir(path) else "a file"
+        raise FileExistsError(
+            f"{path} exists and is {kind} that is not an sqc artifact (no {MANIFEST} naming the {FORMAT_NAME!r} "
+            "format); overwrite replaces only sqc artifacts: remove it yourself or choose another path"
+        )
 
 
 def _read_manifest(path: str) -> dict[str, Any]:
@@ -180,6 +237,10 @@ def _read_manifest(path: str) -> dict[str, Any]:
         raise ArtifactError(f"{mpath} is corrupted (not valid JSON: {e}); re-create the artifact with sqc.save") from e
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT_NAME:
         raise ArtifactError(f"{mpath} is not an sqc manifest (format {manifest.get('format') if isinstance(manifest, dict) else None!r})")
+    digest = manifest.get("manifest_sha256")
+    if digest is not None and digest != _manifest_digest(manifest):
+        raise ArtifactError(f"{mpath} was modified after it was written (its checksum does not match); "
+                            "re-create the artifact with sqc.save")
     version = manifest.get("format_version")
     if not isinstance(version, int):
         raise ArtifactError(f"{mpath} has no integer format_version")
@@ -237,6 +298,10 @@ def _instantiate_hf(desc: dict[str, Any]) -> nn.Module:
 def _set_tensor(model: nn.Module, name: str, t: torch.Tensor, persistent: bool) -> None:
     mod_name, _, attr = name.rpartition(".")
     mod = model.get_submodule(mod_name) if mod_name else model
+    old = mod._parameters.get(attr) if attr in mod._parameters else mod._buffers.get(attr)
+    if old is not None and tuple(old.shape) != tuple(t.shape):
+        raise ArtifactError(f"the artifact's {name} has shape {tuple(t.shape)}, the model's {tuple(old.shape)}: "
+                            "pass an instance of the architecture that was compiled (same sizes)")
     if attr in mod._parameters:
         mod._parameters[attr] = nn.Parameter(t, requires_grad=False)
     elif attr in mod._buffers:
@@ -287,10 +352,16 @@ def load(path: str | os.PathLike, model: nn.Module | None = None, target: Any = 
             raise ArtifactError(f"{path}: layer {name} lacks tensor {e}") from e
         bias = tensors.get(f"{name}.bias") if info["bias"] else None
         try:
-            model.get_submodule(name)
+            target_mod = model.get_submodule(name)
         except AttributeError as e:
             raise ArtifactError(f"{path}: the model has no module {name}; pass the architecture that was compiled") from e
-        replace_module(model, name, SqcLinear(packed, bias, kernel=info.get("kernel", "reference")))
+        shape = (getattr(target_mod, "out_features", info["out_features"]), getattr(target_mod, "in_features", info["in_features"]))
+        if shape != (info["out_features"], info["in_features"]):
+            raise ArtifactError(
+                f"{path}: layer {name} was compiled as {info['out_features']}x{info['in_features']}, the model's is "
+                f"{shape[0]}x{shape[1]}; pass an instance of the architecture that was compiled (same sizes)")
+        # the kernel name says what runs here, set when kernels attach below (not the compiling machine's)
+        replace_module(model, name, SqcLinear(packed, bias, kernel="reference (no kernels attached)"))
     persistent = set(manifest.get("persistent", []))
     for name, t in tensors.items():
         _set_tensor(model, name, t, name in persistent)
@@ -299,6 +370,12 @@ def load(path: str | os.PathLike, model: nn.Module | None = None, target: Any = 
     leftovers = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t is not None and t.device.type == "meta"]
     if leftovers:
         raise ArtifactError(f"{path}: no data for {leftovers[:5]}; the artifact does not match this model")
+    # every tensor of the model must come from the artifact: an extra layer would keep its random init
+    uncovered = sorted(set(model.state_dict()) - persistent - set(tensors) - set(manifest.get("aliases", {})))
+    if uncovered:
+        raise ArtifactError(
+            f"{path}: the artifact has no data for {len(uncovered)} tensors of the model ({uncovered[:5]}): "
+            "pass an instance of the architecture that was compiled (same layers and sizes)")
     model.eval()
     report = {}
     rpath = os.path.join(path, "report.json")

@@ -83,14 +83,18 @@ class CpuLutKernels:
         self.lanes = lanes
         self.bits = packed.bits
         self.layout = LaneLayout(packed.in_features, packed.bits, lanes)
-        codes = packed.unpack()
-        self.words = to_lane_words(codes, packed.bits, lanes)
-        rows, cols = packed.sparse_coo()
-        self.scode = codes[rows, cols].to(torch.uint8).contiguous()
         self.fns = fns  # bucket -> compiled function
         self.out_features = packed.out_features
         self.in_features = packed.in_features
         self.name = name
+        self.rebind(packed)
+
+    def rebind(self, packed: PackedLinear, bias: torch.Tensor | None = None) -> None:
+        """Take new codes (``load_state_dict``): the lane words and the codes under the sparse entries."""
+        codes = packed.unpack()
+        self.words = to_lane_words(codes, packed.bits, self.lanes)
+        rows, cols = packed.sparse_coo()
+        self.scode = codes[rows, cols].to(torch.uint8).contiguous()
 
     def canonical_codes(self) -> torch.Tensor:
         codes = from_lane_words(self.words, self.bits, self.lanes, self.out_features, self.in_features)
@@ -108,6 +112,12 @@ class CpuLutKernels:
         return xp
 
     def __call__(self, x: torch.Tensor, lut, crow, col, val, bias) -> torch.Tensor:
+        if x.shape[-1] != self.in_features:
+            # the padded layout would silently accept widths up to k_pad
+            raise ValueError(f"layer '{self.name}' expects inputs with {self.in_features} features in the last "
+                             f"dim (like nn.Linear), got shape {tuple(x.shape)}")
+        if not x.is_floating_point():
+            raise TypeError(f"layer '{self.name}' takes floating-point inputs, got {x.dtype}; cast x first")
         lead = x.shape[:-1]
         x2 = x.reshape(-1, x.shape[-1])
         n = x2.shape[0]
@@ -247,7 +257,7 @@ def attach_cpu_kernels(
         for bucket in B.BUCKETS:
             okey = dataclasses.replace(key, op="gemv" if bucket == "1" else "gemm")
             rec = db.lookup(okey, bucket)
-            knobs = B.db_knobs(okey.op, rec)
+            knobs = B.db_knobs(okey.op, rec, bucket)
             before = done
             try:
                 if knobs is not None:

@@ -183,17 +183,21 @@ class CudaLutKernels:
         self.bits = packed.bits
         self.out_features = packed.out_features
         self.in_features = packed.in_features
+        self.module = module
+        self.names = dict(names)
+        self.layer = layer
+        self.target = target
+        self.rebind(packed, bias)
+
+    def rebind(self, packed: PackedLinear, bias: torch.Tensor | None = None) -> None:
+        """Take new codes and bias (``load_state_dict``): chunk words, sparse codes, fp16 bias."""
         dev = packed.lut.device  # the layer's own device (CPU at compile and load, the GPU when re-tuned there)
         codes = packed.unpack().cpu()
         self.words = to_chunk_words(codes, packed.bits).to(dev)
         rows, cols = packed.sparse_coo()
         self.scode = codes[rows.cpu(), cols.cpu()].to(torch.uint8).contiguous().to(dev)
         b = bias.detach() if bias is not None else torch.zeros(packed.out_features, device=dev)
-        self.bias16 = b.to(torch.float16).contiguous()
-        self.module = module
-        self.names = dict(names)
-        self.layer = layer
-        self.target = target
+        self.bias16 = b.to(device=dev, dtype=torch.float16).contiguous()
 
     def apply(self, fn) -> None:
         """Follow the module's ``.to()`` / ``.cuda()``: move the words, sparse codes and bias (dtypes kept)."""
@@ -217,6 +221,9 @@ class CudaLutKernels:
         if self.words.device != x.device:
             raise RuntimeError(f"layer '{self.layer}': weights are on {self.words.device} but x is on {x.device}; "
                                "call model.to(x.device)")
+        if x.shape[-1] != self.in_features or not x.is_floating_point():
+            raise ValueError(f"layer '{self.layer}' expects floating-point inputs with {self.in_features} features "
+                             f"in the last dim (like nn.Linear), got {x.dtype} {tuple(x.shape)}")
         lead = x.shape[:-1]
         x2 = x.reshape(-1, x.shape[-1])
         if x2.dtype != torch.float16 or not x2.is_contiguous() or x2.data_ptr() % 16:

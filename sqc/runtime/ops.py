@@ -76,3 +76,20 @@ def lut_linear(
 def _(x, codes, lut, crow, col, val, bias, bits, in_features):
     R = check_lut_linear_args(x, codes, lut, crow, col, val, bias, bits, in_features)
     return x.new_empty((*x.shape[:-1], R))
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    x, codes, lut, crow, col, val, bias, bits, in_features = inputs
+    ctx.save_for_backward(codes, lut, crow, col, val)
+    ctx.bits, ctx.in_features = bits, in_features
+
+
+def _backward(ctx, grad_y):
+    # the packed weight is frozen: gradients flow to x only (dy/dx = W_hat)
+    codes, lut, crow, col, val = ctx.saved_tensors
+    w = dequantize(codes, lut, crow, col, val, ctx.bits, ctx.in_features, dtype=grad_y.dtype)
+    return grad_y @ w, None, None, None, None, None, None, None, None
+
+
+lut_linear.register_autograd(_backward, setup_context=_setup_context)
+

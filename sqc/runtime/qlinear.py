@@ -5,9 +5,25 @@ import torch
 from torch import nn
 
 from . import ops  # noqa: F401  (registers torch.ops.sqc.lut_linear)
-from .layout import PackedLinear
+from .layout import PackedLinear, dequantize
 
 __all__ = ["SqcLinear"]
+
+
+class _KernelGrad(torch.autograd.Function):
+    """Generated kernels forward, ``dL/dx = dL/dy @ W_hat`` backward (the packed weight is frozen), so an
+    upstream trainable parameter still gets its gradient."""
+
+    @staticmethod
+    def forward(ctx, x, module):
+        ctx.module = module
+        return module._kernels(x, module.lut, module.crow, module.col, module.val, module.bias)
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        m = ctx.module
+        w = dequantize(m.codes, m.lut, m.crow, m.col, m.val, m.bits, m.in_features, dtype=grad_y.dtype)
+        return grad_y @ w, None
 
 
 class SqcLinear(nn.Module):
@@ -50,7 +66,17 @@ class SqcLinear(nn.Module):
             del self._buffers["codes"]
 
     def _apply(self, fn, recurse: bool = True):
-        super()._apply(fn, recurse)
+        # The buffers are a storage format (fp16 tables, exact sparse values): ``.half()``, ``.float()``,
+        # ``.to(dtype)`` must not round them (the kernels take one table dtype and would fail, or worse).
+        # Device moves apply; dtype casts are ignored here, and the layer then runs on inputs of the new
+        # activation dtype, returning outputs in it.
+        for name, buf in list(self._buffers.items()):
+            if buf is None:
+                continue
+            new = fn(buf)
+            if new.dtype != buf.dtype:
+                new = buf.to(device=new.device)
+            self._buffers[name] = new
         apply = getattr(self.__dict__.get("_kernels"), "apply", None)
         if apply is not None:  # CUDA kernels hold their code words; they follow .to()/.cuda()
             apply(fn)
@@ -60,6 +86,23 @@ class SqcLinear(nn.Module):
         if name == "codes" and self.__dict__.get("_kernels") is not None:
             return self.__dict__["_kernels"].canonical_codes()
         return super().__getattr__(name)
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        kernels = self.__dict__.get("_kernels")
+        if kernels is None:
+            return super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
+                                                 unexpected_keys, error_msgs)
+        # the codes live in the kernels' layout: load through a canonical buffer (shapes checked by torch),
+        # then rebind the kernels to what was loaded, so codes and tables always come from the same source
+        self._buffers["codes"] = kernels.canonical_codes()
+        try:
+            super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
+                                          unexpected_keys, error_msgs)
+            kernels.rebind(PackedLinear(self.bits, self.in_features, self.out_features, self._buffers["codes"],
+                                        self.lut, self.crow, self.col, self.val), self.bias)
+        finally:
+            del self._buffers["codes"]
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         super()._save_to_state_dict(destination, prefix, keep_vars)
@@ -82,6 +125,8 @@ class SqcLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self._kernels is not None:
+            if x.requires_grad and torch.is_grad_enabled():
+                return _KernelGrad.apply(x, self)
             return self._kernels(x, self.lut, self.crow, self.col, self.val, self.bias)
         return torch.ops.sqc.lut_linear(
             x, self.codes, self.lut, self.crow, self.col, self.val, self.bias, self.bits, self.in_features

@@ -11,6 +11,9 @@ from sqc.codegen.target import parse_target
         ("cuda -arch=sm_86", {"kind": "cuda", "arch": "sm_86"}),
         ({"kind": "cuda", "arch": "sm_90"}, {"kind": "cuda", "arch": "sm_90"}),
         (None, {"kind": "llvm"}),
+        ("cpu", {"kind": "llvm"}),
+        ("cpu -mcpu=znver4", {"kind": "llvm", "mcpu": "znver4"}),
+        ({"kind": "cpu"}, {"kind": "llvm"}),
     ],
 )
 def test_cli_strings_and_dicts(spec, want):
@@ -25,6 +28,8 @@ def test_cli_strings_and_dicts(spec, want):
         ("metal", "unknown target"),
         ("cuda -arch", "not of the form -key=value"),
         ("cuda -arch=86", "sm_86"),
+        ("cuda -arch=sm_75", "need sm_80 or newer"),
+        ({"kind": "cuda", "arch": "sm_70"}, "need sm_80 or newer"),
         ({"arch": "sm_86"}, "needs 'kind'"),
         (3, "must be a string"),
     ],

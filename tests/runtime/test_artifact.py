@@ -23,7 +23,9 @@ def test_hf_round_trip_bit_exact(saved_llama):
     loaded = sqc.load(path)
     with torch.no_grad():
         assert torch.equal(loaded(ids).logits, compiled(ids).logits)
-    assert loaded.config == compiled.config
+    assert loaded.quant_config == compiled.quant_config == sqc.PRESETS["w3-s0.45"]
+    # Hugging Face code reads model.config: the compiled model's config is the model's own
+    assert loaded.config is loaded.model.config and compiled.config.hidden_size == 64
     assert len(loaded.quantized_modules()) == 14
     assert loaded.generate(ids, max_new_tokens=3, do_sample=False).shape == (1, 13)
     assert "lm_head" in loaded.report()
@@ -61,12 +63,97 @@ def test_plain_module_needs_model_and_accepts_meta(tmp_path, mlp):
     assert torch.equal(loaded(x), compiled(x))
 
 
+def _mlp(hidden=53, extra=False):
+    layers = [torch.nn.Linear(100, hidden), torch.nn.ReLU(), torch.nn.Linear(hidden, 33, bias=False), torch.nn.ReLU(),
+              torch.nn.Linear(33, 3)]
+    if extra:
+        layers += [torch.nn.ReLU(), torch.nn.Linear(3, 3)]
+    return torch.nn.Sequential(*layers)
+
+
+@pytest.mark.parametrize("case", ["extra_layer", "other_hidden", "extra_hf_layer"])
+def test_load_refuses_a_model_the_artifact_does_not_cover(tmp_path, mlp, case):
+    if case == "extra_hf_layer":
+        model = tiny_llama()
+        ids = torch.randint(0, 128, (1, 10))
+        path = sqc.save(sqc.compile(model, (ids,), config="w4", kernels=False), tmp_path / "a")
+        bigger = tiny_llama()
+        bigger.config.num_hidden_layers = 3
+        from transformers import LlamaForCausalLM
+
+        other = LlamaForCausalLM(bigger.config)
+        with pytest.raises(ArtifactError, match="has no data for .* tensors of the model"):
+            sqc.load(path, model=other)
+        return
+    x = torch.randn(3, 100)
+    path = sqc.save(sqc.compile(mlp, (x,), config="w4", kernels=False), tmp_path / "mlp")
+    model = _mlp(extra=True) if case == "extra_layer" else _mlp(hidden=60)
+    match = "has no data for" if case == "extra_layer" else "compiled as 53x100, the model's is 60x100"
+    with pytest.raises(ArtifactError, match=match):
+        sqc.load(path, model=model)
+
+
+def test_manifest_edits_are_detected(saved_llama):
+    _, path, _ = saved_llama
+    mpath = os.path.join(path, "manifest.json")
+    with open(mpath) as fh:
+        m = json.load(fh)
+    m["layers"]["model.layers.0.mlp.down_proj"]["in_features"] = 99
+    with open(mpath, "w") as fh:
+        json.dump(m, fh)
+    with pytest.raises(ArtifactError, match="modified after it was written"):
+        sqc.load(path)
+
+
+def test_artifact_mode_follows_umask_and_killed_saves_are_cleaned(saved_llama, tmp_path):
+    compiled, path, _ = saved_llama
+    assert os.stat(path).st_mode & 0o777 == 0o777 & ~_umask()
+    dead = tmp_path / ".sqc-tmp-999999999-abc"  # a save whose process is gone
+    dead.mkdir()
+    sqc.save(compiled, tmp_path / "again")
+    assert not dead.exists()
+
+
+def _umask():
+    m = os.umask(0)
+    os.umask(m)
+    return m
+
+
+@pytest.mark.parametrize("kernels", [True, False])
+def test_state_dict_round_trip_between_compiled_models(kernels):
+    ids = torch.randint(0, 128, (1, 10))
+    a = sqc.compile(tiny_llama(seed=0), (ids,), config="w3-s0.45", calibration=[(ids,)], kernels=kernels)
+    b = sqc.compile(tiny_llama(seed=1), (ids,), config="w3-s0.45", calibration=[(ids,)], kernels=kernels)
+    with torch.no_grad():
+        want = a(ids).logits
+        assert not torch.equal(b(ids).logits, want)
+        result = b.load_state_dict(a.state_dict())
+        assert not result.missing_keys and not result.unexpected_keys
+        assert torch.equal(b(ids).logits, want)
+
+
 def test_refuses_existing_folder(saved_llama):
     compiled, path, _ = saved_llama
     with pytest.raises(FileExistsError, match="overwrite=True"):
         sqc.save(compiled, path)
     sqc.save(compiled, path, overwrite=True)
     assert not [p for p in os.listdir(os.path.dirname(path)) if p.startswith(".sqc-")]
+
+
+def test_overwrite_replaces_only_an_artifact(saved_llama, tmp_path):
+    compiled, path, ids = saved_llama
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "weights.bin").write_bytes(b"precious")
+    afile = tmp_path / "notes.txt"
+    afile.write_text("keep me")
+    for target in (src, afile):
+        with pytest.raises(FileExistsError, match="not an sqc artifact"):
+            sqc.save(compiled, target, overwrite=True)
+    assert (src / "weights.bin").read_bytes() == b"precious" and afile.read_text() == "keep me"
+    assert sqc.save(compiled, path, overwrite=True) == path  # an artifact is replaced
+    assert not [p for p in os.listdir(tmp_path) if p.startswith(".sqc-")]
 
 
 def test_truncated_file(saved_llama):
