@@ -23,6 +23,10 @@ from .compiler import CompiledModel, compile
 from .config import PRESETS, QuantConfig, TableDType
 from .runtime.artifact import ArtifactError, load, save
 from .trace import TraceError
+from .hf import register_with_transformers as _register_with_transformers
+
+# cheap: transformers' quantizer registry learns quant_method "sqc" when transformers imports it
+_register_with_transformers()
 
 __all__ = [
     "compile",

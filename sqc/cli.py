@@ -460,8 +460,6 @@ def main(argv: list[str] | None = None) -> int:
             print("sqc: interrupted; nothing was written (artifacts are renamed into place only when complete)",
                   file=sys.stderr)
         return 1
-    finally:
-        signal.signal(signal.SIGINT, previous)
     except Exception as e:  # noqa: BLE001 - every failure becomes a message and exit code 1
         from .runtime.artifact import ArtifactError
         from .trace import TraceError
@@ -473,6 +471,8 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"sqc {args.command}: error: {e}", file=sys.stderr)
         return 1
+    finally:
+        signal.signal(signal.SIGINT, previous)
     if args.json:
         print(json.dumps(result, default=str))
     return 0

@@ -104,6 +104,13 @@ class CompiledModel(nn.Module):
                 raise
             return getattr(model, name)
 
+    def save_pretrained(self, path, tokenizer=None) -> str:
+        """Write a Hugging Face folder that ``transformers.AutoModelForCausalLM.from_pretrained`` loads
+        (after ``import sqc``) into an sqc model running the same kernels; see :func:`sqc.hf.save_pretrained`."""
+        from .hf import save_pretrained
+
+        return save_pretrained(self, path, tokenizer=tokenizer)
+
     # -- reporting ---------------------------------------------------------------
     def quantized_modules(self) -> dict[str, SqcLinear]:
         return {n: m for n, m in self.model.named_modules() if isinstance(m, SqcLinear)}

@@ -79,3 +79,23 @@ def test_main_job_runs(tmp_path):
                    "greedy decode, tokens/s", "sample: "):
         assert needle in text
     assert (out / "manifest.json").exists() and (out / "model.safetensors").exists()
+
+
+def test_smollm2_from_pretrained_equals_sqc_load(smollm2, tmp_path):
+    """A saved SmolLM2 artifact (tied embeddings) reloads through transformers with sqc.load's logits."""
+    import copy
+
+    from transformers import AutoModelForCausalLM
+
+    model, tok = smollm2
+    model = copy.deepcopy(model)
+    ids = tok("The Python tutorial explains", return_tensors="pt", add_special_tokens=False)["input_ids"]
+    skip = tuple(f"model.layers.{i}.*" for i in range(4, 30))  # four quantized decoder layers keep it quick
+    compiled = sqc.compile(model, (ids,), config=sqc.QuantConfig(bits=3, skip=skip), tune=False)
+    compiled.save_pretrained(tmp_path / "hf", tokenizer=tok)
+    sqc.save(compiled, tmp_path / "art")
+    hf = AutoModelForCausalLM.from_pretrained(tmp_path / "hf")
+    loaded = sqc.load(tmp_path / "art")
+    with torch.no_grad():
+        assert torch.equal(hf(ids).logits, loaded(ids).logits)
+    assert {type(m).__name__ for n, m in hf.named_modules() if n.endswith("q_proj")} == {"SqcLinear", "Linear"}

@@ -141,7 +141,7 @@ def save(
         "source": source,
     }
     manifest["manifest_sha256"] = _manifest_digest(manifest)
-    _clean_leftovers(parent)
+    clean_leftovers(parent)
     tmp = tempfile.mkdtemp(prefix=f".sqc-tmp-{os.getpid()}-", dir=parent)
     try:
         os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700; an artifact gets the user's usual mode
@@ -182,19 +182,19 @@ def _manifest_digest(manifest: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(body, sort_keys=True, default=str).encode()).hexdigest()
 
 
-def _clean_leftovers(parent: str) -> None:
-    """Remove ``.sqc-tmp-<pid>-*`` / ``.sqc-old-<pid>-*`` folders of saves whose process is gone (killed)."""
+def clean_leftovers(parent: str, prefixes: tuple[str, ...] = (".sqc-tmp-", ".sqc-old-")) -> None:
+    """Remove ``<prefix><pid>-*`` folders of saves whose process is gone (killed mid-save)."""
     try:
         names = os.listdir(parent)
     except OSError:
         return
     for name in names:
-        parts = name.split("-")
-        if not (name.startswith((".sqc-tmp-", ".sqc-old-")) and len(parts) >= 4 and parts[2].isdigit()):
+        prefix = next((p for p in prefixes if name.startswith(p)), None)
+        pid = name[len(prefix):].split("-", 1)[0] if prefix else ""
+        if not pid.isdigit():
             continue
-        pid = int(parts[2])
         try:
-            os.kill(pid, 0)
+            os.kill(int(pid), 0)
             continue  # a save in progress
         except ProcessLookupError:
             pass
@@ -237,10 +237,6 @@ def _read_manifest(path: str) -> dict[str, Any]:
         raise ArtifactError(f"{mpath} is corrupted (not valid JSON: {e}); re-create the artifact with sqc.save") from e
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT_NAME:
         raise ArtifactError(f"{mpath} is not an sqc manifest (format {manifest.get('format') if isinstance(manifest, dict) else None!r})")
-    digest = manifest.get("manifest_sha256")
-    if digest is not None and digest != _manifest_digest(manifest):
-        raise ArtifactError(f"{mpath} was modified after it was written (its checksum does not match); "
-                            "re-create the artifact with sqc.save")
     version = manifest.get("format_version")
     if not isinstance(version, int):
         raise ArtifactError(f"{mpath} has no integer format_version")
@@ -253,6 +249,10 @@ def _read_manifest(path: str) -> dict[str, Any]:
             f"{path} has artifact format version {version}, older than this sqc reads ({FORMAT_VERSION}); "
             "re-create it with sqc.save"
         )
+    digest = manifest.get("manifest_sha256")
+    if digest is not None and digest != _manifest_digest(manifest):
+        raise ArtifactError(f"{mpath} was modified after it was written (its checksum does not match); "
+                            "re-create the artifact with sqc.save")
     return manifest
 
 

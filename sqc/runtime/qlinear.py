@@ -89,20 +89,34 @@ class SqcLinear(nn.Module):
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs):
+        # the sparse part's length differs between two fits of the same layer: col / val are taken as
+        # they come (the other shapes are fixed by the layer and checked by torch)
+        for name in ("col", "val"):
+            t = state_dict.get(prefix + name)
+            if isinstance(t, torch.Tensor) and t.shape != self._buffers[name].shape:
+                self._buffers[name] = torch.empty_like(t, device=self._buffers[name].device)
         kernels = self.__dict__.get("_kernels")
-        if kernels is None:
-            return super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
-                                                 unexpected_keys, error_msgs)
-        # the codes live in the kernels' layout: load through a canonical buffer (shapes checked by torch),
-        # then rebind the kernels to what was loaded, so codes and tables always come from the same source
-        self._buffers["codes"] = kernels.canonical_codes()
+        if kernels is not None:
+            # the codes live in the kernels' layout: load through a canonical buffer, then rebind the
+            # kernels to what was loaded, so codes and tables always come from the same source
+            self._buffers["codes"] = kernels.canonical_codes()
         try:
+            n_errors = len(error_msgs)
             super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
                                           unexpected_keys, error_msgs)
-            kernels.rebind(PackedLinear(self.bits, self.in_features, self.out_features, self._buffers["codes"],
-                                        self.lut, self.crow, self.col, self.val), self.bias)
+            if len(error_msgs) == n_errors:
+                try:
+                    packed = PackedLinear(self.bits, self.in_features, self.out_features, self._buffers["codes"],
+                                          self.lut, self.crow, self.col, self.val)
+                except ValueError as e:
+                    error_msgs.append(f"{prefix[:-1] or 'layer'}: the loaded tensors do not form one packed weight "
+                                      f"({e}); load a whole state_dict of a model compiled the same way")
+                else:
+                    if kernels is not None:
+                        kernels.rebind(packed, self.bias)
         finally:
-            del self._buffers["codes"]
+            if kernels is not None:
+                del self._buffers["codes"]
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         super()._save_to_state_dict(destination, prefix, keep_vars)

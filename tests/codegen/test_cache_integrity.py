@@ -47,7 +47,7 @@ def test_a_damaged_cached_library_is_rebuilt_not_loaded(tmp_path, monkeypatch, d
         from sqc.codegen import build as B
         from sqc.codegen.cpu import GemvKnobs, KernelKey
         from sqc.codegen.target import parse_target
-        key = KernelKey(**{json.dumps(key.as_dict())})
+        key = KernelKey(**{key.as_dict()!r})
         B.KernelLibrary(parse_target({AVX2!r})).get(key, GemvKnobs())
         print(B.STATS["builds"], B.STATS["cache_hits"])
     """)

@@ -1,0 +1,220 @@
+"""The Hugging Face surface (sqc/hf.py): save_pretrained -> AutoModelForCausalLM.from_pretrained -> pipeline."""
+import json
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+import sqc  # noqa: E402
+import sqc.hf  # noqa: E402
+from sqc.runtime.qlinear import SqcLinear  # noqa: E402
+
+from tests.conftest import tiny_llama  # noqa: E402
+
+
+def char_tokenizer():
+    """A character-level tokenizer (98 ids) that fits the tiny LLaMA's 128-token vocabulary, built offline."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2}  # LlamaConfig's default bos / eos ids
+    for c in range(32, 127):
+        vocab[chr(c)] = len(vocab)
+    tk = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    tk.decoder = decoders.Fuse()
+    return PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
+
+
+def compile_tiny(tie: bool = False):
+    model = tiny_llama()
+    if tie:  # SmolLM2's layout: lm_head shares embed_tokens' weight
+        cfg = model.config
+        cfg.tie_word_embeddings = True
+        torch.manual_seed(0)
+        model = transformers.LlamaForCausalLM(cfg).eval()
+        assert model.lm_head.weight is model.model.embed_tokens.weight
+    ids = torch.randint(0, 128, (1, 24), generator=torch.Generator().manual_seed(1))
+    return sqc.compile(model, (ids,), config="w3-s0.45", calibration=[(ids,)]), ids
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return char_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def compiled():
+    return compile_tiny()
+
+
+@pytest.fixture(scope="module")
+def saved(compiled, tok, tmp_path_factory):
+    assert sqc.hf.register_with_transformers()
+    path = tmp_path_factory.mktemp("hf") / "tiny-sqc"
+    assert sqc.hf.save_pretrained(compiled[0], path, tokenizer=tok) == str(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def loaded(saved):
+    return transformers.AutoModelForCausalLM.from_pretrained(saved)
+
+
+def test_folder_is_a_hugging_face_checkpoint(saved, compiled):
+    cfg = json.loads((saved / "config.json").read_text())
+    qc = cfg["quantization_config"]
+    assert qc["quant_method"] == "sqc" and qc["format_version"] == sqc.hf.FORMAT_VERSION
+    assert qc["sqc_config"] == compiled[0].quant_config.to_dict()
+    assert set(qc["layers"]) == set(compiled[0].quantized_modules())
+    assert cfg["architectures"] == ["LlamaForCausalLM"]
+    for f in ("model.safetensors", "generation_config.json", "tokenizer.json"):
+        assert (saved / f).is_file(), f
+    assert not [p for p in saved.parent.iterdir() if p.name.startswith(".sqc-hf-")]  # no temporary folders left
+
+
+def test_from_pretrained_matches_compiled_and_sqc_load(loaded, compiled, tmp_path):
+    model, ids = compiled
+    assert isinstance(loaded, transformers.PreTrainedModel) and loaded.is_quantized
+    with torch.no_grad():
+        want = model(ids).logits
+        got = loaded(ids).logits
+        sqc.save(model, tmp_path / "art")
+        via_load = sqc.load(tmp_path / "art")(ids).logits
+    assert torch.equal(got, want)
+    assert torch.equal(got, via_load)
+
+
+def test_loaded_layers_keep_tables_and_run_kernels(loaded, compiled):
+    mods = {n: m for n, m in loaded.named_modules() if isinstance(m, SqcLinear)}
+    ref = compiled[0].quantized_modules()
+    assert set(mods) == set(ref) and len(mods) == 14  # 7 linears x 2 blocks; lm_head stays float
+    assert isinstance(loaded.lm_head, torch.nn.Linear)
+    for name, m in mods.items():
+        assert m.lut.dtype == torch.float16 == ref[name].lut.dtype
+        assert m.val.dtype == ref[name].val.dtype == torch.float32
+        assert m.col.dtype == ref[name].col.dtype
+        assert torch.equal(m.codes, ref[name].codes) and torch.equal(m.lut, ref[name].lut)
+    if not all(m.kernel.startswith("tvm-lut") for m in ref.values()):
+        pytest.skip(f"no TVM LUT kernels on this machine: {next(iter(ref.values())).kernel}")
+    assert all(m.kernel.startswith("tvm-lut") for m in mods.values()), {m.kernel for m in mods.values()}
+    assert loaded.hf_quantizer.kernel_records
+
+
+def test_generate_matches_compiled(loaded, compiled):
+    model, ids = compiled
+    kw = dict(max_new_tokens=6, do_sample=False)
+    assert torch.equal(loaded.generate(ids[:, :5], **kw), model.generate(ids[:, :5], **kw))
+
+
+def test_pipeline_text_generation(loaded, compiled, tok, saved):
+    out = transformers.pipeline("text-generation", model=loaded, tokenizer=tok)("def f(", max_new_tokens=5,
+                                                                                 do_sample=False)
+    text = out[0]["generated_text"]
+    assert text.startswith("def f(")
+    # the compiled model works in a pipeline too (its HF model, or the wrapper itself)
+    for m in (compiled[0].model, compiled[0]):
+        again = transformers.pipeline("text-generation", model=m, tokenizer=tok)("def f(", max_new_tokens=5,
+                                                                                  do_sample=False)
+        assert again[0]["generated_text"] == text
+    # and a folder name alone: model and tokenizer both load from it
+    by_name = transformers.pipeline("text-generation", model=str(saved))("def f(", max_new_tokens=5, do_sample=False)
+    assert by_name[0]["generated_text"] == text
+
+
+def test_tied_embeddings_stay_tied(tmp_path):
+    sqc.hf.register_with_transformers()
+    model, ids = compile_tiny(tie=True)
+    assert "lm_head" not in model.quantized_modules()
+    sqc.hf.save_pretrained(model, tmp_path / "tied")
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "tied")
+    assert loaded.lm_head.weight is loaded.model.embed_tokens.weight
+    with torch.no_grad():
+        assert torch.equal(loaded(ids).logits, model(ids).logits)
+
+
+def test_resave_and_refuse_foreign_paths(saved, compiled, tmp_path):
+    # a folder written by save_pretrained is replaced
+    assert sqc.hf.save_pretrained(compiled[0], saved) == str(saved)
+    foreign = tmp_path / "notes"
+    foreign.mkdir()
+    (foreign / "keep.txt").write_text("mine")
+    with pytest.raises(FileExistsError, match="did not write"):
+        sqc.hf.save_pretrained(compiled[0], foreign)
+    assert (foreign / "keep.txt").read_text() == "mine"
+    plain = tmp_path / "float"
+    tiny_llama().save_pretrained(plain)  # a Hugging Face folder, but not an sqc one
+    with pytest.raises(FileExistsError):
+        sqc.hf.save_pretrained(compiled[0], plain)
+    afile = tmp_path / "file"
+    afile.write_text("x")
+    with pytest.raises(FileExistsError, match="a file"):
+        sqc.hf.save_pretrained(compiled[0], afile)
+    with pytest.raises(TypeError, match="sqc.save"):
+        sqc.hf.save_pretrained(tiny_llama(), tmp_path / "x")
+
+
+def _edit(saved, dst, fn):
+    shutil.copytree(saved, dst)
+    cfg = json.loads((dst / "config.json").read_text())
+    fn(cfg["quantization_config"])
+    (dst / "config.json").write_text(json.dumps(cfg))
+    return dst
+
+
+def _first(qc):
+    return qc["layers"][sorted(qc["layers"])[0]]
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda qc: _first(qc).pop("bits"), r"\['bits'\] must be a positive integer"),
+    (lambda qc: qc.update(format_version=99), "newer than this sqc reads .*upgrade sqc"),
+    (lambda qc: qc.update(layers={}), "lists no quantized layers"),
+    (lambda qc: qc["sqc_config"].update(bitz=3), "sqc_config is not a valid sqc QuantConfig"),
+    (lambda qc: _first(qc).update(nnz=_first(qc)["nnz"] + 1), "config.json and the weights come from different saves"),
+    (lambda qc: _first(qc).update(lut_dtype="float32"), "config.json and the weights come from different saves"),
+    (lambda qc: qc["layers"].update({"model.nope": _first(qc)}), "does not have"),
+])
+def test_malformed_quantization_config_names_problem_and_fix(saved, tmp_path, edit, message):
+    bad = _edit(saved, tmp_path / "bad", edit)
+    with pytest.raises(ValueError, match=message) as info:
+        transformers.AutoModelForCausalLM.from_pretrained(bad)
+    assert "save_pretrained" in str(info.value) or "upgrade sqc" in str(info.value)
+
+
+def test_dequantize_gives_float_linears(saved, compiled):
+    model, ids = compiled
+    m = transformers.AutoModelForCausalLM.from_pretrained(saved)
+    m.dequantize()
+    assert not any(isinstance(x, SqcLinear) for x in m.modules()) and not m.is_quantized
+    with torch.no_grad():
+        torch.testing.assert_close(m(ids).logits, model(ids).logits, rtol=1e-4, atol=1e-4)
+
+
+def test_registration_is_idempotent_and_lazy():
+    from transformers.quantizers.auto import AUTO_QUANTIZATION_CONFIG_MAPPING, AUTO_QUANTIZER_MAPPING
+
+    assert sqc.hf.register_with_transformers() and sqc.hf.register_with_transformers()
+    assert AUTO_QUANTIZER_MAPPING["sqc"] is sqc.hf.SqcHfQuantizer
+    assert AUTO_QUANTIZATION_CONFIG_MAPPING["sqc"] is sqc.hf.SqcQuantizationConfig
+    # registering before transformers is imported defers to when its quantizer registry is imported
+    code = ("import sys, sqc.hf; assert sqc.hf.register_with_transformers(); "
+            "assert 'transformers.quantizers.auto' not in sys.modules; "
+            "from transformers import AutoModelForCausalLM; import transformers.modeling_utils; "
+            "from transformers.quantizers.auto import AUTO_QUANTIZER_MAPPING as M; "
+            "assert M['sqc'] is sqc.hf.SqcHfQuantizer")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+
+
+def test_loaded_model_resaves_with_transformers(loaded, compiled, tmp_path):
+    # transformers' own save_pretrained on the loaded model writes the same format (codes rebuilt from the kernels)
+    loaded.save_pretrained(tmp_path / "again")
+    again = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "again")
+    model, ids = compiled
+    with torch.no_grad():
+        assert torch.equal(again(ids).logits, model(ids).logits)
