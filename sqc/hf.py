@@ -51,7 +51,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .runtime.artifact import clean_leftovers
+from .runtime.artifact import clean_leftovers, swap_into_place, umask
 
 __all__ = [
     "register_with_transformers",
@@ -580,9 +580,7 @@ def save_pretrained(compiled, path: str | os.PathLike, tokenizer: Any = None) ->
     clean_leftovers(parent, (_TMP_PREFIX, _OLD_PREFIX))
     tmp = tempfile.mkdtemp(prefix=f"{_TMP_PREFIX}{os.getpid()}-", dir=parent)
     try:
-        mask = os.umask(0)
-        os.umask(mask)
-        os.chmod(tmp, 0o777 & ~mask)  # mkdtemp makes 0700; the folder gets the user's usual mode
+        os.chmod(tmp, 0o777 & ~umask())  # mkdtemp makes 0700; the folder gets the user's usual mode
         with _without_gguf_marker(model):
             model.save_pretrained(tmp)
         cpath = os.path.join(tmp, CONFIG)
@@ -594,13 +592,7 @@ def save_pretrained(compiled, path: str | os.PathLike, tokenizer: Any = None) ->
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         _fsync_tree(tmp)
-        if os.path.lexists(path):
-            old = tempfile.mkdtemp(prefix=f"{_OLD_PREFIX}{os.getpid()}-", dir=parent)
-            os.rename(path, os.path.join(old, "a"))
-            os.rename(tmp, path)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.rename(tmp, path)
+        swap_into_place(tmp, path, _OLD_PREFIX)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -144,7 +144,7 @@ def save(
     clean_leftovers(parent)
     tmp = tempfile.mkdtemp(prefix=f".sqc-tmp-{os.getpid()}-", dir=parent)
     try:
-        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700; an artifact gets the user's usual mode
+        os.chmod(tmp, 0o777 & ~umask())  # mkdtemp makes 0700; an artifact gets the user's usual mode
         save_file(tensors, os.path.join(tmp, TENSORS), metadata={"format": FORMAT_NAME})
         if tokenizer is not None:
             tokenizer.save_pretrained(os.path.join(tmp, "tokenizer"))
@@ -158,20 +158,27 @@ def save(
                 json.dump(obj, fh, indent=1, default=str)
                 fh.flush()
                 os.fsync(fh.fileno())
-        if os.path.exists(path):
-            old = tempfile.mkdtemp(prefix=f".sqc-old-{os.getpid()}-", dir=parent)
-            os.rename(path, os.path.join(old, "a"))
-            os.rename(tmp, path)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.rename(tmp, path)
+        swap_into_place(tmp, path, ".sqc-old-")
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return path
 
 
-def _umask() -> int:
+def swap_into_place(tmp: str, path: str, old_prefix: str) -> None:
+    """Rename the finished folder ``tmp`` to ``path``; an existing ``path`` is moved aside first (into
+    ``<old_prefix><pid>-*`` in the same parent) and removed only once the new one is in place."""
+    if os.path.lexists(path):
+        old = tempfile.mkdtemp(prefix=f"{old_prefix}{os.getpid()}-", dir=os.path.dirname(path))
+        os.rename(path, os.path.join(old, "a"))
+        os.rename(tmp, path)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.rename(tmp, path)
+
+
+def umask() -> int:
+    """The process's umask (read without changing it for longer than the call)."""
     mask = os.umask(0)
     os.umask(mask)
     return mask

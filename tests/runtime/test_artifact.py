@@ -240,3 +240,14 @@ def test_llama7b_row_shaped_bits_per_weight(tmp_path):
 @pytest.mark.slow
 def test_llama7b_shaped_bits_per_weight(tmp_path):
     _storage_check(tmp_path, rows_cap=1 << 30)
+
+
+def test_the_reported_kernel_is_the_one_running(saved_llama):
+    compiled, path, ids = saved_llama
+    # a CPU artifact loaded for a CUDA target has no CUDA kernels: the layers say they run the reference op
+    loaded = sqc.load(path, target="cuda -arch=sm_90")
+    kernels = {m.kernel for m in loaded.quantized_modules().values()}
+    assert all(k.startswith("reference") for k in kernels), kernels
+    assert all(m._kernels is None for m in loaded.quantized_modules().values())
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids).logits, compiled(ids).logits, rtol=1e-4, atol=1e-4)
