@@ -81,14 +81,13 @@ def test_main_job_runs(tmp_path):
     assert (out / "manifest.json").exists() and (out / "model.safetensors").exists()
 
 
-def test_smollm2_from_pretrained_equals_sqc_load(smollm2, tmp_path):
+def test_smollm2_from_pretrained_equals_sqc_load(tmp_path):
     """A saved SmolLM2 artifact (tied embeddings) reloads through transformers with sqc.load's logits."""
-    import copy
-
     from transformers import AutoModelForCausalLM
 
-    model, tok = smollm2
-    model = copy.deepcopy(model)
+    from sqc.real import load_smollm2
+
+    model, tok = load_smollm2()  # a fresh copy: the module fixture was compiled in place by other tests
     ids = tok("The Python tutorial explains", return_tensors="pt", add_special_tokens=False)["input_ids"]
     skip = tuple(f"model.layers.{i}.*" for i in range(4, 30))  # four quantized decoder layers keep it quick
     compiled = sqc.compile(model, (ids,), config=sqc.QuantConfig(bits=3, skip=skip), tune=False)
