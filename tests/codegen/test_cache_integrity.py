@@ -35,10 +35,18 @@ def test_a_damaged_cached_library_is_rebuilt_not_loaded(tmp_path, monkeypatch, d
     (so,) = [f for f in os.listdir(tmp_path / "kernels") if f.endswith(".so")]
     path = tmp_path / "kernels" / so
     data = path.read_bytes()
+
+    def replace(new: bytes) -> None:
+        # a new file, not an in-place write: this process has the library mapped, and rewriting the
+        # mapped pages would crash it at exit
+        tmp = path.with_suffix(".new")
+        tmp.write_bytes(new)
+        os.replace(tmp, path)
+
     if damage == "truncate":
-        path.write_bytes(data[: len(data) // 2])
+        replace(data[: len(data) // 2])
     elif damage == "flip":
-        path.write_bytes(data[:200] + bytes([data[200] ^ 0xFF]) + data[201:])
+        replace(data[:200] + bytes([data[200] ^ 0xFF]) + data[201:])
     else:
         os.unlink(str(path) + ".sha256")
     # in a fresh process (dlopen of a damaged library can kill it): rebuilt, and the result is right
