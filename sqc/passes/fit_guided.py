@@ -39,15 +39,14 @@ class FitGuided(Pass):
             h = ctx.store.get("hessian", require_meta(nodes[0], "sqc.hessian"))
             mask = ctx.store.get("sparse", require_meta(nodes[0], "sqc.sparse"))
             lut0, codes0 = ctx.store.get("codebook", require_meta(nodes[0], "sqc.codebook"))
-            return guided_fit(w, h, ~mask, lut0, codes0, iters=cfg.guided_iters, damp=cfg.guided_damp,
-                              table_dtype=lut0.dtype)
+            fit = guided_fit(w, h, ~mask, lut0, codes0, iters=cfg.guided_iters, damp=cfg.guided_damp,
+                             table_dtype=lut0.dtype)
+            return w, mask, fit
 
         start = end = 0.0
         # layers are independent; the column loops run single-threaded in XLA, so one layer per core
         with ThreadPoolExecutor(max_workers=_workers()) as pool:
-            for i, ((site, nodes), fit) in enumerate(zip(sites, pool.map(fit_layer, sites))):
-                w = params[site.weight].detach().float()
-                mask = ctx.store.get("sparse", require_meta(nodes[0], "sqc.sparse"))
+            for i, ((site, nodes), (w, mask, fit)) in enumerate(zip(sites, pool.map(fit_layer, sites))):
                 ctx.store.put("codebook", require_meta(nodes[0], "sqc.codebook"), (fit.lut.contiguous(), fit.codes))
                 rep = ctx.layer(site)
                 rep.layer_objective_start, rep.layer_objective = fit.objective_start, fit.objective
