@@ -4,8 +4,16 @@
 
 For LLaMA-7B's and SmolLM2's linear shapes, 3 and 4 bits, dense and with
 0.45% sparse entries, batch 1 / 8 / 64: the median latency of the sqc layer
-(the whole module call: x padding, kernel, output) and of ``F.linear`` on the
-de-quantized weight in fp32 and bf16. Batch-1 rows also give the achieved
+(the whole module call: the op dispatch, kernel, output) and of ``F.linear`` on
+the de-quantized weight in fp32 and bf16. Every setting rotates over enough
+distinct copies of the layer (different weights) that one pass reads more than
+twice this CPU's 32 MiB L3, so the weights come from DRAM as in a model's
+decode step, not from a cache that holds a 3-bit layer but not its fp32 twin.
+
+The stack: 8 distinct 4096x4096 layers called in sequence at batch 1 (3-bit
+with 0.45 % sparse, and 4-bit), against the fp32 and bf16 stacks of the same
+weights, with the achieved GB/s against the read bandwidth measured in the
+same run (the sum of a 256 MiB tensor). Batch-1 rows also give the achieved
 bandwidth (bytes of codes + tables + sparse part + x + y per call / time) and
 its ratio to the measured copy bandwidth. Kernels are tuned on first use and
 come from the tuning database after that. Writes ``benchmarks/results/kernels.json``.
@@ -27,7 +35,7 @@ import torch  # noqa: E402
 
 from sqc.codegen import build as B  # noqa: E402
 from sqc.codegen.target import parse_target  # noqa: E402
-from sqc.runtime.cpu import attach_cpu_kernels  # noqa: E402
+from sqc.codegen.tune import attach_cpu_kernels  # noqa: E402
 from sqc.runtime.layout import PackedLinear, col_dtype_for, pack_codes  # noqa: E402
 from sqc.runtime.qlinear import SqcLinear  # noqa: E402
 
@@ -46,6 +54,64 @@ def random_layer(R: int, K: int, bits: int, sparse_pct: float, seed: int = 0) ->
     crow[1:] = torch.bincount(rows, minlength=R).cumsum(0)
     val = torch.randn(nnz, generator=g) * 0.1
     return PackedLinear(bits, K, R, pack_codes(codes, bits), lut, crow, cols.to(col_dtype_for(K)), val)
+
+
+L3_BYTES = 32 << 20
+
+
+def read_bandwidth_gbps(mib: int = 256, repeats: int = 7) -> float:
+    """Bytes read per second by a ``sum`` over a tensor far larger than the caches."""
+    a = torch.ones(mib << 18)  # fp32: mib MiB
+    return a.numel() * 4 / (B.median_ms(lambda: a.sum(), repeats, warmup=2) * 1e-3) / 1e9
+
+
+def copies_for(nbytes: int) -> int:
+    """Distinct copies of a layer of ``nbytes`` whose one pass reads more than twice the L3."""
+    return max(1, -(-2 * L3_BYTES // max(nbytes, 1)))
+
+
+def rotation(layers: list) -> callable:
+    """One call runs every layer of ``layers`` (a list of zero-argument callables) once."""
+    def run():
+        for f in layers:
+            f()
+    return run
+
+
+def stack_rows(spec, copy_gbps: float, read_gbps: float, repeats: int) -> list[dict]:
+    """8 distinct 4096x4096 layers in sequence at batch 1: sqc against fp32 and bf16 stacks."""
+    rows = []
+    for bits, sp in ((3, 0.45), (4, 0.0)):
+        mods, w32s = [], []
+        for i in range(8):
+            packed = random_layer(4096, 4096, bits, sp, seed=100 + i)
+            m = SqcLinear(packed, None)
+            attach_cpu_kernels(torch.nn.Sequential(m), spec, tune=True)
+            mods.append(m)
+            w32s.append(packed.dequantize(torch.float32))
+        w16s = [w.to(torch.bfloat16) for w in w32s]
+        x = torch.randn(1, 4096)
+        x16 = x.to(torch.bfloat16)
+        with torch.no_grad():
+            med = interleaved_medians({
+                "sqc": rotation([lambda m=m: m(x) for m in mods]),
+                "fp32": rotation([lambda w=w: torch.nn.functional.linear(x, w) for w in w32s]),
+                "bf16": rotation([lambda w=w: torch.nn.functional.linear(x16, w) for w in w16s]),
+            }, max(10, repeats // 2))
+        nbytes = sum(m.resident_bytes() for m in mods)
+        gbps = nbytes / (med["sqc"] * 1e-3) / 1e9
+        row = {"layers": 8, "shape": [4096, 4096], "bits": bits, "sparse_pct": sp, "sqc_bytes": nbytes,
+               "sqc_ms_per_layer": med["sqc"] / 8, "fp32_ms_per_layer": med["fp32"] / 8, "bf16_ms_per_layer": med["bf16"] / 8,
+               "speedup_vs_fp32": med["fp32"] / med["sqc"], "speedup_vs_bf16": med["bf16"] / med["sqc"],
+               "gbps": gbps, "read_gbps": read_gbps, "of_read_bandwidth": gbps / read_gbps, "copy_gbps": copy_gbps,
+               "fp32_gbps": 8 * 4096 * 4096 * 4 / (med["fp32"] * 1e-3) / 1e9}
+        rows.append(row)
+        print(f"stack 8x4096x4096 {bits}-bit sp {sp}: sqc {row['sqc_ms_per_layer']:.3f} ms/layer, fp32 "
+              f"{row['fp32_ms_per_layer']:.3f}, bf16 {row['bf16_ms_per_layer']:.3f}: x{row['speedup_vs_fp32']:.2f} fp32, "
+              f"x{row['speedup_vs_bf16']:.2f} bf16; {gbps:.1f} GB/s = {100 * row['of_read_bandwidth']:.0f} % of the "
+              f"{read_gbps:.1f} GB/s read bandwidth", flush=True)
+        del mods, w32s, w16s
+    return rows
 
 
 def interleaved_medians(fns: dict, repeats: int, rounds: int = 5) -> dict:
@@ -69,6 +135,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=40)
     ap.add_argument("--target", default="llvm")
     ap.add_argument("--quick", action="store_true", help="SmolLM2 shapes only")
+    ap.add_argument("--stack-only", action="store_true", help="only the 8-layer 4096x4096 stack")
     ap.add_argument("--out", default=None, help="default: results/kernels.json (cpu), results/kernels_cuda.json (cuda)")
     ap.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     ap.add_argument("--prepare", metavar="DIR", help="cuda: generate and build the kernels into DIR (needs TVM, nvcc)")
@@ -87,12 +154,18 @@ def main() -> None:
         if not (args.prepare or args.bundle):
             ap.error("--device cuda needs --prepare DIR (here) and/or --bundle DIR (on the GPU)")
         return
-    args.out = args.out or os.path.join(results, "kernels.json")
+    args.out = args.out or os.path.join(results, "kernels_stack.json" if args.stack_only else "kernels.json")
     os.environ["TVM_NUM_THREADS"] = str(args.threads)
     torch.set_num_threads(args.threads)
     spec = parse_target(args.target)
     copy_gbps = B.copy_bandwidth_gbps(mib=1024, repeats=5)
-    shapes = SHAPES[3:] if args.quick else SHAPES
+    read_gbps = read_bandwidth_gbps()
+    print(f"read bandwidth {read_gbps:.1f} GB/s (sum of 256 MiB)")
+    stack = stack_rows(spec, copy_gbps, read_gbps, args.repeats)
+    if args.stack_only:
+        shapes = []
+    else:
+        shapes = SHAPES[3:] if args.quick else SHAPES
     rows = []
     overhead = []
     print(f"copy bandwidth {copy_gbps:.1f} GB/s (read + write), {args.threads} threads, target {args.target}")
@@ -108,21 +181,26 @@ def main() -> None:
                 tune_s = time.perf_counter() - t0
                 if m._kernels is None:
                     raise SystemExit(f"no generated kernel for {R}x{K} {bits}-bit: {m.kernel}")
-                w32 = packed.dequantize(torch.float32)
-                w16 = w32.to(torch.bfloat16)
-                k = m._kernels
                 wbytes = m.resident_bytes()
+                n_copies = copies_for(wbytes)
+                mods = [m] + [SqcLinear(random_layer(R, K, bits, sp, seed=1 + i), None) for i in range(n_copies - 1)]
+                if n_copies > 1:
+                    attach_cpu_kernels(torch.nn.Sequential(*mods[1:]), spec, tune=True)
+                w32s = [q.packed.dequantize(torch.float32) for q in mods]
+                w16s = [w.to(torch.bfloat16) for w in w32s]
                 for n in BATCHES:
                     x = torch.randn(n, K)
                     x16 = x.to(torch.bfloat16)
                     reps = args.repeats if n == 1 else max(10, args.repeats // (2 if n == 8 else 4))
+                    reps = max(5, reps // max(1, n_copies // 8))
                     with torch.no_grad():
                         med = interleaved_medians({
-                            "sqc": lambda: m(x),
-                            "fp32": lambda: torch.nn.functional.linear(x, w32),
-                            "bf16": lambda: torch.nn.functional.linear(x16, w16),
+                            "sqc": rotation([lambda q=q: q(x) for q in mods]),
+                            "fp32": rotation([lambda w=w: torch.nn.functional.linear(x, w) for w in w32s]),
+                            "bf16": rotation([lambda w=w: torch.nn.functional.linear(x16, w) for w in w16s]),
                         }, reps)
-                    nbytes = wbytes + 4 * n * (k.layout.k_pad + R)
+                    med = {key: v / n_copies for key, v in med.items()}
+                    nbytes = wbytes + 4 * n * (K + R)
                     gbps = nbytes / (med["sqc"] * 1e-3) / 1e9
                     rec = next(r for r in recs if r["bucket"] == B.bucket_of(n))
                     row = {
@@ -131,6 +209,7 @@ def main() -> None:
                         "speedup_vs_fp32": med["fp32"] / med["sqc"], "speedup_vs_bf16": med["bf16"] / med["sqc"],
                         "bytes": nbytes, "gbps": gbps, "copy_gbps": copy_gbps, "bw_ratio": gbps / copy_gbps,
                         "kernel": m.kernel, "knobs": rec["knobs"], "tuning_from_db": rec["from_db"], "tune_s": tune_s,
+                        "distinct_copies": n_copies,
                     }
                     rows.append(row)
                     print(f"{R:>5}x{K:<6} {bits:>4} {sp:>6} {n:>5} {med['sqc']:>8.3f} {med['fp32']:>8.3f} {med['bf16']:>8.3f} "
@@ -146,11 +225,14 @@ def main() -> None:
                     overhead.append({"shape": [R, K], "bits": bits, "dense_ms": med["dense"], "sparse_ms": med["sparse"],
                                      "sparse_over_dense": med["sparse"] / med["dense"]})
                     del dense
+                del mods, w32s, w16s
     for o in overhead:
         print(f"sparse +0.45% at batch 1, {o['shape'][0]}x{o['shape'][1]} {o['bits']}-bit: {100 * (o['sparse_over_dense'] - 1):+.1f}% time")
     out = {
         "machine": {"cpu": platform.processor() or platform.machine(), "threads": args.threads,
                     "torch": torch.__version__, "target": args.target, "copy_gbps": copy_gbps},
+        "read_gbps": read_gbps,
+        "stack": stack,
         "rows": rows,
         "sparse_overhead": overhead,
     }

@@ -37,7 +37,7 @@ from sqc.quant.guided import damped  # noqa: E402
 from sqc.runtime.layout import dequantize  # noqa: E402
 from sqc.quant.rtn import rtn_quantize  # noqa: E402
 from sqc.real import calibration_windows, eval_windows, load_smollm2, perplexity  # noqa: E402
-from sqc.runtime.artifact import artifact_bits_per_weight  # noqa: E402
+from sqc.artifact import artifact_bits_per_weight  # noqa: E402
 from sqc.trace import trace  # noqa: E402
 
 # The SqueezeLLM reference (per-row sklearn KMeans, n_init="auto", max_iter=50,

@@ -21,7 +21,7 @@ _os.environ.setdefault("TVM_THREAD_POOL_SPIN_COUNT", "1000")
 
 from .compiler import CompiledModel, compile
 from .config import PRESETS, QuantConfig, TableDType
-from .runtime.artifact import ArtifactError, load, save
+from .artifact import ArtifactError, load, save
 from .trace import TraceError
 from .hf import register_with_transformers as _register_with_transformers
 

@@ -169,7 +169,7 @@ def cmd_compile(args, progress: Progress) -> dict[str, Any]:
     out = os.path.abspath(args.out)
     if os.path.exists(out) and not args.force:
         raise CLIError(f"output folder {out} exists; pass --force to replace it")
-    from .runtime.artifact import check_replaceable
+    from .artifact import check_replaceable
 
     try:
         check_replaceable(out)  # before minutes of compiling, not at the save
@@ -198,7 +198,7 @@ def cmd_compile(args, progress: Progress) -> dict[str, Any]:
     sqc.save(compiled, out, overwrite=args.force, tokenizer=tok, source=os.path.abspath(args.model) if args.model != SMOLLM2 else SMOLLM2)
     args.written = out
     from .report_html import write_report
-    from .runtime.artifact import artifact_bits_per_weight
+    from .artifact import artifact_bits_per_weight
 
     write_report(out)
     wb = compiled.weight_bytes()
@@ -393,8 +393,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def cmd_tune_gpu(args, progress: Progress) -> dict[str, Any]:
-    from .runtime.artifact import _read_manifest
-    from .runtime.cuda import tune_artifact
+    from .artifact import _read_manifest, tune_artifact
 
     if not os.path.isdir(args.dir):
         raise CLIError(f"{args.dir} is not an sqc artifact folder")
@@ -411,7 +410,7 @@ def cmd_tune_gpu(args, progress: Progress) -> dict[str, Any]:
 
 def cmd_report(args, progress: Progress) -> dict[str, Any]:
     from .report_html import write_report
-    from .runtime.artifact import _read_manifest
+    from .artifact import _read_manifest
 
     if not os.path.isdir(args.dir):
         raise CLIError(f"{args.dir} is not an sqc artifact folder (run `sqc compile ... --out {args.dir}` first)")
@@ -461,7 +460,7 @@ def main(argv: list[str] | None = None) -> int:
                   file=sys.stderr)
         return 1
     except Exception as e:  # noqa: BLE001 - every failure becomes a message and exit code 1
-        from .runtime.artifact import ArtifactError
+        from .artifact import ArtifactError
         from .trace import TraceError
 
         from .runtime.cuda import CudaUnavailable

@@ -1,7 +1,6 @@
 """``sqc.compile``: trace, run the pass pipeline, return a drop-in compiled model."""
 from __future__ import annotations
 
-import gc
 import json
 import os
 import time
@@ -10,30 +9,29 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import nn
 
+from .backends import backend
 from .codegen.target import TargetSpec, parse_target
-from .config import FitMode, QuantConfig, resolve_config
+from .config import FitMode, HeadFormat, QuantConfig, resolve_config
 from .passes.annotate_sensitivity import AnnotateSensitivity, AttachSensitivity, Sensitivity
 from .passes.base import CompileContext, IRDumpInstrument, LayerReport, PassManager, TimingInstrument
 from .passes.fit_codebook import FitCodebook
 from .passes.fit_guided import FitGuided
+from .passes.compact_head import CompactHead
+from .passes.fuse_siblings import FuseSiblingLinears
 from .passes.lower import Lower
 from .passes.pack_layout import PackLayout
 from .passes.split_outliers import SplitOutliers
+from .runtime.decode import CompiledDecoder
+from .runtime.memory import release_memory
+from .runtime.fused import fused_groups
+from .runtime.int8 import Int8Linear
 from .runtime.qlinear import SqcLinear
 from .trace import trace
 
 __all__ = ["compile", "CompiledModel", "default_pipeline"]
 
 
-def _release_memory() -> None:
-    """Collect garbage and hand freed heap pages back to the OS (glibc only)."""
-    gc.collect()
-    try:
-        import ctypes
-
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):  # pragma: no cover - not glibc
-        pass
+_release_memory = release_memory  # the helper lives in the runtime; the name stays for callers
 
 
 def default_pipeline(sensitivity: "dict[str, torch.Tensor] | Sensitivity | None" = None,
@@ -51,6 +49,8 @@ def default_pipeline(sensitivity: "dict[str, torch.Tensor] | Sensitivity | None"
         PackLayout(),
         # graph rewrite
         Lower(),
+        *([FuseSiblingLinears()] if config is None or config.fuse else []),
+        *([CompactHead()] if config is None or config.head is HeadFormat.INT8 else []),
     ]
 
 
@@ -76,6 +76,7 @@ class CompiledModel(nn.Module):
         graph_module: torch.fx.GraphModule | None = None,
         float_weight_bytes: int = 0,
         tuning: Sequence[dict[str, Any]] = (),
+        kernels: Any = None,
     ) -> None:
         super().__init__()
         self.model = model
@@ -85,12 +86,20 @@ class CompiledModel(nn.Module):
         self.layers = list(layers)
         self.notes = list(notes)
         self.stage_seconds = dict(stage_seconds or {})
-        # not a submodule: it shares every tensor with ``model``
+        #: the rewritten graph, kept only when ``sqc.compile(..., dump_ir=...)`` asked for the IR (else None):
+        #: the model that runs is ``model``. Not a submodule: it shares every tensor with ``model``
         self.__dict__["graph_module"] = graph_module
         self.float_weight_bytes = float_weight_bytes
         self.tuning = list(tuning)
-        #: the CUDA kernels and plan (:class:`sqc.runtime.cuda.CudaBundle`) for CUDA targets, else None
-        self.cuda = None
+        #: the kernel set the layers run (:class:`sqc.runtime.cpu_plan.CpuKernelPlan` for CPU targets,
+        #: :class:`sqc.runtime.cuda.CudaBundle` for CUDA), written into artifacts by ``sqc.save``; None
+        #: when every layer runs the reference op
+        self.kernels = kernels
+
+    @property
+    def cuda(self):
+        """The CUDA kernels and plan (:class:`sqc.runtime.cuda.CudaBundle`) for CUDA targets, else None."""
+        return self.kernels if self.target.kind == "cuda" else None
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         return self.model(*args, **kwargs)
@@ -103,6 +112,23 @@ class CompiledModel(nn.Module):
             if model is None:
                 raise
             return getattr(model, name)
+
+    def generate(self, input_ids=None, **kwargs: Any):
+        """Greedy generation with one compiled decode step (:class:`sqc.runtime.decode.CompiledDecoder`): a static
+        KV cache and ``torch.compile`` around the step, the sqc kernels as opaque ops. Other ``generate`` options
+        (sampling, beams, padded batches) run the wrapped model's own ``generate`` and ``decode_stats`` says so."""
+        if input_ids is None:
+            input_ids = kwargs.pop("inputs", None)
+        dec = self.__dict__.get("_decoder")
+        if dec is None:
+            dec = self.__dict__["_decoder"] = CompiledDecoder(self.model)
+        return dec.generate(input_ids, **kwargs)
+
+    @property
+    def decode_stats(self) -> dict[str, Any]:
+        """How the last ``generate`` ran: the mechanism, the first compiled step's seconds, or why it fell back."""
+        dec = self.__dict__.get("_decoder")
+        return dict(dec.stats) if dec is not None else {}
 
     def save_pretrained(self, path, tokenizer=None) -> str:
         """Write a Hugging Face folder that ``transformers.AutoModelForCausalLM.from_pretrained`` loads
@@ -136,11 +162,18 @@ class CompiledModel(nn.Module):
     def refresh_kernel_names(self) -> None:
         """Copy each module's running kernel (and its tuned batch-1 latency) into the layer reports."""
         mods = self.quantized_modules()
+        mods.update({n: m for n, m in self.model.named_modules() if isinstance(m, Int8Linear)})
         lat = {}
         for rec in self.tuning:
             if rec.get("bucket") == "1":
                 for name in rec.get("layers", []):
                     lat[name] = rec.get("best_ms")
+        for g in fused_groups(self.model):
+            for name in g.names:
+                lat.setdefault(name, None)
+                m = mods.get(name)
+                if m is not None:  # a member runs its group's kernel
+                    m.kernel = f"{g.layer.kernel} (fused {'+'.join(n.rpartition('.')[2] for n in g.names)})"
         for r in self.layers:
             if r.module in mods:
                 r.kernel = mods[r.module].kernel
@@ -153,6 +186,7 @@ class CompiledModel(nn.Module):
             "notes": self.notes,
             "stage_seconds": self.stage_seconds,
             "weight_bytes": self.weight_bytes(),
+            "fused": [list(g.names) for g in fused_groups(self.model)],
             "layers": [
                 {
                     "module": r.module,
@@ -183,6 +217,11 @@ class CompiledModel(nn.Module):
         ]
         for r in self.layers:
             shape = f"{r.out_features}x{r.in_features}"
+            if not r.quantized and r.packed_bytes:  # the int8 output projection
+                nbytes = sum(r.packed_bytes.values())
+                lines.append(f"{r.module:<44} {shape:>12} {8:>4} {'-':>8} {'-':>10} {nbytes:>10} {'8.06':>6}  "
+                             f"int8 per row: {r.kernel}")
+                continue
             if not r.quantized:
                 lines.append(f"{r.module:<44} {shape:>12} {'-':>4} {'-':>8} {'-':>10} {'-':>10} {'-':>6}  float (not quantized: {r.reason})")
                 continue
@@ -199,33 +238,14 @@ class CompiledModel(nn.Module):
             f"{nq} of {len(self.layers)} linear layers quantized; weights of quantized layers: "
             f"{wb['float_before'] / 2**20:.1f} MiB float -> {wb['packed_after'] / 2**20:.1f} MiB packed"
         )
+        for g in fused_groups(self.model):
+            lines.append(f"fused: {' + '.join(g.names)} -> one {g.layer.out_features}x{g.layer.in_features} layer, "
+                         f"one kernel call ({g.layer.kernel})")
         for note in self.notes:
             lines.append(f"note: {note}")
         if self.stage_seconds:
             lines.append("stage seconds: " + json.dumps({k: round(v, 2) for k, v in self.stage_seconds.items()}))
         return "\n".join(lines)
-
-
-def _cuda_kernels(model: nn.Module, spec: TargetSpec, tune: bool, notes: list[str]):
-    """Generate and build the CUDA kernels (no GPU needed); layers run the reference op, named, when TVM is missing."""
-    try:
-        from .codegen.build import import_tvm
-
-        import_tvm()
-    except ImportError as e:
-        for m in model.modules():
-            if isinstance(m, SqcLinear):
-                m.set_kernel(None, f"reference (TVM unavailable: {e})")
-        return None
-    from .codegen.cuda import build_bundle
-
-    bundle = build_bundle(model, spec, tune=tune, notes=notes)
-    if bundle is not None:
-        notes.append(f"CUDA kernels generated for {spec} ({len(bundle.plan['kernels'])} kernels); "
-                     "they run on an NVIDIA GPU once the model is moved there (model.to('cuda'))"
-                     + ("; tuning candidates are built in but untimed: `sqc tune-gpu ARTIFACT` on the GPU times them"
-                        if tune else ""))
-    return bundle
 
 
 def compile(  # noqa: A001 - the public name
@@ -259,7 +279,8 @@ def compile(  # noqa: A001 - the public name
         unless the model is a Hugging Face causal LM (next-token loss).
     target : ``"llvm"``, ``"llvm -mcpu=..."``, ``"cuda -arch=sm_86"``, a dict or
         a ``tvm.target.Target``.
-    dump_ir : a folder to write the graph after every pass.
+    dump_ir : a folder to write the graph after every pass; the compiled model
+        then keeps the rewritten graph as ``graph_module`` (otherwise None).
     progress : ``progress(stage, done, total)`` callback.
     sensitivity : Fisher diagonals by weight name, computed earlier with
         :func:`sqc.passes.annotate_sensitivity.fisher_information`, or a
@@ -326,26 +347,19 @@ def compile(  # noqa: A001 - the public name
         instruments.append(IRDumpInstrument(dump_ir))
     gm = PassManager(default_pipeline(sensitivity, cfg), instruments).run(traced.graph_module, ctx)
     del params, traced
-    tuning = []
-    if spec.kind == "llvm" and not kernels:
-        ctx.notes.append("compiled with kernels=False: every quantized layer runs the reference op")
-    if spec.kind == "llvm" and kernels:
-        from .runtime.cpu import attach_cpu_kernels
-
+    if not dump_ir:
+        gm = None  # what runs is ``model``; the rewritten graph is kept only for the IR that was asked for
+    # kernels: the target's backend builds (and tunes) every quantized layer's kernels and attaches them
+    kernel_set = None
+    if kernels:
         t0 = time.perf_counter()
         if tune_trials is None and os.environ.get("SQC_TUNE_TRIALS"):
             tune_trials = int(os.environ["SQC_TUNE_TRIALS"])
-        tuning = attach_cpu_kernels(model, spec, tune=tune, trials=tune_trials, progress=progress)
+        kernel_set = backend(spec.kind).attach(model, spec, tune=tune, trials=tune_trials, progress=progress,
+                                               notes=ctx.notes)
         ctx.stage_seconds["kernels"] = time.perf_counter() - t0
-    bundle = None
-    if spec.kind == "cuda" and not kernels:
+    else:
         ctx.notes.append("compiled with kernels=False: every quantized layer runs the reference op")
-    if spec.kind == "cuda" and kernels:
-        t0 = time.perf_counter()
-        bundle = _cuda_kernels(model, spec, tune, ctx.notes)
-        ctx.stage_seconds["kernels"] = time.perf_counter() - t0
-        if bundle is not None:
-            tuning = bundle.records()
     _release_memory()
     compiled = CompiledModel(
         model,
@@ -356,9 +370,9 @@ def compile(  # noqa: A001 - the public name
         ctx.stage_seconds,
         gm,
         float_bytes,
-        tuning,
+        kernel_set.records() if kernel_set is not None else [],
+        kernels=kernel_set,
     )
-    compiled.cuda = bundle
     compiled.refresh_kernel_names()
     fallback = sorted({m.kernel for m in compiled.quantized_modules().values() if m.kernel.startswith("reference")})
     for why in fallback:

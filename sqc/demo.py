@@ -10,20 +10,11 @@ from __future__ import annotations
 import argparse
 import gc
 import os
-import resource
 import sys
 import tempfile
 import time
 
 import torch
-
-
-def _rss_mib() -> float:
-    with open("/proc/self/status") as fh:
-        for line in fh:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # pragma: no cover
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -35,18 +26,20 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seq-len", type=int, default=512)
     ap.add_argument("--out", default=None, help="artifact folder (default: a temporary one)")
     ap.add_argument("--prompt", default="The Python tutorial explains")
+    ap.add_argument("--rss-probe", help=argparse.SUPPRESS)  # internal: one fresh-process memory measurement
     args = ap.parse_args(argv)
+    if args.rss_probe:
+        return _rss_probe(args.rss_probe, args.prompt)
 
     import sqc
     from sqc.real import calibration_windows, decode_tokens_per_s, eval_windows, load_smollm2, perplexity
-    from sqc.runtime.artifact import artifact_bits_per_weight
+    from sqc.artifact import artifact_bits_per_weight
 
     torch.manual_seed(0)
     print("loading SmolLM2-135M (GGUF, de-quantized to fp32) ...", flush=True)
     model, tok = load_smollm2()
     windows = eval_windows(tok, args.eval_windows, args.seq_len)
     calib = calibration_windows(tok, args.calib_samples, args.seq_len)
-    rss_fp = _rss_mib()
     prompt_ids = tok(args.prompt, return_tensors="pt", add_special_tokens=False)["input_ids"]
     decode_fp = decode_tokens_per_s(model, prompt_ids)
     t = time.perf_counter()
@@ -69,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
     eval_s = time.perf_counter() - t
 
     out = args.out or os.path.join(tempfile.mkdtemp(prefix="sqc-demo-"), "smollm2-" + args.preset)
-    sqc.save(compiled, out, overwrite=True)
+    sqc.save(compiled, out, overwrite=True, tokenizer=tok)
     bpw = artifact_bits_per_weight(out)["overall"]
     wb = compiled.weight_bytes()
 
@@ -84,13 +77,49 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{label:<34}{ppl_fp:>12.3f}{ppl_q:>16.3f}")
     print(f"{'stored bits / weight (artifact)':<34}{32.0:>12.2f}{bpw:>16.3f}")
     print(f"{'quantized-layer weights, MiB':<34}{wb['float_before'] / 2**20:>12.1f}{wb['packed_after'] / 2**20:>16.1f}")
-    print(f"{'process RSS, MiB':<34}{rss_fp:>12.0f}{_rss_mib():>16.0f}")
+    # what a user's process holds: a fresh process that loads the model (the fp32 GGUF / the artifact) and
+    # generates, not this one (which also holds the compiler, JAX, TVM and the calibration data)
+    fresh = {k: _fresh_peak_rss(k) for k in ("fp32", out)}
+    print(f"{'fresh load + generate, peak RSS MiB':<34}{fresh['fp32']:>12.0f}{fresh[out]:>16.0f}")
     kernels = ", ".join(sorted({m.kernel for m in compiled.quantized_modules().values()}))
     print(f"{'greedy decode, tokens/s':<34}{decode_fp:>12.1f}{decode_q:>16.1f}   (sqc kernels: {kernels})")
     print(f"compile {compile_s:.0f} s (stages: " + ", ".join(f"{k} {v:.1f}s" for k, v in compiled.stage_seconds.items()) + f"); sqc eval {eval_s:.0f} s")
     print(f"artifact: {out}")
     print(f"sample: {sample!r}")
     return 0
+
+
+def _rss_probe(what: str, prompt: str) -> int:
+    """Load ``what`` ("fp32", or an artifact folder), generate 16 tokens, print the peak RSS in MiB."""
+    import sqc
+    from sqc.real import load_smollm2
+
+    if what == "fp32":
+        model, tok = load_smollm2()
+        gen = model.generate
+    else:
+        from transformers import AutoTokenizer
+
+        model = sqc.load(what)
+        tok = AutoTokenizer.from_pretrained(os.path.join(what, "tokenizer"))
+        gen = model.generate
+    ids = tok(prompt, return_tensors="pt", add_special_tokens=False)["input_ids"]
+    with torch.no_grad():
+        gen(ids, max_new_tokens=16, min_new_tokens=16, do_sample=False)
+    with open("/proc/self/status") as fh:
+        peak = next((int(line.split()[1]) for line in fh if line.startswith("VmHWM:")), 0)
+    print(f"peak_rss_mib {peak / 1024:.1f}")
+    return 0
+
+
+def _fresh_peak_rss(what: str) -> float:
+    import subprocess
+
+    p = subprocess.run([sys.executable, "-m", "sqc.demo", "--rss-probe", what], capture_output=True, text=True)
+    for line in p.stdout.splitlines():
+        if line.startswith("peak_rss_mib "):
+            return float(line.split()[1])
+    raise RuntimeError(f"the fresh-process memory probe of {what} failed:\n{p.stderr[-2000:]}")
 
 
 if __name__ == "__main__":

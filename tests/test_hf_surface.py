@@ -11,6 +11,8 @@ transformers = pytest.importorskip("transformers")
 
 import sqc  # noqa: E402
 import sqc.hf  # noqa: E402
+from sqc.runtime.fused import fused_groups  # noqa: E402
+from sqc.runtime.int8 import Int8Linear  # noqa: E402
 from sqc.runtime.qlinear import SqcLinear  # noqa: E402
 
 from tests.conftest import tiny_llama  # noqa: E402
@@ -30,7 +32,7 @@ def char_tokenizer():
     return PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
 
 
-def compile_tiny(tie: bool = False):
+def compile_tiny(tie: bool = False, config="w3-s0.45"):
     model = tiny_llama()
     if tie:  # SmolLM2's layout: lm_head shares embed_tokens' weight
         cfg = model.config
@@ -39,7 +41,30 @@ def compile_tiny(tie: bool = False):
         model = transformers.LlamaForCausalLM(cfg).eval()
         assert model.lm_head.weight is model.model.embed_tokens.weight
     ids = torch.randint(0, 128, (1, 24), generator=torch.Generator().manual_seed(1))
-    return sqc.compile(model, (ids,), config="w3-s0.45", calibration=[(ids,)]), ids
+    return sqc.compile(model, (ids,), config=config, calibration=[(ids,)]), ids
+
+
+def groups(model):
+    return [list(g.names) for g in fused_groups(model)]
+
+
+def load_quietly(path):
+    """from_pretrained, also returning the loading info and every warning transformers logged or raised."""
+    import logging
+    import warnings
+
+    logged = []
+    handler = logging.Handler(logging.WARNING)
+    handler.emit = lambda record: logged.append(record.getMessage())
+    root = logging.getLogger("transformers")
+    root.addHandler(handler)
+    try:
+        with warnings.catch_warnings(record=True) as raised:
+            warnings.simplefilter("always")
+            model, info = transformers.AutoModelForCausalLM.from_pretrained(path, output_loading_info=True)
+    finally:
+        root.removeHandler(handler)
+    return model, info, logged + [str(w.message) for w in raised]
 
 
 @pytest.fixture(scope="module")
@@ -71,6 +96,9 @@ def test_folder_is_a_hugging_face_checkpoint(saved, compiled):
     assert qc["quant_method"] == "sqc" and qc["format_version"] == sqc.hf.FORMAT_VERSION
     assert qc["sqc_config"] == compiled[0].quant_config.to_dict()
     assert set(qc["layers"]) == set(compiled[0].quantized_modules())
+    # q/k/v and gate/up of each block run fused; the head is int8 per row
+    assert qc["fused"] == groups(compiled[0].model) and len(qc["fused"]) == 4
+    assert qc["heads"] == {"lm_head": {"in_features": 64, "out_features": 128, "bias": False}}
     assert cfg["architectures"] == ["LlamaForCausalLM"]
     for f in ("model.safetensors", "generation_config.json", "tokenizer.json"):
         assert (saved / f).is_file(), f
@@ -92,16 +120,28 @@ def test_from_pretrained_matches_compiled_and_sqc_load(loaded, compiled, tmp_pat
 def test_loaded_layers_keep_tables_and_run_kernels(loaded, compiled):
     mods = {n: m for n, m in loaded.named_modules() if isinstance(m, SqcLinear)}
     ref = compiled[0].quantized_modules()
-    assert set(mods) == set(ref) and len(mods) == 14  # 7 linears x 2 blocks; lm_head stays float
-    assert isinstance(loaded.lm_head, torch.nn.Linear)
+    # 7 linears x 2 blocks, fused members included (each keeps its own tensors); lm_head is the int8 head
+    assert set(mods) == set(ref) and len(mods) == 14
     for name, m in mods.items():
         assert m.lut.dtype == torch.float16 == ref[name].lut.dtype
         assert m.val.dtype == ref[name].val.dtype == torch.float32
         assert m.col.dtype == ref[name].col.dtype
         assert torch.equal(m.codes, ref[name].codes) and torch.equal(m.lut, ref[name].lut)
+    # the fused groups are rebuilt: q/k/v and gate/up of each block
+    assert groups(loaded) == groups(compiled[0].model) and len(groups(loaded)) == 4
+    head, ref_head = loaded.lm_head, compiled[0].model.lm_head
+    assert isinstance(head, Int8Linear) and isinstance(ref_head, Int8Linear)
+    assert head.qweight.dtype == torch.int8 and head.scale.dtype == torch.float32
+    assert torch.equal(head.qweight, ref_head.qweight) and torch.equal(head.scale, ref_head.scale)
+    assert "weight" not in dict(head.named_parameters())
+    # the embedding keeps its own float weight
+    emb = loaded.model.embed_tokens.weight
+    assert emb.dtype == torch.float32 and torch.equal(emb, compiled[0].model.model.embed_tokens.weight)
     if not all(m.kernel.startswith("tvm-lut") for m in ref.values()):
         pytest.skip(f"no TVM LUT kernels on this machine: {next(iter(ref.values())).kernel}")
     assert all(m.kernel.startswith("tvm-lut") for m in mods.values()), {m.kernel for m in mods.values()}
+    assert {n: m.kernel for n, m in mods.items()} == {n: m.kernel for n, m in ref.items()}
+    assert head.kernel.startswith("tvm-int8") and head.kernel == ref_head.kernel, head.kernel
     assert loaded.hf_quantizer.kernel_records
 
 
@@ -126,15 +166,49 @@ def test_pipeline_text_generation(loaded, compiled, tok, saved):
     assert by_name[0]["generated_text"] == text
 
 
-def test_tied_embeddings_stay_tied(tmp_path):
+def test_tied_embedding_keeps_its_float_weight(tmp_path):
+    # SmolLM2's layout: the head gets its own int8 copy, the tied input embedding keeps the float table
     sqc.hf.register_with_transformers()
     model, ids = compile_tiny(tie=True)
-    assert "lm_head" not in model.quantized_modules()
+    assert "lm_head" not in model.quantized_modules() and isinstance(model.model.lm_head, Int8Linear)
     sqc.hf.save_pretrained(model, tmp_path / "tied")
-    loaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "tied")
-    assert loaded.lm_head.weight is loaded.model.embed_tokens.weight
+    loaded, info, warned = load_quietly(tmp_path / "tied")
+    assert loaded.config.tie_word_embeddings
+    assert not (info["missing_keys"] or info["unexpected_keys"] or info["mismatched_keys"]), info
+    assert not [w for w in warned if "tie" in w.lower() or "missing" in w.lower()], warned
+    assert isinstance(loaded.lm_head, Int8Linear) and "weight" not in dict(loaded.lm_head.named_parameters())
+    assert torch.equal(loaded.lm_head.qweight, model.model.lm_head.qweight)
+    emb = loaded.model.embed_tokens.weight
+    assert emb.dtype == torch.float32 and torch.equal(emb, model.model.model.embed_tokens.weight)
     with torch.no_grad():
         assert torch.equal(loaded(ids).logits, model(ids).logits)
+        loaded.tie_weights()  # re-deriving the ties from the config does not put the float weight on the head
+        assert "weight" not in dict(loaded.lm_head.named_parameters())
+        assert torch.equal(loaded(ids).logits, model(ids).logits)
+
+
+@pytest.mark.parametrize("tie", [False, True], ids=["untied", "tied"])
+def test_unfused_float_head_round_trips(tmp_path, tie):
+    sqc.hf.register_with_transformers()
+    model, ids = compile_tiny(tie=tie, config=sqc.QuantConfig(bits=4, fuse=False, head="float"))
+    assert not groups(model.model) and isinstance(model.model.lm_head, torch.nn.Linear)
+    sqc.hf.save_pretrained(model, tmp_path / "plain")
+    qc = json.loads((tmp_path / "plain" / "config.json").read_text())["quantization_config"]
+    assert qc["fused"] == [] and qc["heads"] == {}
+    loaded, info, warned = load_quietly(tmp_path / "plain")
+    assert not (info["missing_keys"] or info["unexpected_keys"] or info["mismatched_keys"]), info
+    assert not groups(loaded) and not any(isinstance(m, Int8Linear) for m in loaded.modules())
+    assert isinstance(loaded.lm_head, torch.nn.Linear)
+    if tie:  # a float head stays tied to the embedding, as in the compiled model
+        assert loaded.lm_head.weight is loaded.model.embed_tokens.weight
+    mods = {n: m for n, m in loaded.named_modules() if isinstance(m, SqcLinear)}
+    assert set(mods) == set(model.quantized_modules()) and len(mods) == 14
+    assert all(m.bits == 4 for m in mods.values())
+    with torch.no_grad():
+        got = loaded(ids).logits
+        sqc.save(model, tmp_path / "art")
+        assert torch.equal(got, model(ids).logits)
+        assert torch.equal(got, sqc.load(tmp_path / "art")(ids).logits)
 
 
 def test_resave_and_refuse_foreign_paths(saved, compiled, tmp_path):
@@ -166,8 +240,12 @@ def _edit(saved, dst, fn):
     return dst
 
 
+def _first_name(qc):
+    return sorted(qc["layers"])[0]
+
+
 def _first(qc):
-    return qc["layers"][sorted(qc["layers"])[0]]
+    return qc["layers"][_first_name(qc)]
 
 
 @pytest.mark.parametrize("edit, message", [
@@ -178,6 +256,22 @@ def _first(qc):
     (lambda qc: _first(qc).update(nnz=_first(qc)["nnz"] + 1), "config.json and the weights come from different saves"),
     (lambda qc: _first(qc).update(lut_dtype="float32"), "config.json and the weights come from different saves"),
     (lambda qc: qc["layers"].update({"model.nope": _first(qc)}), "does not have"),
+    (lambda qc: qc.update(fused={}), r"\"fused\" must be a list"),
+    (lambda qc: qc["fused"][0].append("model.nope"), r"fused\[0\] names 'model.nope', which is not one of"),
+    (lambda qc: qc["fused"].append(qc["fused"][0][:1]), r"fused\[4\] must be a list of two or more"),
+    (lambda qc: qc["fused"].append([qc["fused"][0][0], "model.layers.0.self_attn.o_proj"]),
+     r"is in fused\[0\] and fused\[4\]"),
+    (lambda qc: qc["fused"].append(["model.layers.0.self_attn.o_proj", "model.layers.0.mlp.down_proj"]),
+     "fused layers share inputs, bits and table dtypes"),
+    (lambda qc: qc.update(heads=[]), r"\"heads\" must be an object"),
+    (lambda qc: qc["heads"]["lm_head"].update(out_features=0),
+     r"heads\['lm_head'\]\['out_features'\] must be a positive"),
+    (lambda qc: qc["heads"]["lm_head"].update(bias="no"), r"heads\['lm_head'\]\['bias'\] must be true or false"),
+    (lambda qc: qc["heads"].update({_first_name(qc): qc["heads"]["lm_head"]}),
+     "both a quantized layer and an int8 head"),
+    (lambda qc: qc["heads"]["lm_head"].update(in_features=65), "int8 head lm_head is 128x65 .* disagree"),
+    (lambda qc: qc["heads"]["lm_head"].update(bias=True, bias_dtype="float32"),
+     "no tensor lm_head.bias, which int8 head lm_head needs"),
 ])
 def test_malformed_quantization_config_names_problem_and_fix(saved, tmp_path, edit, message):
     bad = _edit(saved, tmp_path / "bad", edit)
@@ -190,7 +284,10 @@ def test_dequantize_gives_float_linears(saved, compiled):
     model, ids = compiled
     m = transformers.AutoModelForCausalLM.from_pretrained(saved)
     m.dequantize()
-    assert not any(isinstance(x, SqcLinear) for x in m.modules()) and not m.is_quantized
+    assert not any(isinstance(x, (SqcLinear, Int8Linear)) for x in m.modules()) and not m.is_quantized
+    head = compiled[0].model.lm_head
+    assert isinstance(m.lm_head, torch.nn.Linear)
+    assert torch.equal(m.lm_head.weight, head.qweight.float() * head.scale[:, None])
     with torch.no_grad():
         torch.testing.assert_close(m(ids).logits, model(ids).logits, rtol=1e-4, atol=1e-4)
 
@@ -216,5 +313,6 @@ def test_loaded_model_resaves_with_transformers(loaded, compiled, tmp_path):
     loaded.save_pretrained(tmp_path / "again")
     again = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "again")
     model, ids = compiled
+    assert groups(again) == groups(model.model) and isinstance(again.lm_head, Int8Linear)
     with torch.no_grad():
         assert torch.equal(again(ids).logits, model(ids).logits)

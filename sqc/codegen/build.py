@@ -20,13 +20,14 @@ import dataclasses
 import hashlib
 import json
 import os
-import statistics
 import tempfile
 import threading
-import time
-from typing import Any, Callable
+from typing import Any
 
-from .cpu import GemmKnobs, GemvKnobs, KernelKey, build_gemm, build_gemv, gemm_candidates, gemv_candidates
+from ..runtime.kernels import BUCKETS, bucket_of, file_sha256, set_tvm_threads
+from ..runtime.latency import median_ms
+from ..runtime.lanes import GemmKnobs, GemvKnobs, KernelKey
+from .cpu import build_gemm, build_gemv, build_int8_gemv, gemm_candidates, gemv_candidates
 
 __all__ = ["cache_dir", "import_tvm", "KernelLibrary", "TuningDB", "STATS", "BUCKETS", "bucket_of", "median_ms",
            "copy_bandwidth_gbps", "atomic_write"]
@@ -34,17 +35,8 @@ __all__ = ["cache_dir", "import_tvm", "KernelLibrary", "TuningDB", "STATS", "BUC
 STATS = {"builds": 0, "cache_hits": 0, "searches": 0, "db_hits": 0}
 _LOCK = threading.Lock()
 
-#: batch buckets: each gets its own tuned kernel (gemv for 1, gemm knobs for the others)
-BUCKETS = {"1": (1, 1), "2-16": (2, 16), "17+": (17, 1 << 31)}
-#: the batch size each bucket is tuned at
+#: the batch size each bucket (:data:`sqc.runtime.kernels.BUCKETS`) is tuned at
 BUCKET_TUNE_BATCH = {"1": 1, "2-16": 8, "17+": 64}
-
-
-def bucket_of(n: int) -> str:
-    for name, (lo, hi) in BUCKETS.items():
-        if lo <= n <= hi:
-            return name
-    raise ValueError(f"batch {n} is in no bucket")
 
 
 def cache_dir() -> str:
@@ -55,26 +47,10 @@ def cache_dir() -> str:
 
 def import_tvm():
     """Import TVM with its thread pool sized to this process's CPU affinity."""
-    if "TVM_NUM_THREADS" not in os.environ:
-        try:
-            n = len(os.sched_getaffinity(0))
-        except AttributeError:  # pragma: no cover - not Linux
-            n = os.cpu_count() or 1
-        os.environ["TVM_NUM_THREADS"] = str(n)
+    set_tvm_threads()
     import tvm
 
     return tvm
-
-
-def median_ms(fn: Callable[[], Any], repeats: int, warmup: int = 2) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return 1e3 * statistics.median(times)
 
 
 def atomic_write(path: str, data: bytes) -> None:
@@ -101,9 +77,12 @@ class KernelLibrary:
         self.dir = os.path.join(cache_dir(), "kernels")
         os.makedirs(self.dir, exist_ok=True)
         self._mem: dict[str, Any] = {}
+        #: (key, knobs) -> the library file each :meth:`get` returned a function of (what an artifact copies)
+        self.files: dict[tuple[KernelKey, Any], str] = {}
 
     def source(self, key: KernelKey, knobs) -> tuple[Any, str]:
-        func = build_gemv(key, knobs) if key.op == "gemv" else build_gemm(key, knobs)
+        build = {"gemv": build_gemv, "gemm": build_gemm, "i8gemv": build_int8_gemv}[key.op]
+        func = build(key, knobs)
         return func, func.script()
 
     def digest(self, script: str) -> str:
@@ -117,13 +96,14 @@ class KernelLibrary:
         """The compiled function for (key, knobs): from memory, from disk, or freshly built."""
         func, script = self.source(key, knobs)
         digest = self.digest(script)
+        path = os.path.join(self.dir, f"{key.tag()}_{knobs.tag()}_{digest}.so")
+        self.files[(key, knobs)] = path
         if digest in self._mem:
             return self._mem[digest]
-        path = os.path.join(self.dir, f"{key.tag()}_{knobs.tag()}_{digest}.so")
         fn = None
         # a truncated or byte-flipped library can crash the process inside dlopen: load only what matches the
         # checksum written beside it when it was built; anything else is rebuilt
-        if os.path.exists(path) and _file_sha256(path) == _read_text(path + ".sha256"):
+        if os.path.exists(path) and file_sha256(path) == _read_text(path + ".sha256"):
             try:
                 fn = self.tvm.runtime.load_module(path)[key.op]
                 STATS["cache_hits"] += 1
@@ -136,7 +116,7 @@ class KernelLibrary:
             os.close(fd)
             try:
                 ex.export_library(tmp)
-                atomic_write(path + ".sha256", _file_sha256(tmp).encode())
+                atomic_write(path + ".sha256", file_sha256(tmp).encode())
                 os.replace(tmp, path)
             finally:
                 if os.path.exists(tmp):
@@ -144,14 +124,6 @@ class KernelLibrary:
             fn = self.tvm.runtime.load_module(path)[key.op]
         self._mem[digest] = fn
         return fn
-
-
-def _file_sha256(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _read_text(path: str) -> str | None:

@@ -42,6 +42,9 @@ import math
 import re
 from typing import Any
 
+from ..runtime.kernels import BUCKETS
+from ..runtime.chunks import ChunkLayout, CudaKey, GemmKnobs, GemvKnobs, KernelSpec
+
 __all__ = ["SUPPORTED_BITS", "CUDA_ARCHS", "ChunkLayout", "CudaKey", "GemvKnobs", "GemmKnobs", "KernelSpec",
            "build_gemv", "build_gemm", "gemv_candidates", "gemm_candidates", "generate_source", "PRELUDE",
            "GEMM_BATCH_TILES", "build_bundle", "build_check_bundle", "kernel_name"]
@@ -72,89 +75,6 @@ __device__ __forceinline__ unsigned sqc_pack_half2(float lo, float hi) {
   return *reinterpret_cast<unsigned*>(&h);
 }
 """
-
-
-@dataclasses.dataclass(frozen=True)
-class ChunkLayout:
-    in_features: int
-    bits: int
-
-    @property
-    def per_word(self) -> int:
-        return 32 // self.bits
-
-    @property
-    def chunk_cols(self) -> int:
-        return 4 * self.per_word
-
-    @property
-    def n_chunks(self) -> int:
-        return -(-self.in_features // self.chunk_cols)
-
-    @property
-    def words(self) -> int:
-        return 4 * self.n_chunks
-
-
-@dataclasses.dataclass(frozen=True)
-class CudaKey:
-    """What a CUDA kernel is specialised on (one per distinct layer shape and storage)."""
-
-    rows: int
-    in_features: int
-    bits: int
-    sparse: bool
-    lut_dtype: str
-    col_dtype: str
-    val_dtype: str
-
-    def tag(self) -> str:
-        sp = "s" if self.sparse else "d"
-        return f"{self.rows}x{self.in_features}_b{self.bits}{sp}_{self.lut_dtype}_{self.col_dtype}_{self.val_dtype}"
-
-
-@dataclasses.dataclass(frozen=True)
-class GemvKnobs:
-    threads: int = 128  # block size when a row needs at most 32 chunk threads
-    ri: int = 2  # rows in flight per thread (accumulators)
-    it: int = 4  # row iterations per block
-
-
-@dataclasses.dataclass(frozen=True)
-class GemmKnobs:
-    wm: int = 2  # warps along rows (16 rows each)
-    wk: int = 4  # warps splitting K
-    np: int = 16  # batch tile (rows of x per block)
-    kc: int = 2  # chunks per k-tile
-
-
-@dataclasses.dataclass(frozen=True)
-class KernelSpec:
-    """A generated kernel: its symbol, launch shape and parameters (names as sqc passes them)."""
-
-    name: str
-    op: str  # "gemv" or "gemm"
-    key: CudaKey
-    knobs: Any
-    threads: int
-    grid_x: int
-    batch_tile: int  # gemm: grid_y = ceil(n / batch_tile); gemv: 1
-    params: tuple[str, ...] = ()
-
-    def grid(self, n: int) -> tuple[int, int, int]:
-        return (self.grid_x, -(-n // self.batch_tile) if self.op == "gemm" else 1, 1)
-
-    def as_dict(self) -> dict[str, Any]:
-        d = dataclasses.asdict(self)
-        d["knobs"] = dataclasses.asdict(self.knobs)
-        d["params"] = list(self.params)
-        return d
-
-    @staticmethod
-    def from_dict(d: dict[str, Any]) -> "KernelSpec":
-        knobs = (GemvKnobs if d["op"] == "gemv" else GemmKnobs)(**d["knobs"])
-        return KernelSpec(d["name"], d["op"], CudaKey(**d["key"]), knobs, d["threads"], d["grid_x"],
-                          d["batch_tile"], tuple(d["params"]))
 
 
 def _pow2_at_least(n: int) -> int:
@@ -626,7 +546,7 @@ def _build(entries: list[tuple[CudaKey, list[str]]], arch: str, target: str, can
     source without a fatbin.
     """
     from ..runtime.cuda import CUDA_FORMAT, CudaBundle
-    from .build import BUCKETS, import_tvm
+    from .build import import_tvm
     from .nvcc import NvccError, build_fatbin, nvcc_version
 
     requests, slots = [], []

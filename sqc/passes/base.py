@@ -151,6 +151,8 @@ class CompileContext:
     notes: list[str] = dataclasses.field(default_factory=list)
     stage_seconds: dict[str, float] = dataclasses.field(default_factory=dict)
     progress: Callable[[str, int, int], None] | None = None
+    #: fused sibling groups (:class:`sqc.runtime.fused.FusedGroup`), written by FuseSiblingLinears
+    fused: list = dataclasses.field(default_factory=list)
 
     def layer(self, site: LinearSite) -> LayerReport:
         rep = self.layers.get(site.module)

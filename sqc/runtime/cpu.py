@@ -1,33 +1,28 @@
-"""Running the generated CPU kernels on torch tensors, and choosing them per layer.
+"""Running the generated CPU kernels on torch tensors.
 
 :func:`to_lane_words` derives the CPU lane layout of the codes (see
-:mod:`sqc.codegen.cpu`) from the canonical packed weight and
+:mod:`sqc.runtime.lanes`) from the canonical packed weight and
 :func:`from_lane_words` inverts it; :class:`CpuLutKernels` holds one layer's
 lane words and compiled functions and runs ``y = x @ W_hat.T + b``. Tensors
 reach TVM through DLPack without copies; x is copied only when it is not a
 contiguous fp32 matrix as wide as the padded layout (the kernels declare
 small alignments, so misaligned views are safe as well).
 
-:func:`attach_cpu_kernels` gives every :class:`SqcLinear` of a model its
-kernels: for each distinct kernel key it looks up the tuning database,
-searches the knobs when an entry is missing (``tune=True``) or takes the
-default knobs (``tune=False``), and loads the compiled libraries from the
-on-disk cache. A layer whose kernel cannot be built runs the reference op and
-its kernel name says why.
+The kernels are built and tuned by :func:`sqc.codegen.tune.attach_cpu_kernels`;
+an artifact carries the built libraries and :class:`sqc.runtime.cpu_plan.CpuKernelPlan`
+loads them with no compiler.
 """
 from __future__ import annotations
 
-import dataclasses
-from typing import Any, Callable
+from typing import Callable
 
 import torch
 
-from ..codegen.cpu import (
-    SUPPORTED_BITS, GemvKnobs, KernelKey, LaneLayout, default_gemm_knobs, gemm_candidates, gemv_candidates, padded_rows,
-)
+from .lanes import KernelKey, LaneLayout, padded_rows
 from .layout import PackedLinear, pack_codes
+from .ops import lut_linear_cpu, register_kernels
 
-__all__ = ["to_lane_words", "from_lane_words", "CpuLutKernels", "attach_cpu_kernels", "kernel_key"]
+__all__ = ["to_lane_words", "from_lane_words", "CpuLutKernels", "kernel_key", "host_lanes", "cpu_flags"]
 
 _DT = {torch.float16: "float16", torch.bfloat16: "bfloat16", torch.float32: "float32",
        torch.uint8: "uint8", torch.int16: "int16", torch.int32: "int32"}
@@ -57,14 +52,23 @@ def from_lane_words(words: torch.Tensor, bits: int, lanes: int, out_features: in
     return c.reshape(-1, lay.k_pad)[:out_features, :in_features]
 
 
-def host_lanes() -> int:
-    """Vector lanes this machine's CPU runs (16 AVX-512, 8 AVX2, 0 neither)."""
-    from ..codegen.build import import_tvm
-    from ..codegen.cpu import cpu_lanes
+def cpu_flags(cpuinfo: str = "/proc/cpuinfo") -> frozenset[str]:
+    """The instruction-set flags of this machine's CPU (``avx2``, ``avx512f``, ...), read from ``cpuinfo``
+    (the flags of the first processor; empty where the file is missing, as off Linux)."""
+    try:
+        with open(cpuinfo) as fh:
+            for line in fh:
+                if line.startswith("flags"):
+                    return frozenset(line.partition(":")[2].split())
+    except OSError:
+        pass
+    return frozenset()
 
-    tvm = import_tvm()
-    cpu = tvm.get_global_func("target.llvm_get_system_cpu")()
-    return cpu_lanes(tvm.target.Target({"kind": "llvm", "mcpu": cpu}))
+
+def host_lanes(flags: frozenset[str] | None = None) -> int:
+    """Vector lanes this machine's CPU runs (16 AVX-512, 8 AVX2, 0 neither)."""
+    flags = cpu_flags() if flags is None else flags
+    return 16 if "avx512f" in flags else 8 if "avx2" in flags else 0
 
 
 def kernel_key(op: str, m, lanes: int) -> KernelKey:
@@ -75,8 +79,12 @@ def kernel_key(op: str, m, lanes: int) -> KernelKey:
 class CpuLutKernels:
     """One layer's generated kernels: ``gemv`` for batch 1, ``gemm`` per batch bucket.
 
-    Holds the lane-layout words and the code under each sparse entry; the
-    tables and CSR arrays stay on the module and are passed in at call time.
+    Holds the lane-layout words, the code under each sparse entry and the bias
+    in fp32 (zeros for a layer without one: the kernels add it). :meth:`bind`
+    takes the module's tables and CSR arrays once and returns the argument
+    tuple of the ``sqc::lut_linear_cpu`` op, so a call does no Python work
+    beyond the op dispatch: no buffer lookups, no padding copy when K is a
+    multiple of the lanes (the kernels stop at K), no separate bias add.
     """
 
     def __init__(self, packed: PackedLinear, lanes: int, fns: dict[str, Callable], name: str) -> None:
@@ -87,14 +95,28 @@ class CpuLutKernels:
         self.out_features = packed.out_features
         self.in_features = packed.in_features
         self.name = name
+        self.handle = register_kernels(self)
         self.rebind(packed)
 
+    def __setstate__(self, state) -> None:
+        # a copy (deepcopy, pickle) is a new layer: it gets its own handle
+        self.__dict__.update(state)
+        self.handle = register_kernels(self)
+
     def rebind(self, packed: PackedLinear, bias: torch.Tensor | None = None) -> None:
-        """Take new codes (``load_state_dict``): the lane words and the codes under the sparse entries."""
+        """Take new codes (``load_state_dict``): the lane words, the codes under the sparse entries, the bias."""
         codes = packed.unpack()
         self.words = to_lane_words(codes, packed.bits, self.lanes)
         rows, cols = packed.sparse_coo()
         self.scode = codes[rows, cols].to(torch.uint8).contiguous()
+        self.bias = (torch.zeros(self.out_features) if bias is None
+                     else bias.detach().to(torch.float32).contiguous())
+
+    def bind(self, lut, crow, col, val, bias) -> tuple:
+        """The op's arguments after x: this layer's tensors and its kernel handle."""
+        if bias is not None:
+            self.bias = bias.detach().to(torch.float32).contiguous()
+        return (self.words, lut, crow, col, val, self.scode, self.bias, self.handle)
 
     def canonical_codes(self) -> torch.Tensor:
         codes = from_lane_words(self.words, self.bits, self.lanes, self.out_features, self.in_features)
@@ -104,182 +126,35 @@ class CpuLutKernels:
         return self.words.numel() * 4 + self.scode.numel()
 
     def _x(self, x2: torch.Tensor) -> torch.Tensor:
-        kp = self.layout.k_pad
-        if x2.dtype == torch.float32 and x2.shape[1] == kp and x2.stride(1) == 1 and (x2.shape[0] == 1 or x2.stride(0) == kp):
+        kx = self.layout.x_width
+        if x2.dtype == torch.float32 and x2.shape[1] == kx and x2.stride(1) == 1 and (x2.shape[0] == 1 or x2.stride(0) == kx):
             return x2
-        xp = torch.zeros((x2.shape[0], kp), dtype=torch.float32)
+        if kx == x2.shape[1]:
+            return x2.to(torch.float32).contiguous()
+        xp = torch.zeros((x2.shape[0], kx), dtype=torch.float32)
         xp[:, : x2.shape[1]] = x2
         return xp
 
-    def __call__(self, x: torch.Tensor, lut, crow, col, val, bias) -> torch.Tensor:
+    def run(self, x: torch.Tensor, words, lut, crow, col, val, scode, bias) -> torch.Tensor:
+        """``y = x @ W_hat.T + bias`` in x's dtype (the op's CPU implementation)."""
         if x.shape[-1] != self.in_features:
             # the padded layout would silently accept widths up to k_pad
             raise ValueError(f"layer '{self.name}' expects inputs with {self.in_features} features in the last "
                              f"dim (like nn.Linear), got shape {tuple(x.shape)}")
         if not x.is_floating_point():
             raise TypeError(f"layer '{self.name}' takes floating-point inputs, got {x.dtype}; cast x first")
+        if x.device.type != "cpu":
+            raise ValueError(f"layer '{self.name}' runs CPU kernels; x is on {x.device} (compile for that target)")
         lead = x.shape[:-1]
-        x2 = x.reshape(-1, x.shape[-1])
+        x2 = x.reshape(-1, self.in_features)
         n = x2.shape[0]
         y = torch.empty((n, self.out_features), dtype=torch.float32)
-        if n:
-            xp = self._x(x2)
-            if n == 1:
-                self.fns["1"](xp[0], self.words, lut, crow, col, val, self.scode, y[0])
-            else:
-                self.fns["2-16" if n <= 16 else "17+"](xp, self.words, lut, crow, col, val, self.scode, y)
-        if bias is not None:
-            y += bias.to(torch.float32)
-        return y.to(x.dtype).view(*lead, self.out_features)
+        if n == 1:
+            self.fns["1"](self._x(x2)[0], words, lut, crow, col, val, scode, bias, y[0])
+        elif n:
+            self.fns["2-16" if n <= 16 else "17+"](self._x(x2), words, lut, crow, col, val, scode, bias, y)
+        y = y.view(*lead, self.out_features)
+        return y if x.dtype == torch.float32 else y.to(x.dtype)
 
-
-def _bench(fn, k: CpuLutKernels, m, batch: int, repeats: int, budget_s: float = 0.03) -> float:
-    """Median ms of ``repeats`` calls, more for fast kernels (about ``budget_s`` of calls, at most 1000):
-    a 60 µs kernel's median over 20 calls is too noisy to rank schedules by."""
-    import time
-
-    from ..codegen.build import median_ms
-
-    shape = (k.layout.k_pad,) if batch == 1 else (batch, k.layout.k_pad)
-    x = torch.randn(shape)
-    y = torch.empty(shape[:-1] + (k.out_features,))
-    call = lambda: fn(x, k.words, m.lut, m.crow, m.col, m.val, k.scode, y)  # noqa: E731
-    call()
-    t = time.perf_counter()
-    call()
-    once = max(time.perf_counter() - t, 1e-6)
-    return median_ms(call, max(repeats, min(1000, int(budget_s / once))))
-
-
-def _search(lib, okey: KernelKey, bucket: str, probe: CpuLutKernels, m, tune: bool, trials, repeats: int, on_trial):
-    """Time the candidate knobs of one kernel; return (function, record without layers)."""
-    from ..codegen import build as B
-
-    op = okey.op
-    batch = B.BUCKET_TUNE_BATCH[bucket]
-    default = GemvKnobs() if op == "gemv" else default_gemm_knobs(bucket)
-    cands = [default]
-    if tune:
-        B.STATS["searches"] += 1
-        cands += [c for c in (gemv_candidates() if op == "gemv" else gemm_candidates(bucket)) if c != default]
-        if trials is not None:
-            cands = cands[: max(1, trials)]
-    tried, best = [], None
-    for kn in cands:
-        f = lib.get(okey, kn)
-        ms = _bench(f, probe, m, batch, repeats)
-        tried.append({"knobs": B.knobs_to_dict(kn), "ms": ms})
-        if len(tried) < len(cands):
-            on_trial()
-        if best is None or ms < best[1]:
-            best = (kn, ms, f)
-    knobs, best_ms, fn = best
-    copy_bw = B.copy_bandwidth_gbps()
-    nb = lambda t: t.numel() * t.element_size()  # noqa: E731
-    nbytes = probe.nbytes() + sum(nb(t) for t in (m.lut, m.crow, m.col, m.val))
-    nbytes += 4 * batch * (probe.layout.k_pad + okey.out_features)
-    gbps = nbytes / (best_ms * 1e-3) / 1e9
-    return fn, {
-        "key": okey.as_dict(), "bucket": bucket, "tuned_at_batch": batch,
-        "knobs": B.knobs_to_dict(knobs), "tuned": tune, "candidates": tried,
-        "best_ms": best_ms, "default_ms": tried[0]["ms"], "bytes": nbytes, "gbps": gbps,
-        "copy_gbps": copy_bw, "bw_ratio": gbps / copy_bw,
-    }
-
-
-def attach_cpu_kernels(
-    model: torch.nn.Module,
-    target_spec,
-    tune: bool = True,
-    trials: int | None = None,
-    repeats: int = 20,
-    progress: Callable[[str, int, int], None] | None = None,
-) -> list[dict[str, Any]]:
-    """Give every SqcLinear in ``model`` its generated kernels; return one record per kernel.
-
-    A record: kernel key, batch bucket, the layers using it, the chosen knobs,
-    every candidate tried with its latency (in trial order), best and default
-    latency, achieved GB/s and its ratio to the measured copy bandwidth, and
-    whether the choice came from the tuning database.
-    """
-    from ..codegen import build as B
-    from .qlinear import SqcLinear
-
-    mods = {n: m for n, m in model.named_modules() if isinstance(m, SqcLinear)}
-    if not mods:
-        return []
-    try:
-        lib = B.KernelLibrary(target_spec)
-    except Exception as e:  # no TVM, or a target TVM cannot build for
-        for m in mods.values():
-            m.set_kernel(None, f"reference (TVM unavailable: {type(e).__name__}: {e})")
-        return []
-    from ..codegen.cpu import cpu_lanes
-
-    lanes = cpu_lanes(lib.target)
-    host = host_lanes()
-    db = B.TuningDB(str(lib.target), lib.tvm.__version__)
-    groups: dict[KernelKey, list[str]] = {}
-    for name, m in mods.items():
-        if lanes == 0 or m.bits not in SUPPORTED_BITS or lanes > host:
-            if lanes == 0:
-                why = "no AVX2/AVX-512 on this target"
-            elif lanes > host:
-                # kernels for a wider CPU than this one would die on an illegal instruction
-                why = f"target {lib.target.attrs.get('mcpu', '')} needs {'AVX-512' if lanes == 16 else 'AVX2'}, which this CPU lacks"
-            else:
-                why = f"no LUT kernel for {m.bits}-bit codes"
-            m.set_kernel(None, f"reference ({why})")
-            continue
-        groups.setdefault(kernel_key("lut", m, lanes), []).append(name)
-    records = []
-    # progress counts tuning trials (a kernel found in the database counts as all its trials)
-    n_trials = {"1": len(gemv_candidates()), "2-16": len(gemm_candidates("2-16")), "17+": len(gemm_candidates("17+"))}
-    if trials is not None:
-        n_trials = {b: min(n, max(1, trials)) for b, n in n_trials.items()}
-    if not tune:
-        n_trials = dict.fromkeys(n_trials, 1)
-    total = len(groups) * sum(n_trials.values())
-    done = 0
-
-    def report(n: int) -> None:
-        nonlocal done
-        done = min(done + n, total)
-        if progress is not None:
-            progress("tune", done, total)
-
-    kname = f"tvm-lut-{'avx512' if lanes == 16 else 'avx2'}"
-    for key, names in groups.items():
-        first = mods[names[0]]
-        fns: dict[str, Callable] = {}
-        probe = CpuLutKernels(first.packed, lanes, fns, names[0])  # becomes the first layer's kernels
-        failed = None
-        for bucket in B.BUCKETS:
-            okey = dataclasses.replace(key, op="gemv" if bucket == "1" else "gemm")
-            rec = db.lookup(okey, bucket)
-            knobs = B.db_knobs(okey.op, rec, bucket)
-            before = done
-            try:
-                if knobs is not None:
-                    B.STATS["db_hits"] += 1
-                    fn, rec = lib.get(okey, knobs), dict(rec, from_db=True)
-                else:
-                    fn, rec = _search(lib, okey, bucket, probe, first, tune, trials, repeats, lambda: report(1))
-                    if tune:
-                        db.store(okey, bucket, rec)
-                    rec = dict(rec, from_db=False)
-                fns[bucket] = fn
-                records.append(dict(rec, layers=list(names), kernel=kname))
-            except Exception as e:  # TVM could not build this kernel: the reference op runs, and says so
-                first_line = (str(e).strip().splitlines() or [""])[0][:200]
-                failed = f"reference (TVM could not build {okey.tag()}: {type(e).__name__}: {first_line})"
-                break
-            finally:
-                report(before + n_trials[bucket] - done)
-        for name in names:
-            m = mods[name]
-            if failed:
-                m.set_kernel(None, failed)
-            else:
-                m.set_kernel(probe if name == names[0] else CpuLutKernels(m.packed, lanes, fns, name), kname)
-    return records
+    def __call__(self, x: torch.Tensor, lut, crow, col, val, bias) -> torch.Tensor:
+        return lut_linear_cpu(x, *self.bind(lut, crow, col, val, bias))

@@ -9,7 +9,7 @@ and this module loads the fatbin with ``cuModuleLoadData`` and launches with
 torch's own work and can be captured in CUDA graphs.
 
 :func:`to_chunk_words` derives the chunk layout of the codes (see
-:mod:`sqc.codegen.cuda`) from the canonical packed weight;
+:mod:`sqc.runtime.chunks`) from the canonical packed weight;
 :class:`CudaLutKernels` holds one layer's chunk words and runs
 ``y = x @ W_hat.T + b`` in fp16 with fp32 accumulation.
 """
@@ -23,11 +23,12 @@ from typing import Any
 
 import torch
 
-from ..codegen.build import BUCKETS, bucket_of
+from .chunks import KernelSpec
+from .kernels import BUCKETS, bucket_of
 from .layout import PackedLinear, pack_codes
 
 __all__ = ["to_chunk_words", "from_chunk_words", "CudaModule", "CudaLutKernels", "CudaUnavailable", "driver",
-           "CudaBundle", "tune_artifact"]
+           "CudaBundle"]
 
 
 class CudaUnavailable(RuntimeError):
@@ -253,7 +254,7 @@ def _dt(t: torch.Tensor) -> str:
 
 
 def layer_key(m) -> dict[str, Any]:
-    """What a layer's CUDA kernels are specialised on (matches :class:`sqc.codegen.cuda.CudaKey`)."""
+    """What a layer's CUDA kernels are specialised on (matches :class:`sqc.runtime.chunks.CudaKey`)."""
     return {"rows": m.out_features, "in_features": m.in_features, "bits": m.bits, "sparse": m.col.numel() > 0,
             "lut_dtype": _dt(m.lut), "col_dtype": _dt(m.col), "val_dtype": _dt(m.val)}
 
@@ -270,8 +271,6 @@ class CudaBundle:
     """
 
     def __init__(self, source: str, fatbin: bytes, plan: dict[str, Any]) -> None:
-        from ..codegen.cuda import KernelSpec
-
         self.source = source
         self.plan = plan
         specs = {s: KernelSpec.from_dict(d) for s, d in plan["kernels"].items()}
@@ -409,41 +408,3 @@ def copy_bandwidth_gbps(device, nbytes: int = 1 << 30) -> float:
     b = torch.empty_like(a)
     ms = event_median_ms(lambda: b.copy_(a), 20, 3)
     return 2 * nbytes / (ms * 1e-3) / 1e9
-
-
-def tune_artifact(path: str, model: torch.nn.Module | None = None, repeats: int = 100) -> list[dict[str, Any]]:
-    """The GPU half of CUDA tuning: time every candidate kernel of a saved CUDA artifact on this GPU.
-
-    The candidates were generated and built where the artifact was compiled
-    (``sqc.compile(..., target="cuda -arch=...", tune=True)``); here they are
-    only loaded and timed. The winners and every timing are written back into
-    the artifact (``cuda/plan.json``, ``tuning.json``, ``tuning.md``, each
-    replaced atomically), so a later ``sqc.load`` runs the tuned kernels.
-    Needs neither TVM nor nvcc. Returns the tuning records.
-    """
-    from ..codegen.report import tuning_markdown
-    from .artifact import load
-
-    if not torch.cuda.is_available():
-        raise CudaUnavailable(f"tuning {path} needs an NVIDIA GPU; torch sees none here")
-    compiled = load(path, model=model)
-    if compiled.cuda is None:
-        raise ValueError(f"{path} holds no CUDA kernels (compiled for '{compiled.target}'); "
-                         "compile with target='cuda -arch=sm_XX' to tune for a GPU")
-    compiled.to("cuda")
-    compiled.cuda.tune(compiled.model, repeats=repeats)
-    records = compiled.cuda.records()
-    data = {"target": str(compiled.target), "kernels": records}
-    _atomic_text(os.path.join(path, "cuda", "plan.json"), json.dumps(compiled.cuda.plan, indent=1))
-    _atomic_text(os.path.join(path, "tuning.json"), json.dumps(data, indent=1, default=str))
-    _atomic_text(os.path.join(path, "tuning.md"), tuning_markdown(data))
-    return records
-
-
-def _atomic_text(path: str, text: str) -> None:
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)

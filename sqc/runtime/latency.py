@@ -7,13 +7,25 @@ bf16 copy.
 """
 from __future__ import annotations
 
-from typing import Any
+import statistics
+import time
+from typing import Any, Callable
 
 import torch
 
-from ..codegen.build import median_ms
+__all__ = ["measure_kernels", "median_ms"]
 
-__all__ = ["measure_kernels"]
+
+def median_ms(fn: Callable[[], Any], repeats: int, warmup: int = 2) -> float:
+    """Median wall time of ``repeats`` calls of ``fn`` in ms, after ``warmup`` untimed calls."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return 1e3 * statistics.median(times)
 
 
 @torch.no_grad()

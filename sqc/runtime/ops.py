@@ -8,13 +8,16 @@ a message that names the problem.
 """
 from __future__ import annotations
 
+import itertools
+import weakref
 from typing import Optional
 
 import torch
 
 from .layout import dequantize, words_per_row
 
-__all__ = ["lut_linear", "lut_linear_reference", "check_lut_linear_args"]
+__all__ = ["lut_linear", "lut_linear_reference", "check_lut_linear_args", "lut_linear_cpu", "register_kernels",
+           "int8_linear", "int8_linear_reference", "int8_linear_cpu"]
 
 _INDEX_DTYPES = (torch.uint8, torch.int16, torch.int32)
 
@@ -93,3 +96,108 @@ def _backward(ctx, grad_y):
 
 lut_linear.register_autograd(_backward, setup_context=_setup_context)
 
+
+
+# -- the generated kernels as one op per layer call ----------------------------------------------------------
+#
+# ``sqc::lut_linear_cpu(x, words, lut, crow, col, val, scode, bias, handle)`` runs a layer's generated CPU
+# kernels: the tensors are the layer's (codes in the CPU lane layout, its table and sparse part, its fp32
+# bias), ``handle`` names the compiled functions bound to them (:func:`register_kernels`). It is declared
+# with ``torch.library`` and a fake implementation, so ``torch.compile`` and ``torch.export`` see one
+# opaque op per layer; its implementation is registered for the CPU dispatch key only (no autograd wrapper
+# on the hot path: :class:`sqc.runtime.qlinear.SqcLinear` routes gradients itself).
+
+_LIB = torch.library.Library("sqc", "FRAGMENT")
+_LIB.define("lut_linear_cpu(Tensor x, Tensor words, Tensor lut, Tensor crow, Tensor col, Tensor val, "
+            "Tensor scode, Tensor bias, int handle) -> Tensor")
+_KERNELS: "weakref.WeakValueDictionary[int, object]" = weakref.WeakValueDictionary()
+_NEXT = itertools.count(1)
+
+
+def register_kernels(kernels) -> int:
+    """A handle for ``kernels`` (an object with ``run(x, words, lut, crow, col, val, scode, bias)``); the
+    registry holds it weakly, so a dropped layer frees its kernels."""
+    h = next(_NEXT)
+    _KERNELS[h] = kernels
+    return h
+
+
+def _lut_linear_cpu(x, words, lut, crow, col, val, scode, bias, handle):
+    k = _KERNELS.get(handle)
+    if k is None:
+        raise RuntimeError(f"sqc::lut_linear_cpu: kernel handle {handle} is not bound in this process (the layer "
+                           "that owned it was freed); call the model's own layers, not a graph saved from another")
+    return k.run(x, words, lut, crow, col, val, scode, bias)
+
+
+_LIB.impl("lut_linear_cpu", _lut_linear_cpu, "CPU")
+
+
+@torch.library.register_fake("sqc::lut_linear_cpu")
+def _(x, words, lut, crow, col, val, scode, bias, handle):
+    if not x.is_floating_point():
+        raise ValueError(f"sqc::lut_linear_cpu: x must be floating point, got {x.dtype}")
+    return x.new_empty((*x.shape[:-1], lut.shape[0]))
+
+
+lut_linear_cpu = torch.ops.sqc.lut_linear_cpu.default
+
+
+# -- the compact output projection: int8 weights, one fp32 scale per row -------------------------------------
+
+
+def int8_linear_reference(x, qweight, scale, bias) -> torch.Tensor:
+    """``y = x @ (q * s[:, None]).T + bias`` in x's dtype: the semantics of the int8 head kernels."""
+    if not x.is_floating_point():
+        raise ValueError(f"sqc::int8_linear: x must be floating point, got {x.dtype}")
+    if qweight.dtype != torch.int8 or qweight.ndim != 2 or scale.shape != (qweight.shape[0],):
+        raise ValueError(f"sqc::int8_linear: qweight must be int8 [rows, in] and scale [rows], got "
+                         f"{qweight.dtype} {tuple(qweight.shape)} and {tuple(scale.shape)}")
+    if x.shape[-1] != qweight.shape[1]:
+        raise ValueError(f"sqc::int8_linear: x has {x.shape[-1]} features in its last dim, the layer expects "
+                         f"{qweight.shape[1]}")
+    w = qweight.to(x.dtype) * scale.to(x.dtype)[:, None]
+    return torch.nn.functional.linear(x, w, None if bias is None else bias.to(x.dtype))
+
+
+@torch.library.custom_op("sqc::int8_linear", mutates_args=())
+def int8_linear(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+    return int8_linear_reference(x, qweight, scale, bias)
+
+
+@int8_linear.register_fake
+def _(x, qweight, scale, bias):
+    return x.new_empty((*x.shape[:-1], qweight.shape[0]))
+
+
+_LIB.define("int8_linear_cpu(Tensor x, Tensor qweight, Tensor scale, Tensor bias, int handle) -> Tensor")
+
+
+def _int8_linear_cpu(x, qweight, scale, bias, handle):
+    k = _KERNELS.get(handle)
+    if k is None:
+        raise RuntimeError(f"sqc::int8_linear_cpu: kernel handle {handle} is not bound in this process")
+    return k.run(x, qweight, scale, bias)
+
+
+_LIB.impl("int8_linear_cpu", _int8_linear_cpu, "CPU")
+
+
+@torch.library.register_fake("sqc::int8_linear_cpu")
+def _(x, qweight, scale, bias, handle):
+    return x.new_empty((*x.shape[:-1], qweight.shape[0]))
+
+
+int8_linear_cpu = torch.ops.sqc.int8_linear_cpu.default
+
+
+def _int8_setup(ctx, inputs, output) -> None:
+    ctx.save_for_backward(inputs[1], inputs[2])
+
+
+def _int8_backward(ctx, grad_y):
+    q, s = ctx.saved_tensors
+    return grad_y @ (q.to(grad_y.dtype) * s.to(grad_y.dtype)[:, None]), None, None, None
+
+
+int8_linear.register_autograd(_int8_backward, setup_context=_int8_setup)

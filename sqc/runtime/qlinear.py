@@ -5,9 +5,22 @@ import torch
 from torch import nn
 
 from . import ops  # noqa: F401  (registers torch.ops.sqc.lut_linear)
+from .ops import lut_linear_cpu as _lut_linear_cpu
 from .layout import PackedLinear, dequantize
 
-__all__ = ["SqcLinear"]
+__all__ = ["SqcLinear", "apply_keeping_dtypes"]
+
+
+def apply_keeping_dtypes(module: nn.Module, fn) -> None:
+    """``module._apply(fn)`` for a packed layer's buffers: device moves apply, dtype casts do not (the buffers
+    are a storage format: fp16 tables, int8 weights, exact sparse values)."""
+    for name, buf in list(module._buffers.items()):
+        if buf is None:
+            continue
+        new = fn(buf)
+        if new.dtype != buf.dtype:
+            new = buf.to(device=new.device)
+        module._buffers[name] = new
 
 
 class _KernelGrad(torch.autograd.Function):
@@ -53,6 +66,20 @@ class SqcLinear(nn.Module):
         else:
             self.bias = None
         self._kernels = None
+        self._args = None
+
+    def _bind(self) -> None:
+        """Bind the kernels' op arguments once (after attach, a load or a move): the forward pass then reads
+        one tuple from the instance dict instead of six buffers through ``nn.Module.__getattr__``."""
+        k = self.__dict__.get("_kernels")
+        bind = getattr(k, "bind", None)
+        self.__dict__["_args"] = None if bind is None else bind(
+            self._buffers["lut"], self._buffers["crow"], self._buffers["col"], self._buffers["val"],
+            self._buffers.get("bias"))
+
+    def __setstate__(self, state) -> None:
+        super().__setstate__(state)
+        self._bind()  # a copy's kernels have their own handle and tensors
 
     def set_kernel(self, kernels, name: str) -> None:
         """Run ``kernels`` (or the reference op when None); ``name`` is what reports show."""
@@ -64,22 +91,18 @@ class SqcLinear(nn.Module):
         self.kernel = name
         if kernels is not None and "codes" in self._buffers:
             del self._buffers["codes"]
+        self._bind()
 
     def _apply(self, fn, recurse: bool = True):
         # The buffers are a storage format (fp16 tables, exact sparse values): ``.half()``, ``.float()``,
         # ``.to(dtype)`` must not round them (the kernels take one table dtype and would fail, or worse).
         # Device moves apply; dtype casts are ignored here, and the layer then runs on inputs of the new
         # activation dtype, returning outputs in it.
-        for name, buf in list(self._buffers.items()):
-            if buf is None:
-                continue
-            new = fn(buf)
-            if new.dtype != buf.dtype:
-                new = buf.to(device=new.device)
-            self._buffers[name] = new
+        apply_keeping_dtypes(self, fn)
         apply = getattr(self.__dict__.get("_kernels"), "apply", None)
         if apply is not None:  # CUDA kernels hold their code words; they follow .to()/.cuda()
             apply(fn)
+        self._bind()
         return self
 
     def __getattr__(self, name: str):
@@ -117,6 +140,7 @@ class SqcLinear(nn.Module):
         finally:
             if kernels is not None:
                 del self._buffers["codes"]
+            self._bind()
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         super()._save_to_state_dict(destination, prefix, keep_vars)
@@ -138,6 +162,11 @@ class SqcLinear(nn.Module):
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        args = self._args
+        if args is not None:  # generated kernels with bound arguments: one op call
+            if x.requires_grad and torch.is_grad_enabled():
+                return _KernelGrad.apply(x, self)
+            return _lut_linear_cpu(x, *args)
         if self._kernels is not None:
             if x.requires_grad and torch.is_grad_enabled():
                 return _KernelGrad.apply(x, self)

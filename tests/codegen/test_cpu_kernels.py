@@ -16,7 +16,8 @@ tvm = pytest.importorskip("tvm")
 from sqc.codegen import build as B  # noqa: E402
 from sqc.codegen.cpu import GemvKnobs, LaneLayout, gemm_candidates, gemv_candidates  # noqa: E402
 from sqc.codegen.target import parse_target  # noqa: E402
-from sqc.runtime.cpu import CpuLutKernels, attach_cpu_kernels, from_lane_words, kernel_key, to_lane_words  # noqa: E402
+from sqc.codegen.tune import attach_cpu_kernels  # noqa: E402
+from sqc.runtime.cpu import CpuLutKernels, from_lane_words, host_lanes, kernel_key, to_lane_words  # noqa: E402
 from sqc.runtime.layout import PackedLinear, col_dtype_for, pack_codes  # noqa: E402
 from sqc.runtime.ops import lut_linear_reference  # noqa: E402
 from sqc.runtime.qlinear import SqcLinear  # noqa: E402
@@ -54,7 +55,7 @@ def reference(packed, x, bias=None):
 
 @pytest.mark.parametrize("target", TARGETS)
 @pytest.mark.parametrize("bits", [3, 4])
-@pytest.mark.parametrize("K", [33, 100, 576])
+@pytest.mark.parametrize("K", [33, 96, 100, 576])
 @pytest.mark.parametrize("R", [1, 3, 53])
 def test_kernels_match_reference(target, bits, R, K):
     for sparse in (0.0, 0.03):
@@ -79,9 +80,9 @@ def test_two_bit_codes_use_the_same_kernels():
 def _direct(k: CpuLutKernels, packed, x, y):
     """Call the compiled function itself, on caller-provided (possibly poisoned or misaligned) outputs."""
     if x.shape[0] == 1:
-        k.fns["1"](x[0], k.words, packed.lut, packed.crow, packed.col, packed.val, k.scode, y[0])
+        k.fns["1"](x[0], k.words, packed.lut, packed.crow, packed.col, packed.val, k.scode, k.bias, y[0])
     else:
-        k.fns["2-16" if x.shape[0] <= 16 else "17+"](x, k.words, packed.lut, packed.crow, packed.col, packed.val, k.scode, y)
+        k.fns["2-16" if x.shape[0] <= 16 else "17+"](x, k.words, packed.lut, packed.crow, packed.col, packed.val, k.scode, k.bias, y)
 
 
 @pytest.mark.parametrize("target", TARGETS)
@@ -92,7 +93,7 @@ def test_poisoned_outputs_are_all_written(target, bits):
     m, _ = module_with_kernels(packed, target)
     k = m._kernels
     for n in (1, 2, 17):
-        x = torch.zeros(n, k.layout.k_pad)
+        x = torch.zeros(n, k.layout.x_width)
         x[:, :K] = torch.randn(n, K)
         y = torch.full((n, R), float("nan"))
         _direct(k, packed, x, y)
@@ -165,7 +166,7 @@ def test_every_candidate_schedule_is_correct(target):
     lib = B.KernelLibrary(spec)
     lanes = 16 if target == AVX512 else 8
     k = CpuLutKernels(packed, lanes, {}, "probe")
-    x = torch.zeros(9, k.layout.k_pad)
+    x = torch.zeros(9, k.layout.x_width)
     x[:, :100] = torch.randn(9, 100)
     want = reference(packed, x[:, :100])
     for kn in gemv_candidates():
@@ -319,9 +320,9 @@ def test_tuning_progress_counts_trials(tmp_path, monkeypatch):
 
 
 def test_target_wider_than_this_cpu_runs_the_reference_op(monkeypatch):
-    import sqc.runtime.cpu as cpu_rt
+    import sqc.codegen.tune as tune
 
-    monkeypatch.setattr(cpu_rt, "host_lanes", lambda: 8)  # pretend this CPU has AVX2 only
+    monkeypatch.setattr(tune, "host_lanes", lambda: 8)  # pretend this CPU has AVX2 only
     packed = random_packed(5, 40, 3)
     m = SqcLinear(packed, None)
     attach_cpu_kernels(torch.nn.Sequential(m), parse_target(AVX512), tune=False)
@@ -329,3 +330,13 @@ def test_target_wider_than_this_cpu_runs_the_reference_op(monkeypatch):
     m2 = SqcLinear(packed, None)
     attach_cpu_kernels(torch.nn.Sequential(m2), parse_target(AVX2), tune=False)
     assert m2.kernel == "tvm-lut-avx2"
+
+
+def test_host_lanes_reads_the_cpu_flags_without_tvm():
+    from sqc.codegen.cpu import cpu_lanes
+
+    assert host_lanes(frozenset({"sse2", "avx2", "avx512f"})) == 16
+    assert host_lanes(frozenset({"sse2", "avx2"})) == 8
+    assert host_lanes(frozenset({"sse2"})) == 0
+    # /proc/cpuinfo agrees with what TVM's LLVM makes of this machine's CPU
+    assert host_lanes() == cpu_lanes(tvm.target.Target({"kind": "llvm", "mcpu": HOST}))

@@ -22,8 +22,9 @@ def test_instruments(mlp, tmp_path):
     t = trace(mlp, (torch.randn(2, 100),))
     ctx = CompileContext(model=mlp, config=QuantConfig(bits=4))
     PassManager(default_pipeline(), [TimingInstrument(), IRDumpInstrument(tmp_path)]).run(t.graph_module, ctx)
-    assert set(ctx.stage_seconds) == {"AnnotateSensitivity", "SplitOutliers", "FitCodebook", "PackLayout", "Lower"}
+    assert set(ctx.stage_seconds) == {"AnnotateSensitivity", "SplitOutliers", "FitCodebook", "PackLayout", "Lower",
+                                      "FuseSiblingLinears", "CompactHead"}
     dumps = sorted(p.name for p in tmp_path.iterdir())
-    assert dumps[0] == "01_AnnotateSensitivity.txt" and dumps[-1] == "05_Lower.txt"
+    assert dumps[0] == "01_AnnotateSensitivity.txt" and dumps[-1] == "07_CompactHead.txt"
     assert "sqc.lut_linear" in (tmp_path / "05_Lower.txt").read_text()
     assert "aten.linear" in (tmp_path / "04_PackLayout.txt").read_text()

@@ -10,10 +10,12 @@ def count(gm, target):
     return sum(1 for n in gm.graph.nodes if n.op == "call_function" and n.target is target)
 
 
-def test_every_quantized_call_lowered(llama):
+def test_every_quantized_call_lowered(llama, tmp_path):
     ids = torch.randint(0, 128, (1, 12))
-    compiled = sqc.compile(llama, (ids,), config="w4")
-    gm = compiled.graph_module
+    # Lower on its own: no sibling fusion, the head left in float (those passes have their own tests)
+    cfg = sqc.QuantConfig(bits=4, outlier_pct=0.0, sensitive_pct=0.0, fuse=False, head="float")
+    compiled = sqc.compile(llama, (ids,), config=cfg, dump_ir=str(tmp_path / "ir"))
+    gm = compiled.graph_module  # kept because the IR was asked for
     n_quantized = sum(r.quantized for r in compiled.layers)
     assert n_quantized == 14
     assert count(gm, OP) == n_quantized
@@ -48,3 +50,8 @@ def test_float_weights_released(mlp):
     wb = compiled.weight_bytes()
     assert wb["float_before"] == 4 * (100 * 53 + 53 * 33 + 33 * 3)
     assert 0 < wb["packed_after"] < wb["float_before"]
+
+
+def test_the_rewritten_graph_is_dropped_unless_the_ir_was_asked_for(mlp):
+    compiled = sqc.compile(mlp, (torch.randn(2, 100),), config="w4", kernels=False)
+    assert compiled.graph_module is None  # what runs is compiled.model; no second copy of the program

@@ -4,17 +4,28 @@ Layout of an artifact folder::
 
     manifest.json        format name + version, QuantConfig, target, model
                          description, quantized layers, per-tensor sha256,
-                         tensor aliases (tied weights), the compile report
+                         tensor aliases (tied weights), the compile report,
+                         and ``kernels``: the backend kind, its folder and what
+                         it recorded (for the CPU the plan's sha256)
     model.safetensors    every tensor of the compiled model (packed codes,
                          tables, CSR parts, the float layers left unquantized,
                          non-persistent buffers too)
     report.json          the compile report (human and tool readable)
+    tuning.json, .md     the tuning report of the kernels
+    kernels/cpu/         CPU targets: the built kernel libraries and plan.json
+                         (:mod:`sqc.runtime.cpu_plan`)
+    cuda/                CUDA targets: kernels.cu, kernels.fatbin, plan.json
+                         (:class:`sqc.runtime.cuda.CudaBundle`)
     tokenizer/           optional: the model's tokenizer (``sqc compile`` writes it)
 
 The folder is first written under a temporary name next to the destination
 and renamed into place, so a crash never leaves a half-written artifact.
 Loading reads JSON and safetensors only (no pickle), checks the format
-version and every tensor's checksum.
+version and every tensor's checksum, and attaches the kernels the artifact
+carries through the target's backend (:mod:`sqc.backends`): a CPU artifact
+loads its libraries with TVM's runtime alone, building and tuning nothing.
+Format 1 artifacts (no ``kernels`` entry, no CPU libraries) still load; their
+CPU kernels are built at load, as that format did.
 """
 from __future__ import annotations
 
@@ -28,14 +39,25 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..config import QuantConfig
-from .layout import PackedLinear
-from .qlinear import SqcLinear
+from .backends import backend, compiler_missing
+from .codegen.target import parse_target
+from .config import QuantConfig
+from .folders import clean_leftovers, swap_into_place, umask
+from .runtime.kernels import KernelFileError, KernelsUnusable
+from .runtime.layout import PackedLinear
+from .runtime.memory import release_memory
+from .runtime.fused import fused_groups, refuse
+from .runtime.int8 import Int8Linear
+from .runtime.qlinear import SqcLinear
 
-__all__ = ["save", "load", "ArtifactError", "FORMAT_NAME", "FORMAT_VERSION", "artifact_bits_per_weight"]
+__all__ = ["save", "load", "ArtifactError", "FORMAT_NAME", "FORMAT_VERSION", "artifact_bits_per_weight",
+           "tune_artifact"]
 
 FORMAT_NAME = "sqc-artifact"
-FORMAT_VERSION = 1
+#: 2: the manifest's ``kernels`` entry, CPU kernel libraries and plan in ``kernels/cpu/``
+FORMAT_VERSION = 2
+#: the oldest format this sqc reads
+MIN_FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 TENSORS = "model.safetensors"
 
@@ -46,11 +68,12 @@ class ArtifactError(RuntimeError):
 
 def _sha256(t: torch.Tensor) -> str:
     t = t.detach().contiguous().cpu()
-    return hashlib.sha256(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"").hexdigest()
+    # hashed through the buffer protocol: no copy of the tensor (a 113 MB embedding would double at load)
+    return hashlib.sha256(t.reshape(-1).view(torch.uint8).numpy() if t.numel() else b"").hexdigest()
 
 
 def _model_description(model: nn.Module) -> dict[str, Any]:
-    from ..trace import is_hf_model
+    from .trace import is_hf_model
 
     if is_hf_model(model):
         desc = {
@@ -137,10 +160,15 @@ def save(
             for n, t in tensors.items()
         },
         "aliases": aliases,
+        # sibling layers that run as one (sqc.runtime.fused); load fuses them again
+        "fused": [list(g.names) for g in fused_groups(model)],
+        # output projections stored int8 per row (sqc.runtime.int8)
+        "heads": {name: {"in_features": m.in_features, "out_features": m.out_features, "bias": m.bias is not None}
+                  for name, m in model.named_modules() if isinstance(m, Int8Linear)},
         "float_weight_bytes": compiled.float_weight_bytes,
         "source": source,
+        "kernels": None,
     }
-    manifest["manifest_sha256"] = _manifest_digest(manifest)
     clean_leftovers(parent)
     tmp = tempfile.mkdtemp(prefix=f".sqc-tmp-{os.getpid()}-", dir=parent)
     try:
@@ -148,8 +176,15 @@ def save(
         save_file(tensors, os.path.join(tmp, TENSORS), metadata={"format": FORMAT_NAME})
         if tokenizer is not None:
             tokenizer.save_pretrained(os.path.join(tmp, "tokenizer"))
-        if getattr(compiled, "cuda", None) is not None:
-            compiled.cuda.write(os.path.join(tmp, "cuda"))
+        kernels = getattr(compiled, "kernels", None)
+        if kernels is not None:  # the kernels the layers run, as the target's backend stores them
+            be = backend(compiled.target.kind)
+            try:
+                entry = kernels.write(os.path.join(tmp, be.folder)) or {}
+            except KernelFileError as e:
+                raise ArtifactError(f"cannot save the kernels: {e}") from e
+            manifest["kernels"] = {"kind": be.kind, "folder": be.folder, **entry}
+        manifest["manifest_sha256"] = _manifest_digest(manifest)
         tuning = compiled.tuning_report("dict")
         with open(os.path.join(tmp, "tuning.md"), "w") as fh:
             fh.write(compiled.tuning_report("markdown"))
@@ -165,49 +200,9 @@ def save(
     return path
 
 
-def swap_into_place(tmp: str, path: str, old_prefix: str) -> None:
-    """Rename the finished folder ``tmp`` to ``path``; an existing ``path`` is moved aside first (into
-    ``<old_prefix><pid>-*`` in the same parent) and removed only once the new one is in place."""
-    if os.path.lexists(path):
-        old = tempfile.mkdtemp(prefix=f"{old_prefix}{os.getpid()}-", dir=os.path.dirname(path))
-        os.rename(path, os.path.join(old, "a"))
-        os.rename(tmp, path)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.rename(tmp, path)
-
-
-def umask() -> int:
-    """The process's umask (read without changing it for longer than the call)."""
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
 def _manifest_digest(manifest: dict[str, Any]) -> str:
     body = {k: v for k, v in manifest.items() if k != "manifest_sha256"}
     return hashlib.sha256(json.dumps(body, sort_keys=True, default=str).encode()).hexdigest()
-
-
-def clean_leftovers(parent: str, prefixes: tuple[str, ...] = (".sqc-tmp-", ".sqc-old-")) -> None:
-    """Remove ``<prefix><pid>-*`` folders of saves whose process is gone (killed mid-save)."""
-    try:
-        names = os.listdir(parent)
-    except OSError:
-        return
-    for name in names:
-        prefix = next((p for p in prefixes if name.startswith(p)), None)
-        pid = name[len(prefix):].split("-", 1)[0] if prefix else ""
-        if not pid.isdigit():
-            continue
-        try:
-            os.kill(int(pid), 0)
-            continue  # a save in progress
-        except ProcessLookupError:
-            pass
-        except PermissionError:
-            continue  # alive, another user's
-        shutil.rmtree(os.path.join(parent, name), ignore_errors=True)
 
 
 def check_replaceable(path: str) -> None:
@@ -251,10 +246,10 @@ def _read_manifest(path: str) -> dict[str, Any]:
         raise ArtifactError(
             f"{path} has artifact format version {version}, newer than this sqc reads ({FORMAT_VERSION}); upgrade sqc"
         )
-    if version < FORMAT_VERSION:
+    if version < MIN_FORMAT_VERSION:
         raise ArtifactError(
-            f"{path} has artifact format version {version}, older than this sqc reads ({FORMAT_VERSION}); "
-            "re-create it with sqc.save"
+            f"{path} has artifact format version {version}, older than this sqc reads ({MIN_FORMAT_VERSION} to "
+            f"{FORMAT_VERSION}); re-create it with sqc.save"
         )
     digest = manifest.get("manifest_sha256")
     if digest is not None and digest != _manifest_digest(manifest):
@@ -324,15 +319,21 @@ def load(path: str | os.PathLike, model: nn.Module | None = None, target: Any = 
     other model must be passed as ``model``: an instance of the original
     architecture (its weights may be on the meta device).
 
-    Kernels for ``target`` (default: the target it was compiled for; for CPU
-    artifacts, this machine's CPU, since the kernels are derived at load) come from
-    the on-disk kernel cache and the tuning database; nothing is rebuilt when
-    both hold them. ``tune=True`` searches knobs missing from the database.
+    The layers run the kernels the artifact carries (the libraries and tuning
+    choices of the compile; for CUDA the fatbin and plan): nothing is built or
+    tuned, and no compiler is imported. Where they cannot run (a CPU without the
+    instruction set they were built for, an artifact without kernels for the
+    target) a CPU model gets kernels built for this machine when the compiler
+    is installed, the layers' kernel names and the notes say so; otherwise the
+    reference op runs and the kernel name says why.
+
+    ``target`` (default: the one it was compiled for) other than the artifact's
+    own, or ``tune=True``, builds kernels for that target with the compiler
+    (``tune=True`` searches knobs missing from the tuning database).
     """
-    from ..codegen.target import parse_target
-    from ..compiler import CompiledModel
-    from ..passes.base import LayerReport
-    from ..passes.lower import replace_module
+    from .compiler import CompiledModel
+    from .passes.base import LayerReport
+    from .passes.lower import replace_module
 
     path = os.path.abspath(os.fspath(path))
     manifest = _read_manifest(path)
@@ -368,7 +369,21 @@ def load(path: str | os.PathLike, model: nn.Module | None = None, target: Any = 
                 f"{path}: layer {name} was compiled as {info['out_features']}x{info['in_features']}, the model's is "
                 f"{shape[0]}x{shape[1]}; pass an instance of the architecture that was compiled (same sizes)")
         # the kernel name says what runs here, set when kernels attach below (not the compiling machine's)
-        replace_module(model, name, SqcLinear(packed, bias, kernel="reference (no kernels attached)"))
+        compiled_as = str(info.get("kernel") or "")
+        why = compiled_as if compiled_as.startswith("reference") else "reference (no kernels attached)"
+        replace_module(model, name, SqcLinear(packed, bias, kernel=why))
+    for name, info in manifest.get("heads", {}).items():
+        try:
+            head = Int8Linear(tensors[f"{name}.qweight"], tensors[f"{name}.scale"],
+                              tensors.get(f"{name}.bias") if info["bias"] else None, kernel="reference (no kernels attached)")
+            old = model.get_submodule(name)
+        except (KeyError, AttributeError, ValueError) as e:
+            raise ArtifactError(f"{path}: output projection {name} cannot be rebuilt ({type(e).__name__}: {e}); pass "
+                                "an instance of the architecture that was compiled") from e
+        if (getattr(old, "out_features", None), getattr(old, "in_features", None)) != (head.out_features, head.in_features):
+            raise ArtifactError(f"{path}: output projection {name} was compiled as {head.out_features}x"
+                                f"{head.in_features}; the model's differs: pass the architecture that was compiled")
+        replace_module(model, name, head)
     persistent = set(manifest.get("persistent", []))
     for name, t in tensors.items():
         _set_tensor(model, name, t, name in persistent)
@@ -383,6 +398,14 @@ def load(path: str | os.PathLike, model: nn.Module | None = None, target: Any = 
         raise ArtifactError(
             f"{path}: the artifact has no data for {len(uncovered)} tensors of the model ({uncovered[:5]}): "
             "pass an instance of the architecture that was compiled (same layers and sizes)")
+    # the model holds what it needs; dropping the file's dict lets the fused layers and the kernels' layout
+    # replace the per-member codes instead of adding to them
+    del tensors
+    try:
+        refuse(model, manifest.get("fused", []))
+        release_memory()  # the members' codes and the stacking temporaries, before the kernels' layout is made
+    except ValueError as e:
+        raise ArtifactError(f"{path}: {e}") from e
     model.eval()
     report = {}
     rpath = os.path.join(path, "report.json")
@@ -397,33 +420,79 @@ def load(path: str | os.PathLike, model: nn.Module | None = None, target: Any = 
             r["weighted_error"], r["mse"], 0, r["bytes"] or {}, r["kernel"], r.get("notes", []),
             r.get("weight_power"),
         ))
-    spec = parse_target(target if target is not None else manifest["target"])
-    if target is None and spec.kind == "llvm":
-        # CPU kernels are derived at load: build them for this machine's CPU, not the compiling one's
-        spec = parse_target("llvm")
-    tuning = []
-    bundle = None
-    if spec.kind == "llvm":
-        from .cpu import attach_cpu_kernels
-
-        tuning = attach_cpu_kernels(model, spec, tune=tune)
-    elif spec.kind == "cuda" and os.path.isdir(os.path.join(path, "cuda")):
-        # no TVM, JAX or nvcc needed: the kernels were built when the artifact was written
-        from .cuda import CudaBundle
-
-        try:
-            bundle = CudaBundle.read(os.path.join(path, "cuda"))
-        except (OSError, ValueError, KeyError) as e:
-            raise ArtifactError(f"{path}: unreadable CUDA kernels ({e})") from e
-        bundle.attach(model, str(spec))
-        tuning = bundle.records()
+    try:
+        own = parse_target(manifest["target"])
+        spec = parse_target(target) if target is not None else own
+    except (KeyError, TypeError, ValueError) as e:
+        raise ArtifactError(f"{path}: invalid target ({e})") from e
+    notes = list(report.get("notes", []))
+    spec, kernels = _attach_kernels(path, manifest, model, own, spec, target is not None, tune, notes)
     compiled = CompiledModel(
-        model, config, spec, layers, report.get("notes", []),
-        report.get("stage_seconds", {}), None, manifest.get("float_weight_bytes", 0), tuning,
+        model, config, spec, layers, notes, report.get("stage_seconds", {}), None,
+        manifest.get("float_weight_bytes", 0), kernels.records() if kernels is not None else [], kernels=kernels,
     )
-    compiled.cuda = bundle
     compiled.refresh_kernel_names()
+    release_memory()
     return compiled
+
+
+def _kernels_entry(path: str, manifest: dict[str, Any]) -> dict[str, Any] | None:
+    """What the manifest records of the artifact's kernels (a format 1 artifact: its cuda/ folder, if any)."""
+    entry = manifest.get("kernels")
+    if entry is None and manifest["format_version"] == 1 and os.path.isdir(os.path.join(path, "cuda")):
+        entry = {"kind": "cuda", "folder": "cuda"}
+    if entry is None:
+        return None
+    folder = entry.get("folder") if isinstance(entry, dict) else None
+    if (not isinstance(folder, str) or os.path.isabs(folder) or os.path.normpath(folder).startswith("..")
+            or not isinstance(entry.get("kind"), str)):
+        raise ArtifactError(f"{os.path.join(path, MANIFEST)}: malformed kernels entry {entry!r}")
+    return entry
+
+
+def _attach_kernels(path: str, manifest: dict[str, Any], model: nn.Module, own, spec, explicit: bool, tune: bool,
+                    notes: list[str]):
+    """Attach the artifact's kernels through the target's backend, else rebuild or fall back, and say which.
+
+    Returns (the target the layers run for, the kernel set or None)."""
+    entry = _kernels_entry(path, manifest)
+    be = backend(spec.kind)
+    unusable = None  # why the artifact's own kernels do not run here
+    if tune:
+        requested = "tune=True asks for the kernels to be tuned again"
+    elif explicit and spec != own:
+        requested = f"target {spec} differs from the artifact's {own}"
+    else:
+        requested = None
+    if requested is None:
+        if entry is None or entry["kind"] != spec.kind:
+            unusable = f"the artifact carries no {spec.kind} kernels"
+        else:
+            try:
+                return spec, be.load(model, os.path.join(path, entry["folder"]), entry, spec)
+            except KernelsUnusable as e:
+                unusable = str(e)
+            except (KernelFileError, OSError, ValueError, KeyError, TypeError) as e:
+                raise ArtifactError(f"{path}: unreadable {spec.kind} kernels: {e}; re-create the artifact with sqc.save"
+                                    ) from e
+    why = requested or unusable
+    missing = compiler_missing()
+    if not be.rebuild_on_load or missing is not None:
+        blocker = missing or f"{spec.kind} kernels are not rebuilt at load"
+        for m in model.modules():
+            if isinstance(m, SqcLinear):
+                m.set_kernel(None, f"reference ({why}; {blocker})")
+        notes.append(f"the quantized layers run the reference op: {why}; {blocker}")
+        return spec, None
+    # the compiler is here: build for the requested target, or for this machine when the artifact's cannot run
+    build_for = spec if explicit else parse_target(spec.kind)
+    kernels = be.attach(model, build_for, tune=tune, notes=notes)
+    notes.append(f"kernels built at load for {build_for}: {why}")
+    if unusable is not None:
+        for m in model.modules():
+            if isinstance(m, SqcLinear) and not m.kernel.startswith("reference"):
+                m.kernel = f"{m.kernel} (built at load: {unusable})"
+    return build_for, kernels
 
 
 def artifact_bits_per_weight(path: str | os.PathLike) -> dict[str, Any]:
@@ -456,3 +525,41 @@ def artifact_bits_per_weight(path: str | os.PathLike) -> dict[str, Any]:
 
 
 _DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
+
+
+def tune_artifact(path: str, model: torch.nn.Module | None = None, repeats: int = 100) -> list[dict[str, Any]]:
+    """The GPU half of CUDA tuning: time every candidate kernel of a saved CUDA artifact on this GPU.
+
+    The candidates were generated and built where the artifact was compiled
+    (``sqc.compile(..., target="cuda -arch=...", tune=True)``); here they are
+    only loaded and timed. The winners and every timing are written back into
+    the artifact (``cuda/plan.json``, ``tuning.json``, ``tuning.md``, each
+    replaced atomically), so a later ``sqc.load`` runs the tuned kernels.
+    Needs neither TVM nor nvcc. Returns the tuning records.
+    """
+    from .codegen.report import tuning_markdown
+    from .runtime.cuda import CudaUnavailable
+
+    if not torch.cuda.is_available():
+        raise CudaUnavailable(f"tuning {path} needs an NVIDIA GPU; torch sees none here")
+    compiled = load(path, model=model)
+    if compiled.cuda is None:
+        raise ValueError(f"{path} holds no CUDA kernels (compiled for '{compiled.target}'); "
+                         "compile with target='cuda -arch=sm_XX' to tune for a GPU")
+    compiled.to("cuda")
+    compiled.cuda.tune(compiled.model, repeats=repeats)
+    records = compiled.cuda.records()
+    data = {"target": str(compiled.target), "kernels": records}
+    _atomic_text(os.path.join(path, backend("cuda").folder, "plan.json"), json.dumps(compiled.cuda.plan, indent=1))
+    _atomic_text(os.path.join(path, "tuning.json"), json.dumps(data, indent=1, default=str))
+    _atomic_text(os.path.join(path, "tuning.md"), tuning_markdown(data))
+    return records
+
+
+def _atomic_text(path: str, text: str) -> None:
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)

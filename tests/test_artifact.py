@@ -5,7 +5,8 @@ import pytest
 import torch
 
 import sqc
-from sqc.runtime.artifact import ArtifactError, artifact_bits_per_weight
+from sqc.artifact import ArtifactError, artifact_bits_per_weight
+from sqc.runtime.cpu import host_lanes
 from tests.conftest import tiny_llama
 
 
@@ -39,12 +40,25 @@ def test_tied_weights_saved_once(tmp_path):
                       num_attention_heads=2, num_key_value_heads=1, tie_word_embeddings=True)
     model = LlamaForCausalLM(cfg).eval()
     ids = torch.randint(0, 64, (1, 6))
-    compiled = sqc.compile(model, (ids,), config="w4")
+    twin = LlamaForCausalLM(cfg).eval()
+    twin.load_state_dict(model.state_dict())
+    # a float head stays tied to the embedding, and is stored once
+    compiled = sqc.compile(model, (ids,), config=sqc.QuantConfig(bits=4, head="float"))
     path = sqc.save(compiled, tmp_path / "tied")
     manifest = json.load(open(os.path.join(path, "manifest.json")))
     assert manifest["aliases"] == {"lm_head.weight": "model.embed_tokens.weight"}
     loaded = sqc.load(path)
     assert loaded.model.lm_head.weight.data_ptr() == loaded.model.model.embed_tokens.weight.data_ptr()
+    with torch.no_grad():
+        assert torch.equal(loaded(ids).logits, compiled(ids).logits)
+    # the default int8 head gets its own copy; the embedding keeps the float table
+    compiled = sqc.compile(twin, (ids,), config="w4")
+    path = sqc.save(compiled, tmp_path / "tied-int8")
+    manifest = json.load(open(os.path.join(path, "manifest.json")))
+    assert manifest["aliases"] == {} and list(manifest["heads"]) == ["lm_head"]
+    loaded = sqc.load(path)
+    assert loaded.model.lm_head.qweight.dtype == torch.int8
+    assert torch.equal(loaded.model.model.embed_tokens.weight, model.model.embed_tokens.weight)
     with torch.no_grad():
         assert torch.equal(loaded(ids).logits, compiled(ids).logits)
 
@@ -219,7 +233,7 @@ def _storage_check(tmp_path, rows_cap):
 
         compiled = sqc.compile(Par(), (torch.randn(1, 4096).half(), torch.randn(1, 11008).half()), config=preset,
                                kernels=False)
-        assert all(m.kernel == "reference" for m in compiled.quantized_modules().values())
+        assert all(m.kernel.startswith("reference") for m in compiled.quantized_modules().values())
         path = sqc.save(compiled, tmp_path / preset)
         bpw = artifact_bits_per_weight(path)
         assert bpw["overall"] <= limit, (preset, bpw)
@@ -251,3 +265,151 @@ def test_the_reported_kernel_is_the_one_running(saved_llama):
     assert all(m._kernels is None for m in loaded.quantized_modules().values())
     with torch.no_grad():
         torch.testing.assert_close(loaded(ids).logits, compiled(ids).logits, rtol=1e-4, atol=1e-4)
+
+
+# -- the CPU kernels an artifact carries --------------------------------------------------------------------------
+
+needs_avx2 = pytest.mark.skipif(not host_lanes(), reason="this CPU has neither AVX2 nor AVX-512: no generated CPU kernels run here")
+
+
+def _meta_mlp():
+    with torch.device("meta"):
+        return _mlp()
+
+
+@pytest.fixture
+def saved_mlp(tmp_path, mlp):
+    x = torch.randn(3, 100)
+    compiled = sqc.compile(mlp, (x,), config="w3-s0.45", target="llvm")
+    return compiled, sqc.save(compiled, tmp_path / "mlp"), x
+
+
+@needs_avx2
+def test_a_cpu_artifact_carries_its_kernel_libraries_and_plan(saved_mlp):
+    compiled, path, _ = saved_mlp
+    manifest = json.load(open(os.path.join(path, "manifest.json")))
+    assert manifest["format_version"] == 2
+    entry = manifest["kernels"]
+    assert entry["kind"] == "llvm" and entry["folder"] == "kernels/cpu" and entry["isa"] in (["avx2"], ["avx512f"])
+    folder = os.path.join(path, entry["folder"])
+    plan = json.load(open(os.path.join(folder, "plan.json")))
+    assert len(plan["kernels"]) == 3 * 3  # three layers (three keys) x three batch buckets
+    for k in plan["kernels"]:
+        lib = os.path.join(folder, k["library"])
+        assert os.path.isfile(lib) and k["sha256"] and k["layers"] and k["knobs"]
+        assert k["bucket"] in ("1", "2-16", "17+") and k["symbol"] == ("gemv" if k["bucket"] == "1" else "gemm")
+    # the plan's choices are the compile's tuning choices
+    chosen = {(r["key"]["out_features"], r["bucket"]): r["knobs"] for r in compiled.tuning}
+    assert {(k["key"]["out_features"], k["bucket"]): k["knobs"] for k in plan["kernels"]} == chosen
+
+
+@needs_avx2
+def test_load_in_a_fresh_process_runs_the_saved_kernels_without_tvm(saved_mlp, tmp_path):
+    import subprocess
+    import sys
+    import textwrap
+
+    compiled, path, x = saved_mlp
+    with torch.no_grad():
+        want = {n: compiled(x[:n] if n < 4 else torch.randn(n, 100, generator=torch.Generator().manual_seed(n)))
+                for n in (1, 3, 20)}
+    torch.save({"x": x, "want": want}, tmp_path / "io.pt")
+    cache = tmp_path / "empty-cache"
+    cache.mkdir()
+    script = textwrap.dedent(f"""
+        import json, sys, torch, sqc
+        with torch.device("meta"):
+            model = torch.nn.Sequential(torch.nn.Linear(100, 53), torch.nn.ReLU(), torch.nn.Linear(53, 33, bias=False),
+                                        torch.nn.ReLU(), torch.nn.Linear(33, 3))
+        io = torch.load({str(tmp_path / "io.pt")!r})
+        loaded = sqc.load({path!r}, model=model)
+        with torch.no_grad():
+            got = {{n: loaded(io["x"][:n] if n < 4 else torch.randn(n, 100, generator=torch.Generator().manual_seed(n)))
+                    for n in (1, 3, 20)}}
+        print(json.dumps({{
+            "equal": {{str(n): bool(torch.equal(got[n], io["want"][n])) for n in got}},
+            "tvm": "tvm" in sys.modules, "tvm_ffi": "tvm_ffi" in sys.modules,
+            "kernels": [m.kernel for m in loaded.quantized_modules().values()],
+            "tuning": len(loaded.tuning_report()["kernels"]),
+        }}))
+    """)
+    env = dict(os.environ, SQC_CACHE_DIR=str(cache))
+    out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    res = json.loads(out.stdout.strip().splitlines()[-1])
+    assert res["equal"] == {"1": True, "3": True, "20": True}
+    assert res["tvm"] is False and res["tvm_ffi"] is True  # TVM's runtime library only, not the compiler
+    want_kernels = [m.kernel for m in compiled.quantized_modules().values()]
+    assert res["kernels"] == want_kernels and all(k.startswith("tvm-lut-avx") for k in res["kernels"])
+    assert res["tuning"] == 9  # the tuning choices came with the artifact
+    assert [f for _, _, files in os.walk(cache) for f in files] == []  # nothing built, nothing tuned, nothing cached
+
+
+@needs_avx2
+def test_a_damaged_kernel_library_is_named_not_loaded(saved_mlp):
+    _, path, _ = saved_mlp
+    folder = os.path.join(path, "kernels", "cpu")
+    lib = sorted(f for f in os.listdir(folder) if f.endswith(".so"))[0]
+    data = open(os.path.join(folder, lib), "rb").read()
+    tmp = os.path.join(folder, "new")
+    with open(tmp, "wb") as fh:  # a new file, not an in-place write (a loaded library stays mapped)
+        fh.write(data[:300] + bytes([data[300] ^ 0xFF]) + data[301:])
+    os.replace(tmp, os.path.join(folder, lib))
+    with pytest.raises(ArtifactError, match=f"{lib}: fails its checksum"):
+        sqc.load(path, model=_meta_mlp())
+
+
+@needs_avx2
+def test_an_edited_kernel_plan_is_detected(saved_mlp):
+    _, path, _ = saved_mlp
+    ppath = os.path.join(path, "kernels", "cpu", "plan.json")
+    plan = json.load(open(ppath))
+    plan["kernels"][0]["knobs"] = {"rt": 1, "unroll": 2}
+    json.dump(plan, open(ppath, "w"))
+    with pytest.raises(ArtifactError, match="plan.json: was modified after it was written"):
+        sqc.load(path, model=_meta_mlp())
+
+
+@needs_avx2
+def test_a_cpu_without_the_instruction_set_rebuilds_with_the_compiler_or_says_why(saved_mlp, monkeypatch):
+    compiled, path, x = saved_mlp
+    monkeypatch.setattr("sqc.runtime.cpu_plan.cpu_flags", lambda: frozenset({"sse2"}))
+    rebuilt = sqc.load(path, model=_meta_mlp())
+    kernels = [m.kernel for m in rebuilt.quantized_modules().values()]
+    assert all(k.startswith("tvm-lut-") and "built at load" in k and "which this CPU lacks" in k for k in kernels), kernels
+    assert any("kernels built at load" in n for n in rebuilt.notes)
+    with torch.no_grad():
+        torch.testing.assert_close(rebuilt(x), compiled(x), rtol=1e-5, atol=1e-5)
+    monkeypatch.setattr("sqc.artifact.compiler_missing", lambda: "the kernel compiler (apache-tvm) is not installed")
+    plain = sqc.load(path, model=_meta_mlp())
+    for m in plain.quantized_modules().values():
+        assert m._kernels is None
+        assert m.kernel.startswith("reference (the artifact's CPU kernels were built for llvm")
+        assert "which this CPU lacks; the kernel compiler (apache-tvm) is not installed" in m.kernel
+    with torch.no_grad():
+        torch.testing.assert_close(plain(x), compiled(x), rtol=1e-4, atol=1e-4)
+
+
+def test_a_format_1_artifact_still_loads(tmp_path, mlp):
+    x = torch.randn(3, 100)
+    compiled = sqc.compile(mlp, (x,), config="w4", kernels=False)
+    path = sqc.save(compiled, tmp_path / "v1")
+    mpath = os.path.join(path, "manifest.json")
+    m = json.load(open(mpath))
+    m["format_version"] = 1
+    del m["kernels"]
+    from sqc.artifact import _manifest_digest
+
+    m["manifest_sha256"] = _manifest_digest(m)
+    json.dump(m, open(mpath, "w"))
+    loaded = sqc.load(path, model=_meta_mlp())  # no CPU kernels in it: built at load, as format 1 did
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), compiled(x), rtol=1e-4, atol=1e-4)
+    for k in (m.kernel for m in loaded.quantized_modules().values()):
+        assert "the artifact carries no llvm kernels" in k, k
+        assert k.startswith("tvm-lut-" if host_lanes() else "reference"), k
+    m["format_version"] = 0
+    m["manifest_sha256"] = _manifest_digest(m)
+    json.dump(m, open(mpath, "w"))
+    with pytest.raises(ArtifactError, match="format version 0, older than this sqc reads"):
+        sqc.load(path, model=_meta_mlp())

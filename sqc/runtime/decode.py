@@ -1,0 +1,133 @@
+"""One compiled decode step: greedy generation with a static KV cache and ``torch.compile`` around the step.
+
+:class:`CompiledDecoder` runs a Hugging Face causal LM's generation as
+
+* prefill: one eager forward over the prompt into a ``transformers.StaticCache``
+  (the batched sqc kernels; only the last position's logits are computed);
+* decode: every new token is one call of a ``torch.compile``'d step (Inductor,
+  ``fullgraph=True``): embedding, all decoder layers with the sqc kernels as
+  opaque ``torch.library`` ops, the cache update, the head and the argmax.
+  The step writes into fixed-size buffers (token, position, cache), so its
+  shapes never change and it compiles once per cache length.
+
+The first call pays the compilation (reported in :attr:`CompiledDecoder.stats`);
+Inductor caches the compiled graph on disk (``TORCHINDUCTOR_CACHE_DIR``), so a
+second process with the same model and shapes loads it instead of compiling.
+Greedy decoding only: sampling, beam search, padded batches or other ``generate``
+options run Hugging Face's own ``generate`` (eager) and :attr:`stats` says why.
+"""
+from __future__ import annotations
+
+import time
+import warnings
+from typing import Any
+
+import torch
+
+__all__ = ["CompiledDecoder", "CACHE_STEP"]
+
+#: cache lengths are rounded up to a multiple of this, so nearby lengths share one compiled step
+CACHE_STEP = 256
+
+
+class CompiledDecoder:
+    def __init__(self, model: torch.nn.Module, compile_step: bool = True) -> None:
+        self.model = model
+        self.compile_step = compile_step
+        self._cache = None
+        self._cache_len = 0
+        self._steps: dict[int, Any] = {}
+        self.stats: dict[str, Any] = {"mechanism": "torch.compile (inductor, fullgraph) around one decode step"
+                                      if compile_step else "eager decode step", "compiles": 0}
+
+    # -- the step ------------------------------------------------------------------------------
+    def _cache_for(self, batch: int, length: int):
+        from transformers import StaticCache
+
+        need = -(-length // CACHE_STEP) * CACHE_STEP
+        if self._cache is None or self._cache_len < need or self._batch != batch:
+            cfg = self.model.config
+            self._cache = StaticCache(config=cfg, max_cache_len=need, max_batch_size=batch) if batch > 1 else \
+                StaticCache(config=cfg, max_cache_len=need)
+            self._cache_len, self._batch = need, batch
+            self._steps.clear()
+        else:
+            self._cache.reset()
+        return self._cache
+
+    def _step_fn(self):
+        key = self._cache_len
+        fn = self._steps.get(key)
+        if fn is None:
+            model, cache = self.model, self._cache
+
+            def step(tok: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+                out = model(input_ids=tok, past_key_values=cache, cache_position=pos, use_cache=True, logits_to_keep=1)
+                return out.logits[:, -1].argmax(-1, keepdim=True)
+
+            fn = torch.compile(step, fullgraph=True, dynamic=False) if self.compile_step else step
+            self._steps[key] = fn
+            self._first = True
+        return fn
+
+    # -- generation ----------------------------------------------------------------------------
+    def unsupported(self, input_ids, kwargs: dict[str, Any]) -> str | None:
+        """Why this call cannot take the compiled path (None when it can)."""
+        extra = {k for k, v in kwargs.items() if v is not None and k not in ("attention_mask", "pad_token_id", "do_sample")}
+        if kwargs.get("do_sample"):
+            extra.add("do_sample")
+        if extra:
+            return f"generate options {sorted(extra)} (the compiled step decodes greedily)"
+        mask = kwargs.get("attention_mask")
+        if mask is not None and not bool(mask.all()):
+            return "a padded batch (attention_mask has zeros)"
+        if not torch.is_tensor(input_ids) or input_ids.dim() != 2:
+            return "input_ids that are not a [batch, tokens] tensor"
+        if not getattr(self.model, "_supports_static_cache", True) or not hasattr(self.model, "config"):
+            return f"{type(self.model).__name__} has no static KV cache"
+        return None
+
+    @torch.no_grad()
+    def generate(self, input_ids: torch.Tensor, max_new_tokens: int = 20, min_new_tokens: int = 0,
+                 eos_token_id: int | list[int] | None = None, **kwargs: Any) -> torch.Tensor:
+        why = self.unsupported(input_ids, kwargs)
+        if why is not None:
+            self.stats["last_path"] = f"transformers generate (eager): {why}"
+            warnings.warn(f"sqc: compiled decode step not used for {why}; running transformers' generate", stacklevel=3)
+            return self.model.generate(input_ids, max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens,
+                                       eos_token_id=eos_token_id, **{k: v for k, v in kwargs.items() if v is not None})
+        if eos_token_id is None:
+            eos_token_id = getattr(getattr(self.model, "generation_config", None), "eos_token_id", None)
+        eos = set([eos_token_id] if isinstance(eos_token_id, int) else (eos_token_id or []))
+        B, P = input_ids.shape
+        cache = self._cache_for(B, P + max_new_tokens)
+        out = self.model(input_ids=input_ids, past_key_values=cache, cache_position=torch.arange(P), use_cache=True,
+                         logits_to_keep=1)
+        tok = out.logits[:, -1].argmax(-1, keepdim=True)
+        del out
+        step = self._step_fn()
+        toks = [tok]
+        tokbuf = tok.clone()
+        posbuf = torch.zeros(1, dtype=torch.long)
+        done = torch.zeros(B, dtype=torch.bool)
+        for i in range(max_new_tokens - 1):
+            if eos and i + 1 >= min_new_tokens:
+                done |= torch.isin(toks[-1][:, 0], torch.tensor(sorted(eos)))
+                if bool(done.all()):
+                    break
+            tokbuf.copy_(toks[-1])
+            posbuf.fill_(P + i)
+            if getattr(self, "_first", False):
+                t = time.perf_counter()
+                nxt = step(tokbuf, posbuf)
+                self.stats["first_step_s"] = time.perf_counter() - t
+                self.stats["compiles"] += 1
+                self._first = False
+            else:
+                nxt = step(tokbuf, posbuf)
+            if eos:
+                pad = toks[-1].new_full(toks[-1].shape, next(iter(eos)))
+                nxt = torch.where(done[:, None], pad, nxt)
+            toks.append(nxt.clone())
+        self.stats["last_path"] = self.stats["mechanism"]
+        return torch.cat([input_ids, *toks], dim=1)

@@ -1,0 +1,137 @@
+"""The CPU lane layout and what a CPU kernel is specialised on: shared by the kernels and the runtime.
+
+The lane layout
+---------------
+The CPU kernels (:mod:`sqc.codegen.cpu`) vectorize along a row: a vector of
+``L`` lanes (16 with AVX-512, 8 with AVX2) holds ``L`` consecutive weights of
+one row, and the row's table sits in one (or two) vector registers. A table
+lookup is then one permute instruction (``vpermps``) whose index vector is the
+lanes' codes. The layout that makes the codes of ``L`` consecutive columns
+arrive in ``L`` lanes with one shift is:
+
+* ``P = 32 // bits`` codes per int32 word (10 at 3 bits, 8 at 4 bits);
+* a block covers ``BLK = L * P`` columns and is stored in ``L`` words;
+* column ``c = blk * BLK + t * L + j`` lives in word ``blk * L + j`` at bits
+  ``t * bits .. t * bits + bits - 1``.
+
+Rows are padded with code 0 to ``Kp = NB * BLK`` columns and the row count to
+a multiple of :data:`ROW_PAD`. When ``K`` is a multiple of ``L`` (every LLM
+shape) the kernels stop the last block after ``(K % BLK) / L`` shifts, so they
+read exactly ``K`` values of x and x needs no padding (:attr:`LaneLayout.x_width`);
+otherwise x is padded with zeros to ``Kp``, so padding contributes nothing. The layout is derived from the canonical one
+(:mod:`sqc.runtime.layout`) when kernels attach
+(:func:`sqc.runtime.cpu.to_lane_words`); artifacts store the canonical layout.
+
+A kernel library is built for one :class:`KernelKey` (shape, bits, lanes,
+storage dtypes) and one set of knobs (:class:`GemvKnobs` for batch 1,
+:class:`GemmKnobs` for the other batch buckets); the names here are the ones
+both the code generator and a saved artifact's kernel plan use.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+__all__ = ["SUPPORTED_BITS", "ROW_PAD", "padded_rows", "LaneLayout", "GemvKnobs", "GemmKnobs", "KernelKey",
+           "LANES_ISA"]
+
+#: code widths the CPU LUT kernels take
+SUPPORTED_BITS = (2, 3, 4)
+#: rows of the lane layout are padded to a multiple of this (every rt knob divides it)
+ROW_PAD = 8
+#: the instruction set a lane count needs (the CPU flag in /proc/cpuinfo)
+LANES_ISA = {16: "avx512f", 8: "avx2"}
+
+
+def padded_rows(out_features: int) -> int:
+    """Rows of the lane layout: ``out_features`` rounded up to a multiple of :data:`ROW_PAD`."""
+    return -(-out_features // ROW_PAD) * ROW_PAD
+
+
+@dataclasses.dataclass(frozen=True)
+class LaneLayout:
+    """Geometry of the lane layout for one (in_features, bits, lanes)."""
+
+    in_features: int
+    bits: int
+    lanes: int
+
+    @property
+    def per_word(self) -> int:
+        return 32 // self.bits
+
+    @property
+    def block(self) -> int:
+        return self.lanes * self.per_word
+
+    @property
+    def n_blocks(self) -> int:
+        return -(-self.in_features // self.block)
+
+    @property
+    def k_pad(self) -> int:
+        return self.n_blocks * self.block
+
+    @property
+    def words(self) -> int:
+        return self.n_blocks * self.lanes
+
+    @property
+    def x_width(self) -> int:
+        """Values of x (per batch row) the kernels read: ``K`` when it is a multiple of the lanes, else ``Kp``."""
+        return self.in_features if self.in_features % self.lanes == 0 else self.k_pad
+
+    @property
+    def full_blocks(self) -> int:
+        """Blocks whose ``P`` shifts all cover columns the kernels read."""
+        return self.x_width // self.block
+
+    @property
+    def tail_shifts(self) -> int:
+        """Shifts of the last, partial block (0 when ``x_width`` is a whole number of blocks)."""
+        return (self.x_width % self.block) // self.lanes
+
+    @property
+    def table_width(self) -> int:
+        return max(self.lanes, 1 << self.bits)
+
+
+@dataclasses.dataclass(frozen=True)
+class GemvKnobs:
+    rt: int = 2  # rows per parallel task (share one x load)
+    unroll: int = 1  # blocks unrolled per inner iteration
+
+    def tag(self) -> str:
+        return f"rt{self.rt}u{self.unroll}"
+
+
+@dataclasses.dataclass(frozen=True)
+class GemmKnobs:
+    rt: int = 4  # weight rows per decoded tile / register block
+    bt: int = 4  # batch rows per register block
+    decode: str = "tile"  # "tile": decode rt rows once into fp32 scratch; "reg": decode in registers per bt rows of x
+
+    def tag(self) -> str:
+        return f"rt{self.rt}bt{self.bt}{self.decode}"
+
+
+@dataclasses.dataclass(frozen=True)
+class KernelKey:
+    """What a kernel is specialized on (``op`` is ``"gemv"`` or ``"gemm"``; gemm takes any batch)."""
+
+    op: str
+    out_features: int
+    in_features: int
+    bits: int
+    lanes: int
+    sparse: bool
+    lut_dtype: str = "float16"
+    col_dtype: str = "int16"
+    val_dtype: str = "float32"
+
+    def as_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def tag(self) -> str:
+        sp = f"_sp-{self.col_dtype}-{self.val_dtype}" if self.sparse else ""
+        return f"{self.op}_{self.out_features}x{self.in_features}_b{self.bits}_l{self.lanes}_{self.lut_dtype}{sp}"
