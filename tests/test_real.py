@@ -75,7 +75,7 @@ def test_main_job_runs(tmp_path):
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
     text = proc.stdout
-    for needle in ("perplexity (tutorial", "stored bits / weight", "quantized-layer weights, MiB", "process RSS",
+    for needle in ("perplexity (tutorial", "stored bits / weight", "quantized-layer weights, MiB", "fresh load + generate, peak RSS",
                    "greedy decode, tokens/s", "sample: "):
         assert needle in text
     assert (out / "manifest.json").exists() and (out / "model.safetensors").exists()
