@@ -113,6 +113,7 @@ def test_concat_packed_refuses_different_widths():
         concat_packed([packed(32), packed(64)])
 
 
+@pytest.mark.slow  # Inductor compile
 def test_sqc_ops_compile_fullgraph_without_graph_breaks():
     model = QKVBias().eval()
     compiled, (x, z) = _compile(model, "w4")

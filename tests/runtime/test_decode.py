@@ -4,6 +4,8 @@ import torch
 
 import sqc
 
+pytestmark = pytest.mark.slow  # torch.compile of a decode step: about half a minute on 2 cores
+
 
 @pytest.fixture(scope="module")
 def compiled_llama():
