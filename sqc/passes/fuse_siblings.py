@@ -77,8 +77,7 @@ class FuseSiblingLinears(Pass):
             if group.layer.bias is not None:
                 gm.register_buffer(f"{prefix}_bias", group.layer.bias)
             x = nodes[0].args[0]
-            first = min(nodes, key=lambda n: list(graph.nodes).index(n))
-            with graph.inserting_before(first):
+            with graph.inserting_before(nodes[0]):  # sibling_groups lists nodes in graph order
                 getters = [graph.get_attr(f"{prefix}_{t}") for t in ("codes", "lut", "crow", "col", "val")]
                 b = graph.get_attr(f"{prefix}_bias") if group.layer.bias is not None else None
                 new = graph.call_function(OP, (x, *getters, b, stacked.bits, stacked.in_features))

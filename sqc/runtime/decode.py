@@ -110,9 +110,10 @@ class CompiledDecoder:
         tokbuf = tok.clone()
         posbuf = torch.zeros(1, dtype=torch.long)
         done = torch.zeros(B, dtype=torch.bool)
+        eos_ids = torch.tensor(sorted(eos), dtype=torch.long)
         for i in range(max_new_tokens - 1):
             if eos and i + 1 >= min_new_tokens:
-                done |= torch.isin(toks[-1][:, 0], torch.tensor(sorted(eos)))
+                done |= torch.isin(toks[-1][:, 0], eos_ids)
                 if bool(done.all()):
                     break
             tokbuf.copy_(toks[-1])
