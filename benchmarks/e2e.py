@@ -286,7 +286,7 @@ def main() -> None:
         print(markdown(args.out))
         return
     os.environ["TVM_NUM_THREADS"] = str(args.threads)
-    import sqc  # noqa: F401  (first: it sets the thread pools' spin counts before torch loads OpenMP)
+    import sqc  # noqa: F401
     import torch
 
     torch.set_num_threads(args.threads)

@@ -41,3 +41,30 @@ def mlp():
     return torch.nn.Sequential(
         torch.nn.Linear(100, 53), torch.nn.ReLU(), torch.nn.Linear(53, 33, bias=False), torch.nn.ReLU(), torch.nn.Linear(33, 3)
     ).eval()
+
+
+def random_packed(R, K, bits, frac=0.02, lut_dtype=torch.float16, val_dtype=torch.float32, seed=None):
+    """A random packed layer: R x K codes, per-row tables, about ``frac`` sparse entries."""
+    from sqc.runtime.layout import PackedLinear, col_dtype_for, pack_codes
+
+    g = torch.Generator().manual_seed(seed if seed is not None else int(torch.randint(0, 2**31, (1,))))
+    codes = torch.randint(0, 1 << bits, (R, K), generator=g)
+    lut = torch.randn(R, 1 << bits, generator=g).to(lut_dtype)
+    mask = torch.rand(R, K, generator=g) < frac
+    rows, cols = mask.nonzero(as_tuple=True)
+    crow = torch.zeros(R + 1, dtype=torch.int32)
+    crow[1:] = torch.bincount(rows, minlength=R).cumsum(0)
+    val = (torch.randn(len(cols), generator=g) * 4).to(val_dtype)
+    return PackedLinear(bits, K, R, pack_codes(codes, bits), lut, crow, cols.to(col_dtype_for(K)), val)
+
+
+def module_with_kernels(packed, target, bias=None):
+    """An SqcLinear on ``packed`` with untuned generated kernels for ``target`` (needs TVM)."""
+    from sqc.codegen.target import parse_target
+    from sqc.codegen.tune import attach_cpu_kernels
+    from sqc.runtime.qlinear import SqcLinear
+
+    m = SqcLinear(packed, bias)
+    recs = attach_cpu_kernels(torch.nn.Sequential(m), parse_target(target), tune=False)
+    assert m.kernel.startswith("tvm-lut-"), m.kernel
+    return m, recs

@@ -17,6 +17,7 @@ tests use it to prove that a second compile does no work.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import os
@@ -24,6 +25,7 @@ import tempfile
 import threading
 from typing import Any
 
+from ..runtime.threads import use_torch_threads
 from ..runtime.kernels import BUCKETS, bucket_of, file_sha256, set_tvm_threads
 from ..runtime.latency import median_ms
 from ..runtime.lanes import GemmKnobs, GemvKnobs, KernelKey
@@ -87,7 +89,7 @@ class KernelLibrary:
 
     def digest(self, script: str) -> str:
         h = hashlib.sha256()
-        for part in (script, str(self.target), self.tvm.__version__):
+        for part in (script, str(self.target), self.tvm.__version__, _launcher_source()):
             h.update(part.encode())
             h.update(b"\0")
         return h.hexdigest()[:32]
@@ -106,6 +108,7 @@ class KernelLibrary:
         if os.path.exists(path) and file_sha256(path) == _read_text(path + ".sha256"):
             try:
                 fn = self.tvm.runtime.load_module(path)[key.op]
+                use_torch_threads(path)
                 STATS["cache_hits"] += 1
             except Exception:  # a foreign library (another TVM build): rebuild it
                 fn = None
@@ -115,15 +118,26 @@ class KernelLibrary:
             fd, tmp = tempfile.mkstemp(dir=self.dir, prefix=".tmp-", suffix=".so")
             os.close(fd)
             try:
-                ex.export_library(tmp)
+                ex.export_library(tmp, addons=[LAUNCHER])
                 atomic_write(path + ".sha256", file_sha256(tmp).encode())
                 os.replace(tmp, path)
             finally:
                 if os.path.exists(tmp):
                     os.unlink(tmp)
             fn = self.tvm.runtime.load_module(path)[key.op]
+            use_torch_threads(path)
         self._mem[digest] = fn
         return fn
+
+
+#: C source linked into every CPU kernel library: runs its parallel loops on torch's OpenMP team (runtime/threads.py)
+LAUNCHER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "omp_launch.c")
+
+
+@functools.lru_cache(maxsize=1)
+def _launcher_source() -> str:
+    with open(LAUNCHER) as fh:
+        return fh.read()
 
 
 def _read_text(path: str) -> str | None:

@@ -32,6 +32,7 @@ import threading
 from typing import Any
 
 from .cpu import CpuLutKernels, cpu_flags, host_lanes, kernel_key
+from .threads import use_torch_threads
 from .kernels import BUCKETS, KernelFileError, KernelsUnusable, file_sha256, set_tvm_threads
 from .lanes import KernelKey
 from .fused import kernel_layers
@@ -81,6 +82,7 @@ def _function(ffi, path: str, symbol: str):
             except Exception as e:  # a library of another TVM build
                 raise KernelFileError(path, f"TVM's runtime cannot load this kernel library ({type(e).__name__}: {e}); "
                                       "re-create the artifact with this sqc and TVM") from None
+            use_torch_threads(path)
     try:
         return mod[symbol]
     except Exception as e:

@@ -18,34 +18,15 @@ from sqc.codegen.cpu import GemvKnobs, LaneLayout, gemm_candidates, gemv_candida
 from sqc.codegen.target import parse_target  # noqa: E402
 from sqc.codegen.tune import attach_cpu_kernels  # noqa: E402
 from sqc.runtime.cpu import CpuLutKernels, from_lane_words, host_lanes, kernel_key, to_lane_words  # noqa: E402
-from sqc.runtime.layout import PackedLinear, col_dtype_for, pack_codes  # noqa: E402
 from sqc.runtime.ops import lut_linear_reference  # noqa: E402
 from sqc.runtime.qlinear import SqcLinear  # noqa: E402
+from tests.conftest import module_with_kernels, random_packed  # noqa: E402
 
 AVX512 = "llvm -mcpu=znver4"
 AVX2 = "llvm -mcpu=haswell"
 HOST = tvm.get_global_func("target.llvm_get_system_cpu")()
 HOST_HAS_AVX512 = "avx512f" in open("/proc/cpuinfo").read() if os.path.exists("/proc/cpuinfo") else False
 TARGETS = [AVX2] + ([AVX512] if HOST_HAS_AVX512 else [])
-
-
-def random_packed(R, K, bits, frac=0.02, lut_dtype=torch.float16, val_dtype=torch.float32, seed=None):
-    g = torch.Generator().manual_seed(seed if seed is not None else int(torch.randint(0, 2**31, (1,))))
-    codes = torch.randint(0, 1 << bits, (R, K), generator=g)
-    lut = torch.randn(R, 1 << bits, generator=g).to(lut_dtype)
-    mask = torch.rand(R, K, generator=g) < frac
-    rows, cols = mask.nonzero(as_tuple=True)
-    crow = torch.zeros(R + 1, dtype=torch.int32)
-    crow[1:] = torch.bincount(rows, minlength=R).cumsum(0)
-    val = (torch.randn(len(cols), generator=g) * 4).to(val_dtype)
-    return PackedLinear(bits, K, R, pack_codes(codes, bits), lut, crow, cols.to(col_dtype_for(K)), val)
-
-
-def module_with_kernels(packed, target, bias=None):
-    m = SqcLinear(packed, bias)
-    recs = attach_cpu_kernels(torch.nn.Sequential(m), parse_target(target), tune=False)
-    assert m.kernel.startswith("tvm-lut-"), m.kernel
-    return m, recs
 
 
 def reference(packed, x, bias=None):
