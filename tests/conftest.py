@@ -8,8 +8,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 # kernel libraries and the tuning database of this test session live apart from the user's cache
 # (subprocesses inherit it, so CLI tests share the session's kernels)
 os.environ.setdefault("SQC_CACHE_DIR", tempfile.mkdtemp(prefix="sqc-test-cache-"))
-# tuning in tests tries two candidates per kernel (the search itself is tested with its own budget)
-os.environ.setdefault("SQC_TUNE_TRIALS", "2")
+# tuning in tests times one candidate per kernel bucket (the search itself is tested with its own budgets):
+# building kernels from an empty cache is most of the suite's time
+os.environ.setdefault("SQC_TUNE_TRIALS", "1")
 
 
 def tiny_llama(seed: int = 0):

@@ -49,7 +49,7 @@ def compiled_dir(workspace):
     root, model_dir, text = workspace
     out = root / "art"
     proc = run("compile", str(model_dir), "--preset", "w4-s0.45", "--calib", str(text), "--calib-samples", "4",
-               "--seq-len", "32", "--out", str(out), "--json", check_rc=0)
+               "--seq-len", "32", "--tune-trials", "2", "--out", str(out), "--json", check_rc=0)  # 2: tuning curves
     return out, json.loads(proc.stdout)
 
 
@@ -214,15 +214,18 @@ def test_smollm2_compile_eval_bench_generate_report(tmp_path):
     from sqc.real import DOC_SOURCES
 
     out = tmp_path / "smol"
-    res = json.loads(run("compile", "smollm2", "--preset", "w4-s0.45", "--calib-samples", "2", "--seq-len", "64",
-                         "--out", str(out), "--json", check_rc=0).stdout)
-    assert res["quantized_layers"] == 210
+    # four quantized decoder layers (the demo test compiles all 30): the same kernel shapes and preset as the
+    # demo's, so the session's kernel cache and tuning database serve both
+    skip = [a for p in ("model.layers.[4-9].*", "model.layers.[12]?.*") for a in ("--skip", p)]
+    res = json.loads(run("compile", "smollm2", "--preset", "w3-s0.45", "--calib-samples", "2", "--seq-len", "64",
+                         *skip, "--out", str(out), "--json", check_rc=0).stdout)
+    assert res["quantized_layers"] == 28
     # every layer runs a generated kernel: its own, or its fused group's (q/k/v, gate/up)
     assert all(k.startswith(("tvm-lut-avx512", "tvm-lut-avx2")) for k in res["kernels"]), res["kernels"]
     assert any("(fused q_proj+k_proj+v_proj)" in k for k in res["kernels"])
     # a second compile of the same model finds every kernel in the tuning database and the kernel cache
-    again = json.loads(run("compile", "smollm2", "--preset", "w4-s0.45", "--no-calib", "--out", str(tmp_path / "again"),
-                           "--json", check_rc=0).stdout)
+    again = json.loads(run("compile", "smollm2", "--preset", "w3-s0.45", "--no-calib", *skip, "--out",
+                           str(tmp_path / "again"), "--json", check_rc=0).stdout)
     assert again["tuning"] and all(k["from_db"] for k in again["tuning"])
     assert again["kernel_stats"]["builds"] == 0 and again["kernel_stats"]["searches"] == 0
     text = os.path.join(DOC_SOURCES, "tutorial", "introduction.rst.txt")
@@ -233,7 +236,7 @@ def test_smollm2_compile_eval_bench_generate_report(tmp_path):
                          check_rc=0).stdout)
     assert res["text"].startswith("def main():")
     res = json.loads(run("bench", str(out), "--prompt-len", "32", "--new-tokens", "2", "--json", check_rc=0).stdout)
-    assert res["sqc"]["weight_bytes"]["packed_after"] < res["sqc"]["weight_bytes"]["float_before"] / 6  # 4.64 bits/weight
+    assert res["sqc"]["weight_bytes"]["packed_after"] < res["sqc"]["weight_bytes"]["float_before"] / 6  # 3.45 bits/weight
     res = json.loads(run("report", str(out), "--json", check_rc=0).stdout)
     assert os.path.getsize(res["report"]) > 50_000
 
