@@ -18,6 +18,7 @@ options run Hugging Face's own ``generate`` (eager) and :attr:`stats` says why.
 """
 from __future__ import annotations
 
+import functools
 import time
 import warnings
 from typing import Any
@@ -34,16 +35,15 @@ CACHE_STEP = 256
 GQA_SDPA = "sqc_sdpa"
 
 
-def _gqa_sdpa_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, is_causal=None,
-                        **kwargs):
+def _gqa_sdpa_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, is_causal=None, *,
+                        _hf_sdpa, **kwargs):
     """Hugging Face's sdpa attention, except that a one-token query attends to the grouped K/V heads directly
     (``enable_gqa``): under ``torch.compile`` transformers repeats every K/V head ``num_key_value_groups`` times
     instead, copying the whole cache once per layer and token (SmolLM2: 3 x 9 x 768 x 64 floats twice per layer).
-    Anything else (prompts, position biases, softcaps) runs transformers' own function."""
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
-
+    Anything else (prompts, position biases, softcaps) runs transformers' own function (``_hf_sdpa``, bound at
+    registration so that an eager layer call imports nothing)."""
     if query.shape[2] != 1 or kwargs.get("position_bias") is not None or kwargs.get("softcap") is not None:
-        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+        return _hf_sdpa(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       is_causal=is_causal, **kwargs)
     out = torch.nn.functional.scaled_dot_product_attention(
         query, key, value, attn_mask=attention_mask, dropout_p=dropout, scale=scaling,
@@ -55,6 +55,7 @@ def use_gqa_attention(model: torch.nn.Module) -> bool:
     """Switch a transformers model that runs ``sdpa`` attention to :func:`_gqa_sdpa_attention` (registered as
     ``"sqc_sdpa"``, with sdpa's masks); True when it now runs it. Numerically the same attention."""
     from transformers import AttentionInterface
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
     from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
     cfg = getattr(model, "config", None)
@@ -63,7 +64,7 @@ def use_gqa_attention(model: torch.nn.Module) -> bool:
         return True
     if impl != "sdpa":
         return False
-    AttentionInterface.register(GQA_SDPA, _gqa_sdpa_attention)
+    AttentionInterface.register(GQA_SDPA, functools.partial(_gqa_sdpa_attention, _hf_sdpa=sdpa_attention_forward))
     AttentionMaskInterface.register(GQA_SDPA, sdpa_mask)
     cfg._attn_implementation = GQA_SDPA
     return True

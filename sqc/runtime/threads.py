@@ -15,8 +15,8 @@ map, so it is the very team torch uses) and repoints the library's launcher at
 it. The kernels then use as many threads as ``torch.set_num_threads`` says.
 
 A library without the launcher (built by an older sqc) or with parallel
-barriers keeps TVM's pool: :func:`thread_pools` counts both kinds and the first such
-library raises a warning that says how to fix it.
+barriers keeps TVM's pool: :func:`thread_pools` counts both kinds and each such
+library raises a warning that names it and says how to fix it.
 """
 from __future__ import annotations
 
@@ -77,9 +77,9 @@ def thread_pools() -> dict:
 
 def _fallback(path: str, why: str) -> bool:
     with _LOCK:
-        first = not any(m.startswith("tvm_pool") for m in MODES.values())
+        new = not MODES.get(path, "").startswith("tvm_pool")
         MODES[path] = f"tvm_pool: {why}"
-    if first:
+    if new:  # once per library (a reload of the same file does not warn again)
         warnings.warn(f"sqc: kernel library {path} runs its parallel loops on TVM's own thread pool ({why}); next "
                       "to torch's OpenMP team the two pools stall each other (decode several times slower)",
                       RuntimeWarning, stacklevel=3)
@@ -102,7 +102,8 @@ def use_torch_threads(path: str) -> bool:
     except ValueError:
         pass
     if not hasattr(lib, "sqc_parallel_launch"):
-        return _fallback(path, "it was built without sqc's OpenMP launcher, by an older sqc; compile or save again")
+        return _fallback(path, "it was built without sqc's OpenMP launcher, by an older sqc; re-create the artifact with this sqc, or "
+                                "sqc.load(path, target=...) to rebuild its kernels")
     entry = openmp_entry_points()
     if entry is None:
         return _fallback(path, "this torch has no OpenMP runtime")
