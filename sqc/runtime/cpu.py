@@ -97,6 +97,10 @@ class CpuLutKernels:
         self.name = name
         self.handle = register_kernels(self)
         self.rebind(packed)
+        # the decode-step fast path of :meth:`run`: the batch-1 kernel, and whether it reads x as it comes
+        # (K a multiple of the lanes: no padding copy)
+        self._gemv = fns.get("1")
+        self._x_ok = self._gemv is not None and self.layout.x_width == self.in_features
 
     def __setstate__(self, state) -> None:
         # a copy (deepcopy, pickle) is a new layer: it gets its own handle
@@ -137,6 +141,12 @@ class CpuLutKernels:
 
     def run(self, x: torch.Tensor, words, lut, crow, col, val, scode, bias) -> torch.Tensor:
         """``y = x @ W_hat.T + bias`` in x's dtype (the op's CPU implementation)."""
+        K = self.in_features
+        if x.dtype is torch.float32 and x.numel() == K and x.shape[-1] == K and x.stride(-1) == 1 and self._x_ok:
+            # a decode step's call (one row of x, as it comes): no reshape, no checks beyond these, one output
+            y = torch.empty((*x.shape[:-1], self.out_features), dtype=torch.float32)
+            self._gemv(x.view(K), words, lut, crow, col, val, scode, bias, y.view(self.out_features))
+            return y
         if x.shape[-1] != self.in_features:
             # the padded layout would silently accept widths up to k_pad
             raise ValueError(f"layer '{self.name}' expects inputs with {self.in_features} features in the last "

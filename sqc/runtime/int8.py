@@ -22,8 +22,10 @@ from .qlinear import apply_keeping_dtypes
 
 __all__ = ["Int8Linear", "Int8Kernels", "quantize_int8_rows"]
 
-#: rows de-quantized at a time for batches above 1
-ROW_BLOCK = 8192
+#: rows de-quantized at a time for batches above 1: a block of SmolLM2's head (512 x 576 fp32, 1.2 MB) stays in
+#: cache between its de-quantization and its GEMM (8192-row blocks, 19 MB, did not: 279 against 233 ms for a
+#: 512-token prompt, fp32 F.linear 294 ms)
+ROW_BLOCK = 512
 
 
 def quantize_int8_rows(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -68,13 +70,18 @@ class Int8Kernels:
 
 
 def _blocked_linear(x, qweight, scale, bias) -> torch.Tensor:
-    R = qweight.shape[0]
-    y = torch.empty((*x.shape[:-1], R), dtype=x.dtype)
+    R, K = qweight.shape
+    x2 = x.reshape(-1, K)
+    y = torch.empty((x2.shape[0], R), dtype=x.dtype)
+    wbuf = torch.empty((min(R, ROW_BLOCK), K), dtype=x.dtype)  # one de-quantized block, reused
+    sc = scale.to(x.dtype)[:, None]
+    b_ = None if bias is None else bias.to(x.dtype)
     for a in range(0, R, ROW_BLOCK):
         b = min(R, a + ROW_BLOCK)
-        w = qweight[a:b].to(x.dtype) * scale[a:b, None].to(x.dtype)
-        y[..., a:b] = torch.nn.functional.linear(x, w, None if bias is None else bias[a:b].to(x.dtype))
-    return y
+        w = wbuf[: b - a]
+        torch.mul(qweight[a:b], sc[a:b], out=w)
+        y[:, a:b] = torch.nn.functional.linear(x2, w, None if b_ is None else b_[a:b])
+    return y.view(*x.shape[:-1], R)
 
 
 class Int8Linear(nn.Module):

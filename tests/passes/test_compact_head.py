@@ -68,3 +68,18 @@ def test_head_float_opt_out(llama):
     assert isinstance(compiled.model.lm_head, torch.nn.Linear)
     with pytest.raises(ValueError, match="head"):
         sqc.QuantConfig(head="int4")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_blocked_batch_path_spans_row_blocks(dtype):
+    """Batches above 1 de-quantize the head in row blocks (1100 rows: two full blocks and a partial one)."""
+    from sqc.runtime.int8 import ROW_BLOCK, _blocked_linear
+
+    R, K = 2 * ROW_BLOCK + 76, 48
+    head = Int8Linear.from_float(torch.randn(R, K), torch.randn(R))
+    x = torch.randn(2, 7, K).to(dtype)
+    got = _blocked_linear(x, head.qweight, head.scale, head.bias)
+    want = int8_linear_reference(x.double(), head.qweight, head.scale.double(), head.bias.double())
+    assert got.shape == (2, 7, R) and got.dtype == dtype
+    tol = dict(rtol=1e-5, atol=1e-4) if dtype == torch.float32 else dict(rtol=2e-2, atol=5e-2)
+    torch.testing.assert_close(got.double(), want, **tol)
