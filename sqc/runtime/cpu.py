@@ -96,11 +96,8 @@ class CpuLutKernels:
         self.in_features = packed.in_features
         self.name = name
         self.handle = register_kernels(self)
+        self._gemv, self._x_ok = None, False  # set by bind(): the search fills ``fns`` of a probe layer later
         self.rebind(packed)
-        # the decode-step fast path of :meth:`run`: the batch-1 kernel, and whether it reads x as it comes
-        # (K a multiple of the lanes: no padding copy)
-        self._gemv = fns.get("1")
-        self._x_ok = self._gemv is not None and self.layout.x_width == self.in_features
 
     def __setstate__(self, state) -> None:
         # a copy (deepcopy, pickle) is a new layer: it gets its own handle
@@ -120,6 +117,10 @@ class CpuLutKernels:
         """The op's arguments after x: this layer's tensors and its kernel handle."""
         if bias is not None:
             self.bias = bias.detach().to(torch.float32).contiguous()
+        # the decode-step fast path of :meth:`run`: the batch-1 kernel, and whether it reads x as it comes
+        # (K a multiple of the lanes: no padding copy)
+        self._gemv = self.fns.get("1")
+        self._x_ok = self._gemv is not None and self.layout.x_width == self.in_features
         return (self.words, lut, crow, col, val, self.scode, self.bias, self.handle)
 
     def canonical_codes(self) -> torch.Tensor:

@@ -123,7 +123,8 @@ class CompiledDecoder:
         self.compile_step = compile_step
         self._cache = None
         self._cache_len = 0
-        self._steps: dict[int, Any] = {}
+        self._steps: dict[int, tuple] = {}
+        self._first = False
         #: set to a list to collect the wall time of every decode step (benchmarks; off by default)
         self.step_times: list[float] | None = None
         self.stats: dict[str, Any] = {"mechanism": "torch.compile (inductor, fullgraph) around one decode step"
@@ -145,9 +146,10 @@ class CompiledDecoder:
         return self._cache
 
     def _step_fn(self):
+        """(the step for the current cache length, its :class:`_GraphCapture` or None when eager)."""
         key = self._cache_len
-        fn = self._steps.get(key)
-        if fn is None:
+        entry = self._steps.get(key)
+        if entry is None:
             model, cache = self.model, self._cache
             if self.compile_step and use_gqa_attention(model):
                 self.stats["attention"] = "sdpa on the grouped K/V heads (enable_gqa), no repeated cache"
@@ -156,15 +158,11 @@ class CompiledDecoder:
                 out = model(input_ids=tok, past_key_values=cache, cache_position=pos, use_cache=True, logits_to_keep=1)
                 return out.logits[:, -1].argmax(-1, keepdim=True)
 
-            if self.compile_step:
-                capture = _GraphCapture()
-                fn = torch.compile(step, backend=capture, fullgraph=True, dynamic=False)
-                fn.capture = capture
-            else:
-                fn = step
-            self._steps[key] = fn
+            capture = _GraphCapture() if self.compile_step else None
+            fn = step if capture is None else torch.compile(step, backend=capture, fullgraph=True, dynamic=False)
+            entry = self._steps[key] = (fn, capture)
             self._first = True
-        return fn
+        return entry
 
     # -- generation ----------------------------------------------------------------------------
     def unsupported(self, input_ids, kwargs: dict[str, Any]) -> str | None:
@@ -201,13 +199,12 @@ class CompiledDecoder:
                          logits_to_keep=1)
         tok = out.logits[:, -1].argmax(-1, keepdim=True)
         del out
-        step = self._step_fn()
+        step, capture = self._step_fn()
         toks = [tok]
         tokbuf = tok.clone()
         posbuf = torch.zeros(1, dtype=torch.long)
         done = torch.zeros(B, dtype=torch.bool)
         eos_ids = torch.tensor(sorted(eos), dtype=torch.long)
-        capture = getattr(step, "capture", None)
         replay = False
         try:
             for i in range(max_new_tokens - 1):
@@ -218,18 +215,14 @@ class CompiledDecoder:
                 tokbuf.copy_(toks[-1])
                 posbuf.fill_(P + i)
                 t0 = time.perf_counter()
-                if replay:
-                    nxt = capture.replay()
-                elif getattr(self, "_first", False):
-                    t = time.perf_counter()
-                    nxt = step(tokbuf, posbuf)
-                    self.stats["first_step_s"] = time.perf_counter() - t
+                nxt = capture.replay() if replay else step(tokbuf, posbuf)
+                dt = time.perf_counter() - t0
+                if self._first:  # this step compiled (or loaded from Inductor's cache)
+                    self.stats["first_step_s"] = dt
                     self.stats["compiles"] += 1
                     self._first = False
-                else:
-                    nxt = step(tokbuf, posbuf)
                 if self.step_times is not None:
-                    self.step_times.append(time.perf_counter() - t0)
+                    self.step_times.append(dt)
                 if capture is not None and i == 0:
                     # the first step went through Dynamo (guards checked): replay its graph from here on
                     replay = capture.replayable(nxt)

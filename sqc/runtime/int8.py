@@ -75,12 +75,12 @@ def _blocked_linear(x, qweight, scale, bias) -> torch.Tensor:
     y = torch.empty((x2.shape[0], R), dtype=x.dtype)
     wbuf = torch.empty((min(R, ROW_BLOCK), K), dtype=x.dtype)  # one de-quantized block, reused
     sc = scale.to(x.dtype)[:, None]
-    b_ = None if bias is None else bias.to(x.dtype)
+    bx = None if bias is None else bias.to(x.dtype)
     for a in range(0, R, ROW_BLOCK):
         b = min(R, a + ROW_BLOCK)
         w = wbuf[: b - a]
         torch.mul(qweight[a:b], sc[a:b], out=w)
-        y[:, a:b] = torch.nn.functional.linear(x2, w, None if b_ is None else b_[a:b])
+        y[:, a:b] = torch.nn.functional.linear(x2, w, None if bx is None else bx[a:b])
     return y.view(*x.shape[:-1], R)
 
 
