@@ -22,6 +22,7 @@ _os.environ.setdefault("TVM_THREAD_POOL_SPIN_COUNT", "1000")
 from .compiler import CompiledModel, compile
 from .config import PRESETS, QuantConfig, TableDType
 from .artifact import ArtifactError, load, save
+from .lazy import compile_pretrained
 from .trace import TraceError
 from .hf import register_with_transformers as _register_with_transformers
 
@@ -30,6 +31,7 @@ _register_with_transformers()
 
 __all__ = [
     "compile",
+    "compile_pretrained",
     "save",
     "load",
     "QuantConfig",

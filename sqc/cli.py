@@ -176,8 +176,21 @@ def cmd_compile(args, progress: Progress) -> dict[str, Any]:
     except FileExistsError as e:
         raise CLIError(str(e)) from e
 
-    progress.log(f"loading {args.model} ...")
-    model, tok = load_source(args.model)
+    progress.log(f"loading {args.model} ..." if not args.lazy else f"reading {args.model} (lazily: one layer at a time) ...")
+    source = None
+    if args.lazy:
+        from .lazy import CheckpointError, load_lazy
+        from .real import SMOLLM2_GGUF, smollm2_dir
+
+        path = os.path.join(smollm2_dir(), SMOLLM2_GGUF) if args.model == SMOLLM2 else args.model
+        try:
+            model, source, tok = load_lazy(path)
+        except CheckpointError as e:
+            raise CLIError(f"{e} (or pass --no-lazy to load the whole model)") from e
+        if tok is None:
+            raise CLIError(f"{args.model} has no tokenizer files; the CLI needs one for the calibration text")
+    else:
+        model, tok = load_source(args.model)
     if args.no_calib:
         calibration = None
     else:
@@ -192,8 +205,15 @@ def cmd_compile(args, progress: Progress) -> dict[str, Any]:
         calibration = [(w,) for w in calibration_windows(tok, args.calib_samples, args.seq_len, text=text)]
     example = calibration[0] if calibration else (tok("an example input", return_tensors="pt")["input_ids"],)
     t = time.perf_counter()
-    compiled = sqc.compile(model, example, config=cfg, calibration=calibration, target=target, progress=progress,
-                           tune=args.tune, tune_trials=args.tune_trials)
+    try:
+        compiled = sqc.compile(model, example, config=cfg, calibration=calibration, target=target, progress=progress,
+                               tune=args.tune, tune_trials=args.tune_trials, weight_source=source)
+    except ValueError as e:
+        if source is not None and "layer-streamed pipeline cannot run" in str(e):
+            raise CLIError(f"{e}; pass --no-lazy to load the whole model") from e
+        raise
+    if source is not None:
+        source.check_complete()
     compile_s = time.perf_counter() - t
     sqc.save(compiled, out, overwrite=args.force, tokenizer=tok, source=os.path.abspath(args.model) if args.model != SMOLLM2 else SMOLLM2)
     args.written = out
@@ -351,6 +371,10 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--fit", choices=[m.value for m in FitMode],
                    help="codebook fit: kmeans, or guided (layer-output objective; needs calibration)")
     c.add_argument("--skip", action="append", metavar="PATTERN", help="module-name pattern left in float (repeatable)")
+    c.add_argument("--lazy", dest="lazy", action="store_true", default=True,
+                   help="read the checkpoint one decoder layer at a time (default; memory: a layer, not the model)")
+    c.add_argument("--no-lazy", dest="lazy", action="store_false",
+                   help="load the whole float model first (models without a decoder-layer stack)")
     c.add_argument("--verbose", action="store_true", help="print the per-layer report")
     common(c)
 

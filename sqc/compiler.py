@@ -22,6 +22,7 @@ from .passes.lower import Lower
 from .passes.pack_layout import PackLayout
 from .passes.split_outliers import SplitOutliers
 from .runtime.decode import CompiledDecoder
+from .streaming import StreamingUnsupported, find_decoder_stack, run_streamed
 from .runtime.memory import release_memory
 from .runtime.fused import fused_groups
 from .runtime.int8 import Int8Linear
@@ -34,13 +35,11 @@ __all__ = ["compile", "CompiledModel", "default_pipeline"]
 _release_memory = release_memory  # the helper lives in the runtime; the name stays for callers
 
 
-def default_pipeline(sensitivity: "dict[str, torch.Tensor] | Sensitivity | None" = None,
-                     config: QuantConfig | None = None) -> list:
-    """The pass list, in order. A disabled pass is left out of this list."""
+def layer_pipeline(config: QuantConfig | None = None) -> list:
+    """The per-weight passes after the statistics, in order: each works on one weight at a time, so the
+    streamed pipeline (:mod:`sqc.streaming`) runs them one decoder layer at a time."""
     guided = config is not None and config.fit is FitMode.GUIDED
     return [
-        # analysis: Fisher (and guided Hessians) from calibration data, or computed earlier
-        AnnotateSensitivity(guided) if sensitivity is None else AttachSensitivity(sensitivity, guided),
         # dense-and-sparse decomposition
         SplitOutliers(),
         FitCodebook(),
@@ -49,8 +48,26 @@ def default_pipeline(sensitivity: "dict[str, torch.Tensor] | Sensitivity | None"
         PackLayout(),
         # graph rewrite
         Lower(),
+    ]
+
+
+def graph_pipeline(config: QuantConfig | None = None) -> list:
+    """The passes over the whole lowered graph (after every layer is lowered). A disabled pass is left out."""
+    return [
         *([FuseSiblingLinears()] if config is None or config.fuse else []),
         *([CompactHead()] if config is None or config.head is HeadFormat.INT8 else []),
+    ]
+
+
+def default_pipeline(sensitivity: "dict[str, torch.Tensor] | Sensitivity | None" = None,
+                     config: QuantConfig | None = None) -> list:
+    """The whole-model pass list, in order. A disabled pass is left out of this list."""
+    guided = config is not None and config.fit is FitMode.GUIDED
+    return [
+        # analysis: Fisher (and guided Hessians) from calibration data, or computed earlier
+        AnnotateSensitivity(guided) if sensitivity is None else AttachSensitivity(sensitivity, guided),
+        *layer_pipeline(config),
+        *graph_pipeline(config),
     ]
 
 
@@ -263,6 +280,8 @@ def compile(  # noqa: A001 - the public name
     tune: bool = True,
     tune_trials: int | None = None,
     kernels: bool = True,
+    stream: bool | None = None,
+    weight_source: Any = None,
 ) -> CompiledModel:
     """Quantize every linear layer of ``model`` to a dense-and-sparse codebook.
 
@@ -296,6 +315,15 @@ def compile(  # noqa: A001 - the public name
     kernels : attach generated kernels (``False``: every layer runs the
         reference op; for work that only needs the packed weights, such as
         measuring storage).
+    stream : calibrate, fit and pack one decoder layer at a time
+        (:mod:`sqc.streaming`; same Fisher, memory bounded by a layer plus
+        the layer-boundary activations). ``None`` (default): whenever every
+        quantized linear sits in one ``nn.ModuleList`` of layers and no
+        ``sensitivity`` is given; ``True``: required (an error says why not);
+        ``False``: the whole-model pass. The report's notes say which ran.
+    weight_source : where the layers' float weights come from when the model
+        was built on the meta device (:func:`sqc.compile_pretrained` passes a
+        :class:`sqc.lazy.CheckpointSource`); needs the streamed pipeline.
 
     Examples
     --------
@@ -319,6 +347,8 @@ def compile(  # noqa: A001 - the public name
             raise ValueError("sqc.compile needs example_inputs (a tuple of forward() arguments) to trace the model")
         example_inputs = tuple(calibration[0])
 
+    if weight_source is not None:  # a meta-device model traces on meta inputs
+        example_inputs = tuple(x.to("meta") if isinstance(x, torch.Tensor) else x for x in example_inputs)
     t0 = time.perf_counter()
     traced = trace(model, example_inputs, example_kwargs, skip=cfg.skip)
     trace_s = time.perf_counter() - t0
@@ -342,11 +372,33 @@ def compile(  # noqa: A001 - the public name
             w = params[site.weight]
             float_bytes += w.numel() * w.element_size()
 
+    del params
     instruments: list = [TimingInstrument()]
     if dump_ir:
         instruments.append(IRDumpInstrument(dump_ir))
-    gm = PassManager(default_pipeline(sensitivity, cfg), instruments).run(traced.graph_module, ctx)
-    del params, traced
+    stack, why = (None, "stream=False") if stream is False else (
+        (None, "Fisher given (sensitivity=...)") if sensitivity is not None else
+        find_decoder_stack(model, list(traced.sites.values())))
+    if stack is None and (stream or weight_source is not None):
+        raise ValueError(f"the layer-streamed pipeline cannot run on {type(model).__name__}: {why}"
+                         + ("" if weight_source is None else " (a model loaded lazily needs it)"))
+    gm = traced.graph_module
+    del traced
+    if weight_source is not None:
+        weight_source.prepare(stack.layers)
+    if stack is not None:
+        try:
+            run_streamed(gm, ctx, stack, layer_pipeline(cfg), instruments, weight_source)
+        except StreamingUnsupported as e:
+            if weight_source is not None or stream:
+                raise ValueError(f"the layer-streamed pipeline cannot run on {type(model).__name__}: {e}") from e
+            why, stack = str(e), None  # raised before any layer was changed: the whole-model path runs
+    if stack is None:
+        if calibration is not None:
+            ctx.notes.append(f"whole-model calibration (not layer-streamed: {why})")
+        gm = PassManager(default_pipeline(sensitivity, cfg), instruments).run(gm, ctx)
+    else:
+        gm = PassManager(graph_pipeline(cfg), instruments).run(gm, ctx)
     if not dump_ir:
         gm = None  # what runs is ``model``; the rewritten graph is kept only for the IR that was asked for
     # kernels: the target's backend builds (and tunes) every quantized layer's kernels and attaches them

@@ -80,9 +80,32 @@ def protocol_text(part: str) -> str:
     return "\n\n".join(texts)
 
 
+def text_pieces(text: str, size: int = 1 << 17) -> list[str]:
+    """``text`` cut into pieces of about ``size`` characters, each cut just before a newline that
+    follows a non-space character. A byte-level BPE tokenizer (GPT-2's pre-tokenizer rules: no
+    pre-token spans a non-space character followed by a newline) gives the same ids piece by piece
+    as for the whole text, without the whole text's encoding in memory at once (about 1 GB for the
+    calibration text)."""
+    pieces, start = [], 0
+    while len(text) - start > size:
+        cut = start + size
+        while cut < len(text) and not (text[cut] == "\n" and not text[cut - 1].isspace()):
+            cut += 1
+        pieces.append(text[start:cut])
+        start = cut
+    pieces.append(text[start:])
+    return [p for p in pieces if p]
+
+
 def _token_ids(tok, text: str, seq_len: int, what: str) -> torch.Tensor:
-    """Token ids of ``text`` (no BOS); at least one window of ``seq_len``."""
-    ids = torch.tensor(tok(text, add_special_tokens=False)["input_ids"], dtype=torch.long)
+    """Token ids of ``text`` (no BOS); at least one window of ``seq_len``. Byte-level BPE
+    tokenizers encode the text in pieces (:func:`text_pieces`); others whole."""
+    pre = getattr(getattr(tok, "backend_tokenizer", None), "pre_tokenizer", None)
+    byte_level = pre is not None and '"ByteLevel"' in str(pre.__getstate__()) and \
+        getattr(tok.backend_tokenizer, "normalizer", None) is None
+    parts = text_pieces(text) if byte_level else [text]
+    ids = torch.cat([torch.tensor(tok(p, add_special_tokens=False)["input_ids"], dtype=torch.long)
+                     for p in parts])
     if len(ids) < seq_len:
         raise ValueError(
             f"{what} text has {len(ids)} tokens, fewer than one window of {seq_len}; "

@@ -77,7 +77,7 @@ def _tied_weights(model: nn.Module) -> set[str]:
     seen: dict[int, str] = {}
     tied: set[str] = set()
     for name, p in model.named_parameters(remove_duplicate=False):
-        key = p.data_ptr()
+        key = ("param", id(p)) if p.is_meta else p.data_ptr()  # meta tensors have no storage to compare
         if key in seen and seen[key] != name:
             tied.add(name)
             tied.add(seen[key])

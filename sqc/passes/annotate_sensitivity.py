@@ -23,8 +23,8 @@ from ..quant.guided import accumulate_guided_hessian
 from ..trace import SITE, is_hf_model
 from .base import CompileContext, Pass, PassResult, unique_sites
 
-__all__ = ["AnnotateSensitivity", "AttachSensitivity", "Sensitivity", "calibration_statistics", "causal_lm_loss",
-           "fisher_information"]
+__all__ = ["AnnotateSensitivity", "AttachSensitivity", "Sensitivity", "StatisticHooks", "calibration_statistics",
+           "causal_lm_loss", "fisher_information", "resolve_loss"]
 
 
 def causal_lm_loss(output, sample: tuple) -> torch.Tensor:
@@ -65,6 +65,102 @@ class Sensitivity:
     hessian: dict[str, torch.Tensor] | None = None
 
 
+def resolve_loss(model: nn.Module, loss_fn):
+    """``loss_fn``, or the next-token loss for a Hugging Face causal LM; an error names what to pass."""
+    if loss_fn is not None:
+        return loss_fn
+    if not _is_causal_lm(model):
+        raise ValueError(
+            f"calibration data was given for {type(model).__name__}, which is not a causal LM: "
+            "pass loss_fn(output, sample) -> scalar loss to sqc.compile"
+        )
+    return causal_lm_loss
+
+
+def check_sample(i: int, sample) -> tuple:
+    if not isinstance(sample, (tuple, list)):
+        raise TypeError(
+            f"calibration sample {i} is a {type(sample).__name__}; pass a list of input tuples, "
+            "e.g. [(input_ids,), ...]"
+        )
+    return tuple(sample)
+
+
+def check_loss(i: int, loss: torch.Tensor) -> None:
+    if not torch.isfinite(loss):
+        raise ValueError(f"calibration sample {i} gave a non-finite loss ({float(loss)})")
+
+
+class StatisticHooks:
+    """While active: gradients flow to the named ``weights`` only, and each backward pass adds its
+    squared gradient into that weight's fp32 Fisher buffer (a post-accumulate-grad hook, so the
+    gradient is freed at once); for ``hessian_modules`` (weight name -> owning module name) a
+    forward hook folds the layer input and its output gradient into the guided Hessian.
+
+    The whole-model pass (:func:`calibration_statistics`) and the layer-streamed one
+    (:mod:`sqc.streaming`) accumulate through this one class, so their statistics are the same sums.
+    """
+
+    def __init__(self, model: nn.Module, weights, hessian_modules: dict[str, str] | None = None) -> None:
+        self.model = model
+        params = dict(model.named_parameters())
+        self.params = params
+        self.fisher = {name: torch.zeros(params[name].shape, dtype=torch.float32) for name in weights}
+        self.hessian = None
+        if hessian_modules is not None:
+            self.hessian = {w: torch.zeros((params[w].shape[1],) * 2, dtype=torch.float32) for w in hessian_modules}
+        self.hessian_modules = dict(hessian_modules or {})
+        self._handles: list = []
+        self._flags: dict[str, bool] = {}
+
+    @staticmethod
+    def _fisher_hook(buf: torch.Tensor):
+        def hook(p: torch.Tensor) -> None:
+            g = p.grad.detach().float()
+            buf.addcmul_(g, g)
+            p.grad = None
+
+        return hook
+
+    @staticmethod
+    def _hessian_hook(buf: torch.Tensor):
+        def forward_hook(module, args, output) -> None:
+            if not torch.is_grad_enabled() or not isinstance(output, torch.Tensor) or not output.requires_grad:
+                return
+            x = args[0]
+            output.register_hook(lambda g: accumulate_guided_hessian(buf, x, g))
+
+        return forward_hook
+
+    def __enter__(self) -> "StatisticHooks":
+        params = self.params
+        self._flags = {name: p.requires_grad for name, p in params.items()}
+        try:
+            for name, p in params.items():
+                p.requires_grad_(name in self.fisher)
+            for name, buf in self.fisher.items():
+                self._handles.append(params[name].register_post_accumulate_grad_hook(self._fisher_hook(buf)))
+            for wname, mname in self.hessian_modules.items():
+                module = self.model.get_submodule(mname)
+                self._handles.append(module.register_forward_hook(self._hessian_hook(self.hessian[wname])))
+        except BaseException:
+            self.__exit__(None, None, None)
+            raise
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+        for name, p in self.params.items():
+            if name in self._flags:
+                p.requires_grad_(self._flags[name])
+            p.grad = None
+
+    def result(self) -> "Sensitivity":
+        return Sensitivity(self.fisher, self.hessian)
+
+
 def calibration_statistics(
     model: nn.Module,
     calibration,
@@ -81,72 +177,25 @@ def calibration_statistics(
     arrives in the backward pass (autograd holds that tensor anyway), then fold
     it into the layer's ``in x in`` fp32 matrix and drop it.
     """
-    if loss_fn is None:
-        if not _is_causal_lm(model):
-            raise ValueError(
-                f"calibration data was given for {type(model).__name__}, which is not a causal LM: "
-                "pass loss_fn(output, sample) -> scalar loss to sqc.compile"
-            )
-        loss_fn = causal_lm_loss
+    loss_fn = resolve_loss(model, loss_fn)
     call_kwargs = dict(call_kwargs or {})
-    params = dict(model.named_parameters())
-    fisher = {name: torch.zeros(params[name].shape, dtype=torch.float32) for name in weights}
-    hessian = None
-    if hessian_modules is not None:
-        hessian = {w: torch.zeros((params[w].shape[1],) * 2, dtype=torch.float32) for w in hessian_modules}
-    saved_flags = {name: p.requires_grad for name, p in params.items()}
-    handles = []
-
-    def make_hook(buf: torch.Tensor):
-        def hook(p: torch.Tensor) -> None:
-            g = p.grad.detach().float()
-            buf.addcmul_(g, g)
-            p.grad = None
-
-        return hook
-
-    def make_hessian_hook(buf: torch.Tensor):
-        def forward_hook(module, args, output) -> None:
-            if not torch.is_grad_enabled() or not isinstance(output, torch.Tensor) or not output.requires_grad:
-                return
-            x = args[0]
-            output.register_hook(lambda g: accumulate_guided_hessian(buf, x, g))
-
-        return forward_hook
-
     was_training = model.training
     model.eval()
     try:
-        for name, p in params.items():
-            p.requires_grad_(name in fisher)
-        for name in fisher:
-            handles.append(params[name].register_post_accumulate_grad_hook(make_hook(fisher[name])))
-        for wname, mname in (hessian_modules or {}).items():
-            module = model.get_submodule(mname)
-            handles.append(module.register_forward_hook(make_hessian_hook(hessian[wname])))
-        total = len(calibration)
-        for i, sample in enumerate(calibration):
-            if not isinstance(sample, (tuple, list)):
-                raise TypeError(
-                    f"calibration sample {i} is a {type(sample).__name__}; pass a list of input tuples, "
-                    "e.g. [(input_ids,), ...]"
-                )
-            with torch.enable_grad():
-                out = model(*sample, **call_kwargs)
-                loss = loss_fn(out, tuple(sample))
-                if not torch.isfinite(loss):
-                    raise ValueError(f"calibration sample {i} gave a non-finite loss ({float(loss)})")
-                loss.backward()
-            if progress is not None:
-                progress("calibration", i + 1, total)
+        with StatisticHooks(model, weights, hessian_modules) as hooks:
+            total = len(calibration)
+            for i, sample in enumerate(calibration):
+                sample = check_sample(i, sample)
+                with torch.enable_grad():
+                    out = model(*sample, **call_kwargs)
+                    loss = loss_fn(out, sample)
+                    check_loss(i, loss)
+                    loss.backward()
+                if progress is not None:
+                    progress("calibration", i + 1, total)
     finally:
-        for h in handles:
-            h.remove()
-        for name, p in params.items():
-            p.requires_grad_(saved_flags[name])
-            p.grad = None
         model.train(was_training)
-    return Sensitivity(fisher, hessian)
+    return hooks.result()
 
 
 _GUIDED_NEEDS_DATA = (
@@ -169,7 +218,7 @@ class AnnotateSensitivity(Pass):
             self.ensures = ("sqc.fisher", "sqc.hessian")
 
     def run(self, gm, ctx: CompileContext) -> PassResult:
-        sites = unique_sites(gm)
+        sites = unique_sites(gm, ctx.scope)
         if ctx.calibration is None:
             if self.guided:
                 raise ValueError(_GUIDED_NEEDS_DATA)
@@ -182,11 +231,12 @@ class AnnotateSensitivity(Pass):
             ctx.model, ctx.calibration, [s.weight for s, _ in sites], ctx.loss_fn, ctx.call_kwargs, ctx.tick,
             hessian_modules={s.weight: s.module for s, _ in sites} if self.guided else None,
         )
-        _attach(sites, sens, ctx)
+        attach(sites, sens, ctx)
         return PassResult(gm, False, {"samples": len(ctx.calibration)})
 
 
-def _attach(sites, sens: Sensitivity, ctx: CompileContext) -> None:
+def attach(sites, sens: Sensitivity, ctx: CompileContext) -> None:
+    """Put the statistics of ``sites`` into the store and point their nodes at them."""
     for site, nodes in sites:
         key = ctx.store.put("fisher", site.weight, sens.fisher[site.weight])
         for n in nodes:
@@ -217,7 +267,7 @@ class AttachSensitivity(Pass):
             self.ensures = ("sqc.fisher", "sqc.hessian")
 
     def run(self, gm, ctx: CompileContext) -> PassResult:
-        sites = unique_sites(gm)
+        sites = unique_sites(gm, ctx.scope)
         sens = self.sensitivity
         if self.guided and sens.hessian is None:
             raise ValueError(_GUIDED_NEEDS_DATA + " (the given sensitivity has no hessian: compute it with "
@@ -239,5 +289,5 @@ class AttachSensitivity(Pass):
                                      f"for {site.weight} (got {got}); recompute it for this model")
         fisher = {s.weight: sens.fisher[s.weight].float() for s, _ in sites}
         hessian = {s.weight: sens.hessian[s.weight].float() for s, _ in sites} if self.guided else None
-        _attach(sites, Sensitivity(fisher, hessian), ctx)
+        attach(sites, Sensitivity(fisher, hessian), ctx)
         return PassResult(gm, False, {})

@@ -66,15 +66,17 @@ def require_meta(node: torch.fx.Node, key: str) -> Any:
         ) from None
 
 
-def quantized_nodes(gm: torch.fx.GraphModule) -> list[torch.fx.Node]:
-    """Linear call nodes whose weight is to be quantized."""
-    return [n for n in linear_nodes(gm) if n.meta[SITE].quantized]
+def quantized_nodes(gm: torch.fx.GraphModule, scope: "frozenset[str] | None" = None) -> list[torch.fx.Node]:
+    """Linear call nodes whose weight is to be quantized (only weights named in ``scope`` when given)."""
+    return [n for n in linear_nodes(gm)
+            if n.meta[SITE].quantized and (scope is None or n.meta[SITE].weight in scope)]
 
 
-def unique_sites(gm: torch.fx.GraphModule) -> list[tuple[LinearSite, list[torch.fx.Node]]]:
-    """Quantized weights with the nodes that use them, in first-use order."""
+def unique_sites(gm: torch.fx.GraphModule, scope: "frozenset[str] | None" = None
+                 ) -> list[tuple[LinearSite, list[torch.fx.Node]]]:
+    """Quantized weights (those in ``scope`` when given) with the nodes that use them, in first-use order."""
     by_weight: dict[str, tuple[LinearSite, list[torch.fx.Node]]] = {}
-    for n in quantized_nodes(gm):
+    for n in quantized_nodes(gm, scope):
         s = n.meta[SITE]
         by_weight.setdefault(s.weight, (s, []))[1].append(n)
     return list(by_weight.values())
@@ -153,6 +155,9 @@ class CompileContext:
     progress: Callable[[str, int, int], None] | None = None
     #: fused sibling groups (:class:`sqc.runtime.fused.FusedGroup`), written by FuseSiblingLinears
     fused: list = dataclasses.field(default_factory=list)
+    #: the weights the per-layer passes work on (None: all). The streamed pipeline
+    #: (:mod:`sqc.streaming`) runs them one decoder layer at a time
+    scope: "frozenset[str] | None" = None
 
     def layer(self, site: LinearSite) -> LayerReport:
         rep = self.layers.get(site.module)
@@ -225,8 +230,8 @@ class PassManager:
         self.passes = list(passes)
         self.instruments = list(instruments)
 
-    def _check(self, gm, keys: Sequence[str], p: Pass, when: str) -> None:
-        for node in quantized_nodes(gm):
+    def _check(self, gm, keys: Sequence[str], p: Pass, when: str, ctx: CompileContext) -> None:
+        for node in quantized_nodes(gm, ctx.scope):
             for key in keys:
                 if key not in node.meta:
                     if when == "before":
@@ -238,7 +243,7 @@ class PassManager:
 
     def run(self, gm: torch.fx.GraphModule, ctx: CompileContext) -> torch.fx.GraphModule:
         for p in self.passes:
-            self._check(gm, p.requires, p, "before")
+            self._check(gm, p.requires, p, "before", ctx)
             for inst in self.instruments:
                 inst.before(p, gm, ctx)
             log.info("sqc: running %s", p.name)
@@ -246,5 +251,5 @@ class PassManager:
             for inst in self.instruments:
                 inst.after(p, result, ctx)
             gm = result.graph_module
-            self._check(gm, p.ensures, p, "after")
+            self._check(gm, p.ensures, p, "after", ctx)
         return gm

@@ -75,7 +75,7 @@ class FitCodebook(Pass):
         table_dtype = _TABLE_DTYPES[cfg.table_dtype.value]
         params = dict(ctx.model.named_parameters())
         groups: dict[int, list] = defaultdict(list)
-        for site, nodes in unique_sites(gm):
+        for site, nodes in unique_sites(gm, ctx.scope):
             groups[site.in_features].append((site, nodes))
 
         done = 0

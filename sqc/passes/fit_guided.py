@@ -31,7 +31,7 @@ class FitGuided(Pass):
     def run(self, gm, ctx: CompileContext) -> PassResult:
         cfg = ctx.config
         params = dict(ctx.model.named_parameters())
-        sites = unique_sites(gm)
+        sites = unique_sites(gm, ctx.scope)
 
         def fit_layer(item):
             site, nodes = item

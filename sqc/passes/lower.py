@@ -46,7 +46,7 @@ class Lower(Pass):
         graph = gm.graph
         kernel = "reference"  # what the graph calls; generated kernels are attached to the modules after lowering
         n_calls = 0
-        for site, nodes in unique_sites(gm):
+        for site, nodes in unique_sites(gm, ctx.scope):
             packed: PackedLinear = ctx.store.get("packed", require_meta(nodes[0], "sqc.packed"))
             owner = gm.get_submodule(site.module) if site.module else gm
             for tname in PackedLinear.TENSORS:

@@ -38,7 +38,7 @@ class PackLayout(Pass):
 
     def run(self, gm, ctx: CompileContext) -> PassResult:
         params = dict(ctx.model.named_parameters())
-        for site, nodes in unique_sites(gm):
+        for site, nodes in unique_sites(gm, ctx.scope):
             w = params[site.weight].detach()
             mask = ctx.store.get("sparse", require_meta(nodes[0], "sqc.sparse"))
             lut, codes = ctx.store.get("codebook", require_meta(nodes[0], "sqc.codebook"))

@@ -35,7 +35,7 @@ class SplitOutliers(Pass):
         cfg = ctx.config
         params = dict(ctx.model.named_parameters())
         total_nnz = 0
-        for site, nodes in unique_sites(gm):
+        for site, nodes in unique_sites(gm, ctx.scope):
             w = params[site.weight].detach()
             check_finite(site.module, w)
             fkey = require_meta(nodes[0], "sqc.fisher")

@@ -28,13 +28,19 @@ __all__ = ["Int8Linear", "Int8Kernels", "quantize_int8_rows"]
 ROW_BLOCK = 512
 
 
-def quantize_int8_rows(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(int8 q, fp32 scale) with ``weight ≈ q * scale[:, None]``, symmetric per row."""
-    w = weight.detach().to(torch.float32)
-    scale = w.abs().amax(dim=1) / 127.0
-    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
-    q = torch.round(w / scale[:, None]).clamp_(-127, 127).to(torch.int8)
-    return q.contiguous(), scale.contiguous()
+def quantize_int8_rows(weight: torch.Tensor, block_rows: int = 4096) -> tuple[torch.Tensor, torch.Tensor]:
+    """(int8 q, fp32 scale) with ``weight ≈ q * scale[:, None]``, symmetric per row. Blocks of
+    ``block_rows`` rows keep the fp32 temporaries small (a vocabulary-sized head is 100s of MB)."""
+    R = weight.shape[0]
+    q = torch.empty(weight.shape, dtype=torch.int8)
+    scale = torch.empty(R, dtype=torch.float32)
+    for r0 in range(0, R, block_rows):
+        w = weight[r0 : r0 + block_rows].detach().to(torch.float32)
+        s = w.abs().amax(dim=1) / 127.0
+        s = torch.where(s > 0, s, torch.ones_like(s))
+        q[r0 : r0 + block_rows] = torch.round(w / s[:, None]).clamp_(-127, 127)
+        scale[r0 : r0 + block_rows] = s
+    return q, scale
 
 
 class Int8Kernels:
