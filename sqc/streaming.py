@@ -91,8 +91,6 @@ def find_decoder_stack(model: nn.Module, sites: Sequence[LinearSite]) -> tuple[D
     (path, by_index), = candidates.items()
     holder = model.get_submodule(path)
     n = len(holder)
-    if len(by_index) < 2:
-        return None, f"{path} has quantized linears in only one layer"
     layers = [f"{path}.{i}" for i in range(n)]
     return DecoderStack(path, layers, [by_index.get(i, []) for i in range(n)]), ""
 
