@@ -73,26 +73,24 @@ def load_source(source: str):
         from .real import load_smollm2
 
         return load_smollm2()
-    if not os.path.exists(source):
-        raise CLIError(f"model path {source} does not exist (give a Hugging Face model folder, a .gguf file, or '{SMOLLM2}')")
+    from .lazy import CheckpointError, checkpoint_kind
+
+    try:
+        kind = checkpoint_kind(source)
+    except CheckpointError as e:
+        raise CLIError(f"{e} (or '{SMOLLM2}')" if not os.path.exists(source) else str(e)) from e
     import transformers
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     transformers.logging.set_verbosity_error()
     try:
-        if os.path.isfile(source):
-            if not source.endswith(".gguf"):
-                raise CLIError(f"{source} is a file but not a .gguf model; give a model folder or a .gguf file")
+        if kind == "gguf":
             d, f = os.path.split(os.path.abspath(source))
             model = AutoModelForCausalLM.from_pretrained(d, gguf_file=f, dtype=torch.float32)
             tok = AutoTokenizer.from_pretrained(d, gguf_file=f)
         else:
-            if not os.path.exists(os.path.join(source, "config.json")):
-                raise CLIError(f"{source} has no config.json: it is not a Hugging Face model folder")
             model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32)
             tok = AutoTokenizer.from_pretrained(source)
-    except CLIError:
-        raise
     except Exception as e:  # noqa: BLE001 - reported with the path
         raise CLIError(f"could not load a causal LM from {source}: {type(e).__name__}: {e}") from e
     return model.eval(), tok

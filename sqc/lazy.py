@@ -53,7 +53,8 @@ class _Safetensors:
         else:
             raise CheckpointError(f"{folder} has neither model.safetensors nor model.safetensors.index.json; "
                                   "sqc reads safetensors checkpoints lazily (re-save with save_pretrained("
-                                  "safe_serialization=True)) or compile with lazy=False")
+                                  "safe_serialization=True)), or load the model whole (`sqc compile --no-lazy`, "
+                                  "or sqc.compile on the loaded model)")
         for f in set(self.files.values()):
             if not os.path.exists(f):
                 raise CheckpointError(f"{f}, named in {index}, does not exist")
@@ -143,8 +144,8 @@ class CheckpointSource(WeightSource):
 
     lazy = True
 
-    def __init__(self, model: nn.Module, reader: Any, dtype: torch.dtype | None, where: str) -> None:
-        self.model, self.reader, self.dtype, self.where = model, reader, dtype, where
+    def __init__(self, model: nn.Module, reader: Any, where: str) -> None:
+        self.model, self.reader, self.where = model, reader, where
         available = reader.names()
         prefix = getattr(model, "base_model_prefix", "") or ""
         # a parameter may sit at several places (tied weights): each place gets the new tensor, and the
@@ -229,6 +230,19 @@ class CheckpointSource(WeightSource):
                                f"{self.where}: this is a bug in sqc's lazy loading")
 
 
+def checkpoint_kind(path: str) -> str:
+    """``"gguf"`` or ``"folder"`` (a Hugging Face model folder); an error says what ``path`` is instead."""
+    if not os.path.exists(path):
+        raise CheckpointError(f"model path {path} does not exist (give a Hugging Face model folder or a .gguf file)")
+    if os.path.isfile(path):
+        if not path.endswith(".gguf"):
+            raise CheckpointError(f"{path} is a file but not a .gguf model; give a model folder or a .gguf file")
+        return "gguf"
+    if not os.path.exists(os.path.join(path, "config.json")):
+        raise CheckpointError(f"{path} has no config.json: it is not a Hugging Face model folder")
+    return "folder"
+
+
 def _skeleton(config, dtype: torch.dtype) -> nn.Module:
     from accelerate import init_empty_weights
     from transformers import AutoModelForCausalLM
@@ -247,20 +261,17 @@ def _checkpoint_dtype(config, fallback: torch.dtype) -> torch.dtype:
 
 
 def load_lazy(path: str, dtype: torch.dtype | None = None):
-    """``(model, source, tokenizer)`` for a Hugging Face safetensors folder or a GGUF file: the model's
-    parameters outside its decoder layers are read, the layers' stay on the meta device until
-    ``source.materialize(layer)``. ``dtype``: the model's dtype (default: the checkpoint's; float32
-    for GGUF, whose blocks de-quantize to float32)."""
+    """``(model, source, tokenizer)`` for a Hugging Face safetensors folder or a GGUF file, every
+    parameter on the meta device: ``source.prepare(layers)`` reads those outside the decoder layers,
+    ``source.materialize(layer)`` one layer's (``sqc.compile(weight_source=source)`` calls both).
+    ``dtype``: the model's dtype (default: the checkpoint's; float32 for GGUF, whose blocks
+    de-quantize to float32). The tokenizer is None for a folder without tokenizer files."""
     import transformers
     from transformers import AutoConfig, AutoTokenizer
 
     transformers.logging.set_verbosity_error()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    if not os.path.exists(path):
-        raise CheckpointError(f"{path} does not exist (give a Hugging Face model folder or a .gguf file)")
-    if os.path.isfile(path):
-        if not path.endswith(".gguf"):
-            raise CheckpointError(f"{path} is a file but not a .gguf model; give a model folder or a .gguf file")
+    if checkpoint_kind(path) == "gguf":
         from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
 
         d, f = os.path.split(os.path.abspath(path))
@@ -271,13 +282,11 @@ def load_lazy(path: str, dtype: torch.dtype | None = None):
         reader = _GGUF(path, model, arch, parsed["config"])
         tok = AutoTokenizer.from_pretrained(d, gguf_file=f)
     else:
-        if not os.path.exists(os.path.join(path, "config.json")):
-            raise CheckpointError(f"{path} has no config.json: it is not a Hugging Face model folder")
         config = AutoConfig.from_pretrained(path)
         model = _skeleton(config, dtype or _checkpoint_dtype(config, torch.float32))
         reader = _Safetensors(path)
         tok = AutoTokenizer.from_pretrained(path) if _has_tokenizer(path) else None
-    return model, CheckpointSource(model, reader, dtype, path), tok
+    return model, CheckpointSource(model, reader, path), tok
 
 
 def _has_tokenizer(folder: str) -> bool:

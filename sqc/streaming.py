@@ -41,7 +41,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from .passes.annotate_sensitivity import StatisticHooks, attach, check_loss, check_sample, resolve_loss
+from .config import FitMode
+from .passes.annotate_sensitivity import (GUIDED_NEEDS_DATA, StatisticHooks, attach, check_loss, check_sample,
+                                          resolve_loss)
 from .passes.base import CompileContext, PassManager, unique_sites
 from .runtime.memory import release_memory
 from .trace import LinearSite
@@ -240,7 +242,6 @@ class _Streamed:
     calls: list[list[tuple[tuple, dict]]]  # [layer][sample] -> (args without the hidden state's value, kwargs)
     grads: list[torch.Tensor | None]  # d loss / d output of the current layer, per sample
     form: _OutputForm
-    offload_dir: str | None
 
 
 def _memory_budget() -> int:
@@ -281,11 +282,10 @@ def _forward_phase(model, stack: DecoderStack, calibration, call_kwargs, loss_fn
                                        "from the first to the last")
         for j, args, kwargs in sink:
             calls[j][i] = (args, kwargs)
-    per_layer = sum(_hidden_of(*calls[0][i]).numel() * _hidden_of(*calls[0][i]).element_size() for i in range(S))
-    offload = tempfile.mkdtemp(prefix="sqc-stream-") if per_layer * L > _memory_budget() else None
-    store = BoundaryStore(L, S, offload)
-    # 3. the layers, from the bottom, on every sample; the input of each is stored
     hs = [_hidden_of(*calls[0][i]) for i in range(S)]
+    per_layer = sum(h.numel() * h.element_size() for h in hs)
+    store = BoundaryStore(L, S, tempfile.mkdtemp(prefix="sqc-stream-") if per_layer * L > _memory_budget() else None)
+    # 3. the layers, from the bottom, on every sample; the input of each is stored
     for j in range(L):
         source.materialize(stack.layers[j])
         layer = holder[j]
@@ -317,7 +317,7 @@ def _forward_phase(model, stack: DecoderStack, calibration, call_kwargs, loss_fn
         hs[i] = None
         del out, loss
         release_memory()  # the logits and their gradient are the largest transients of the pass
-    return _Streamed(store, calls, grads, form, offload)
+    return _Streamed(store, calls, grads, form)
 
 
 def _layer_statistics(model, stack: DecoderStack, j: int, st: _Streamed, hessian_modules) -> Any:
@@ -335,7 +335,7 @@ def _layer_statistics(model, stack: DecoderStack, j: int, st: _Streamed, hessian
     return hooks.result()
 
 
-def streamed_statistics(model, stack: DecoderStack, calibration, weights_hessian: bool = False, loss_fn=None,
+def streamed_statistics(model, stack: DecoderStack, calibration, hessian: bool = False, loss_fn=None,
                         call_kwargs=None, source: WeightSource | None = None, progress=None):
     """The streamed Fisher (and guided Hessians), layer by layer, without quantizing anything:
     the same figures :func:`~sqc.passes.annotate_sensitivity.calibration_statistics` gives for the
@@ -343,7 +343,7 @@ def streamed_statistics(model, stack: DecoderStack, calibration, weights_hessian
     from .passes.annotate_sensitivity import Sensitivity
 
     out_f: dict = {}
-    out_h: dict | None = {} if weights_hessian else None
+    out_h: dict | None = {} if hessian else None
 
     def collect(j, sens):
         out_f.update(sens.fisher)
@@ -351,7 +351,7 @@ def streamed_statistics(model, stack: DecoderStack, calibration, weights_hessian
             out_h.update(sens.hessian)
 
     _stream(model, stack, list(calibration), resolve_loss(model, loss_fn), dict(call_kwargs or {}),
-            source or WeightSource(), progress, weights_hessian, collect)
+            source or WeightSource(), progress, hessian, collect)
     return Sensitivity(out_f, out_h)
 
 
@@ -361,7 +361,7 @@ def _stream(model, stack, calibration, loss_fn, call_kwargs, source, progress, g
     tick = progress or (lambda *a: None)
     was_training = model.training
     model.eval()
-    secs = {"forward": 0.0, "backward": 0.0, "layers": 0.0}
+    secs = {"forward": 0.0, "backward": 0.0}  # the per-layer passes are timed by the pass manager
     st = None
     try:
         t0 = time.perf_counter()
@@ -374,29 +374,28 @@ def _stream(model, stack, calibration, loss_fn, call_kwargs, source, progress, g
             hmods = {w: w.rsplit(".", 1)[0] for w in stack.weights[j]} if guided else None
             sens = _layer_statistics(model, stack, j, st, hmods)
             st.store.drop(j)
-            t1 = time.perf_counter()
-            secs["backward"] += t1 - t0
+            secs["backward"] += time.perf_counter() - t0
             # the layer's quantized weights leave the model here (lowered); its other parameters stay
             per_layer(j, sens)
             del sens
             release_memory()  # the layer's float weights and statistics are gone: hand their pages back
-            secs["layers"] += time.perf_counter() - t1
             tick("calibration backward + fit", L - j, L)
     finally:
         model.train(was_training)
-        if st is not None and st.offload_dir is not None:
-            shutil.rmtree(st.offload_dir, ignore_errors=True)
+        if st is not None and st.store.offload_dir is not None:
+            shutil.rmtree(st.store.offload_dir, ignore_errors=True)
     return secs
 
 
 def run_streamed(gm, ctx: CompileContext, stack: DecoderStack, layer_passes: list, instruments: list,
                  source: WeightSource | None = None) -> None:
     """Calibrate, split, fit, pack and lower ``stack`` one layer at a time (top first), with
-    ``layer_passes`` (the per-weight passes after AnnotateSensitivity) scoped to each layer."""
+    ``layer_passes`` (the per-weight passes after AnnotateSensitivity) scoped to each layer.
+    A guided fit (``ctx.config.fit``) also accumulates each layer's guided Hessians."""
     source = source or WeightSource()
     sites = {s.weight: (s, nodes) for s, nodes in unique_sites(gm)}
     manager = PassManager(layer_passes, instruments)
-    guided = any(type(p).__name__ == "FitGuided" for p in layer_passes)
+    guided = ctx.config.fit is FitMode.GUIDED
 
     def fit_layer(j: int, sens) -> None:
         weights = stack.weights[j]
@@ -417,9 +416,7 @@ def run_streamed(gm, ctx: CompileContext, stack: DecoderStack, layer_passes: lis
 
     if ctx.calibration is None:
         if guided:
-            from .passes.annotate_sensitivity import _GUIDED_NEEDS_DATA
-
-            raise ValueError(_GUIDED_NEEDS_DATA)
+            raise ValueError(GUIDED_NEEDS_DATA)
         t0 = time.perf_counter()
         for j in range(len(stack.layers) - 1, -1, -1):
             source.materialize(stack.layers[j])
@@ -434,5 +431,4 @@ def run_streamed(gm, ctx: CompileContext, stack: DecoderStack, layer_passes: lis
         ctx.stage_seconds["calibration forward"] = secs["forward"]
         ctx.stage_seconds["calibration backward"] = secs["backward"]
     ctx.notes.append(f"layer-streamed pipeline: {len(stack.layers)} layers of {stack.path} calibrated, fitted and "
-                     "packed one at a time (QuantConfig-independent; sqc.compile(stream=False) runs the "
-                     "whole-model pass)")
+                     "packed one at a time (sqc.compile(stream=False) runs the whole-model pass)")

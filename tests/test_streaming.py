@@ -48,7 +48,7 @@ def test_streamed_statistics_equal_the_whole_model_pass(monkeypatch, offload):
     weights = [w for ws in stack.weights for w in ws]
     whole = calibration_statistics(model, calib, weights, call_kwargs={"use_cache": False},
                                    hessian_modules={w: w.rsplit(".", 1)[0] for w in weights})
-    streamed = streamed_statistics(model, stack, calib, weights_hessian=True, call_kwargs={"use_cache": False})
+    streamed = streamed_statistics(model, stack, calib, hessian=True, call_kwargs={"use_cache": False})
     assert set(streamed.fisher) == set(weights)
     for w in weights:
         a, b = whole.fisher[w], streamed.fisher[w]

@@ -198,7 +198,7 @@ def calibration_statistics(
     return hooks.result()
 
 
-_GUIDED_NEEDS_DATA = (
+GUIDED_NEEDS_DATA = (
     "QuantConfig(fit='guided') fits each layer to its gradient-weighted output error, which needs "
     "calibration data: pass calibration=[...] (or sensitivity=Sensitivity(fisher, hessian)), "
     "or use a k-means preset such as 'w3-s0.45' instead of 'w3-s0.45-g'"
@@ -221,7 +221,7 @@ class AnnotateSensitivity(Pass):
         sites = unique_sites(gm, ctx.scope)
         if ctx.calibration is None:
             if self.guided:
-                raise ValueError(_GUIDED_NEEDS_DATA)
+                raise ValueError(GUIDED_NEEDS_DATA)
             for site, nodes in sites:
                 for n in nodes:
                     n.meta["sqc.fisher"] = None
@@ -270,7 +270,7 @@ class AttachSensitivity(Pass):
         sites = unique_sites(gm, ctx.scope)
         sens = self.sensitivity
         if self.guided and sens.hessian is None:
-            raise ValueError(_GUIDED_NEEDS_DATA + " (the given sensitivity has no hessian: compute it with "
+            raise ValueError(GUIDED_NEEDS_DATA + " (the given sensitivity has no hessian: compute it with "
                              "calibration_statistics(..., hessian_modules=...))")
         for site, _ in sites:
             f = sens.fisher.get(site.weight)
