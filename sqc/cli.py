@@ -174,6 +174,15 @@ def cmd_compile(args, progress: Progress) -> dict[str, Any]:
     except FileExistsError as e:
         raise CLIError(str(e)) from e
 
+    from .parallel import init_from_env
+
+    group = init_from_env()  # under torchrun: this rank's place in the job (else a job of one)
+    if group.distributed:
+        if not args.lazy:
+            raise UsageError("a data-parallel compile (torchrun) streams the model: drop --no-lazy")
+        if group.rank != 0:
+            progress.quiet = True  # rank 0 reports
+        progress.log(f"data-parallel compile: {group.world} ranks (gloo); rank 0 writes {out}")
     progress.log(f"loading {args.model} ..." if not args.lazy else f"reading {args.model} (lazily: one layer at a time) ...")
     source = None
     if args.lazy:
@@ -213,7 +222,11 @@ def cmd_compile(args, progress: Progress) -> dict[str, Any]:
     if source is not None:
         source.check_complete()
     compile_s = time.perf_counter() - t
-    sqc.save(compiled, out, overwrite=args.force, tokenizer=tok, source=os.path.abspath(args.model) if args.model != SMOLLM2 else SMOLLM2)
+    if group.rank == 0:
+        sqc.save(compiled, out, overwrite=args.force, tokenizer=tok,
+                 source=os.path.abspath(args.model) if args.model != SMOLLM2 else SMOLLM2)
+    group.barrier("writing the artifact")  # the other ranks return once rank 0's artifact is in place
+    group.close()
     args.written = out
     from .report_html import write_report
     from .artifact import artifact_bits_per_weight
@@ -236,6 +249,9 @@ def cmd_compile(args, progress: Progress) -> dict[str, Any]:
                     "best_ms": k["best_ms"]} for k in compiled.tuning],
         "kernel_stats": _kernel_stats(),
     }
+    if group.rank != 0:
+        args.json = False  # rank 0 prints the result
+        return result
     if not args.json:
         print(compiled.report() if args.verbose else
               f"compiled {result['quantized_layers']}/{result['linear_layers']} linear layers in {compile_s:.1f} s: "
@@ -487,7 +503,10 @@ def main(argv: list[str] | None = None) -> int:
 
         from .runtime.cuda import CudaUnavailable
 
-        known = (CLIError, ArtifactError, TraceError, FileExistsError, FileNotFoundError, ValueError, CudaUnavailable)
+        from .parallel import PeerLost
+
+        known = (CLIError, ArtifactError, TraceError, FileExistsError, FileNotFoundError, ValueError, CudaUnavailable,
+                 PeerLost)
         if not isinstance(e, known):
             raise
         print(f"sqc {args.command}: error: {e}", file=sys.stderr)

@@ -22,6 +22,7 @@ from .passes.lower import Lower
 from .passes.pack_layout import PackLayout
 from .passes.split_outliers import SplitOutliers
 from .runtime.decode import CompiledDecoder
+from .parallel import Group, current_group
 from .streaming import StreamingUnsupported, find_decoder_stack, run_streamed
 from .runtime.memory import release_memory
 from .runtime.fused import fused_groups
@@ -282,6 +283,7 @@ def compile(  # noqa: A001 - the public name
     kernels: bool = True,
     stream: bool | None = None,
     weight_source: Any = None,
+    group: Group | None = None,
 ) -> CompiledModel:
     """Quantize every linear layer of ``model`` to a dense-and-sparse codebook.
 
@@ -324,6 +326,11 @@ def compile(  # noqa: A001 - the public name
     weight_source : where the layers' float weights come from when the model
         was built on the meta device (:func:`sqc.compile_pretrained` passes a
         :class:`sqc.lazy.CheckpointSource`); needs the streamed pipeline.
+    group : the data-parallel job (:class:`sqc.parallel.Group`; default: the
+        one :func:`sqc.parallel.init_from_env` joined, else one process). Each
+        rank calibrates its share of the samples and fits its share of each
+        layer's rows; every rank returns the same quantized model, and only
+        rank 0 builds kernels (the others return it with ``kernels=False``).
 
     Examples
     --------
@@ -376,12 +383,19 @@ def compile(  # noqa: A001 - the public name
     instruments: list = [TimingInstrument()]
     if dump_ir:
         instruments.append(IRDumpInstrument(dump_ir))
+    group = group or current_group()
+    if group.distributed:
+        ctx.group = group
+        if group.rank != 0:
+            kernels = False  # rank 0 builds the kernels and writes the artifact
     stack, why = (None, "stream=False") if stream is False else (
         (None, "Fisher given (sensitivity=...)") if sensitivity is not None else
         find_decoder_stack(model, list(traced.sites.values())))
-    if stack is None and (stream or weight_source is not None):
+    if stack is None and (stream or weight_source is not None or group.distributed):
         raise ValueError(f"the layer-streamed pipeline cannot run on {type(model).__name__}: {why}"
-                         + ("" if weight_source is None else " (a model loaded lazily needs it)"))
+                         + ("" if weight_source is None else " (a model loaded lazily needs it)")
+                         + ("" if not group.distributed else
+                            f" (a data-parallel compile on {group.world} ranks needs it: run one process)"))
     gm = traced.graph_module
     del traced
     if weight_source is not None:
@@ -390,7 +404,7 @@ def compile(  # noqa: A001 - the public name
         try:
             run_streamed(gm, ctx, stack, layer_pipeline(cfg), instruments, weight_source)
         except StreamingUnsupported as e:
-            if weight_source is not None or stream:
+            if weight_source is not None or stream or group.distributed:
                 raise ValueError(f"the layer-streamed pipeline cannot run on {type(model).__name__}: {e}") from e
             why, stack = str(e), None  # raised before any layer was changed: the whole-model path runs
     if stack is None:

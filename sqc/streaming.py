@@ -44,7 +44,9 @@ from torch import nn
 from .config import FitMode
 from .passes.annotate_sensitivity import (GUIDED_NEEDS_DATA, StatisticHooks, attach, check_loss, check_sample,
                                           resolve_loss)
+from .parallel import Group
 from .passes.base import CompileContext, PassManager, unique_sites
+from .quant.reduce import TreeSum
 from .runtime.memory import release_memory
 from .trace import LinearSite
 
@@ -239,17 +241,22 @@ class _Streamed:
     """What the forward phase leaves for the per-layer phase."""
 
     store: BoundaryStore
+    samples: list[int]  # this rank's samples (all of them in a one-process compile)
     calls: list[list[tuple[tuple, dict]]]  # [layer][sample] -> (args without the hidden state's value, kwargs)
     grads: list[torch.Tensor | None]  # d loss / d output of the current layer, per sample
     form: _OutputForm
+
+
+#: an fp16 model's loss is multiplied by this before the top's backward (divided out after)
+_FP16_LOSS_SCALE = 2.0**12
 
 
 def _memory_budget() -> int:
     return int(float(os.environ.get("SQC_STREAM_MEMORY_MB", "256")) * 2**20)
 
 
-def _forward_phase(model, stack: DecoderStack, calibration, call_kwargs, loss_fn, source: WeightSource,
-                   tick) -> _Streamed:
+def _forward_phase(model, stack: DecoderStack, calibration, samples: list[int], call_kwargs, loss_fn,
+                   source: WeightSource, tick) -> _Streamed:
     holder = model.get_submodule(stack.path)
     L, S = len(stack.layers), len(calibration)
     # 1. the first layer's arguments for sample 0, and what a layer returns
@@ -267,7 +274,7 @@ def _forward_phase(model, stack: DecoderStack, calibration, call_kwargs, loss_fn
         form = _OutputForm(holder[0](*sink[0][1], **sink[0][2]))
     # 2. every layer's arguments for every sample, recorded by stand-ins (the model computes them as usual)
     calls: list[list] = [[None] * S for _ in range(L)]
-    for i in range(S):
+    for i in samples:
         sample = check_sample(i, calibration[i])
         sink = []
         stand = {j: _StandIn(j, sink, form, stop=(j == L - 1)) for j in range(L)}
@@ -282,15 +289,17 @@ def _forward_phase(model, stack: DecoderStack, calibration, call_kwargs, loss_fn
                                        "from the first to the last")
         for j, args, kwargs in sink:
             calls[j][i] = (args, kwargs)
-    hs = [_hidden_of(*calls[0][i]) for i in range(S)]
-    per_layer = sum(h.numel() * h.element_size() for h in hs)
+    hs: list = [None] * S
+    for i in samples:
+        hs[i] = _hidden_of(*calls[0][i])
+    per_layer = sum(hs[i].numel() * hs[i].element_size() for i in samples)
     store = BoundaryStore(L, S, tempfile.mkdtemp(prefix="sqc-stream-") if per_layer * L > _memory_budget() else None)
     # 3. the layers, from the bottom, on every sample; the input of each is stored
     for j in range(L):
         source.materialize(stack.layers[j])
         layer = holder[j]
         with torch.no_grad():
-            for i in range(S):
+            for i in samples:
                 store.put(j, i, hs[i])
                 args, kwargs = _with_hidden(*calls[j][i], hs[i])
                 hs[i] = form.hidden(layer(*args, **kwargs)).detach()
@@ -298,45 +307,96 @@ def _forward_phase(model, stack: DecoderStack, calibration, call_kwargs, loss_fn
         if source.lazy:
             release_memory()
         tick("calibration forward", j + 1, L)
-    # 4. the top: d loss / d (last layer's output), the model's own code above the stack
+    # 4. the top: d loss / d (last layer's output), the model's own code above the stack, as float32
+    # (an fp16 model's loss is scaled first, so small gradients do not flush to zero)
     grads: list = [None] * S
-    for i in range(S):
+    for i in samples:
         sample = check_sample(i, calibration[i])
-        top = hs[i].requires_grad_(True)
-        sink = []
-        stand = {j: _StandIn(j, sink, form, stop=False, output=top if j == L - 1 else None) for j in range(L)}
-        # no weight takes a gradient here (StatisticHooks with no weights): only the stack's output does
-        with torch.enable_grad(), _Swapped(holder, stand), StatisticHooks(model, []):
-            out = model(*sample, **call_kwargs)
-            loss = loss_fn(out, sample)
-            check_loss(i, loss)
-            loss.backward()
-        if top.grad is None:
-            raise StreamingUnsupported(f"the loss does not depend on the output of {stack.layers[-1]}")
-        grads[i] = top.grad
+        scale = _FP16_LOSS_SCALE if hs[i].dtype == torch.float16 else 1.0
+        while True:
+            top = hs[i].detach().requires_grad_(True)
+            sink = []
+            stand = {j: _StandIn(j, sink, form, stop=False, output=top if j == L - 1 else None) for j in range(L)}
+            # no weight takes a gradient here (StatisticHooks with no weights): only the stack's output does
+            with torch.enable_grad(), _Swapped(holder, stand), StatisticHooks(model, []):
+                out = model(*sample, **call_kwargs)
+                loss = loss_fn(out, sample)
+                check_loss(i, loss)
+                (loss * scale if scale != 1.0 else loss).backward()
+            if top.grad is None:
+                raise StreamingUnsupported(f"the loss does not depend on the output of {stack.layers[-1]}")
+            if scale == 1.0 or bool(torch.isfinite(top.grad).all()) or scale < 2.0:
+                break
+            scale /= 16.0  # the scaled gradient overflowed fp16: try a smaller scale
+            del out, loss
+        grads[i] = top.grad.float() / scale if scale != 1.0 else top.grad.float()
         hs[i] = None
         del out, loss
         release_memory()  # the logits and their gradient are the largest transients of the pass
-    return _Streamed(store, calls, grads, form)
+    return _Streamed(store, samples, calls, grads, form)
 
 
-def _layer_statistics(model, stack: DecoderStack, j: int, st: _Streamed, hessian_modules) -> Any:
-    """Fisher (and guided Hessians) of layer ``j``'s quantized weights; leaves d loss / d input in ``st.grads``."""
+_HALF = (torch.float16, torch.bfloat16)
+
+
+def _upcast(x):
+    """fp16/bf16 tensors (also inside tuples, lists and dicts) as float32; everything else as is."""
+    if isinstance(x, torch.Tensor):
+        return x.float() if x.dtype in _HALF else x
+    if isinstance(x, (tuple, list)):
+        return type(x)(_upcast(v) for v in x)
+    if isinstance(x, dict):
+        return {k: _upcast(v) for k, v in x.items()}
+    return x
+
+
+class _Float32Layer:
+    """For a with block: the fp16/bf16 parameters and buffers of one layer hold float32 copies (the
+    same Parameter objects, so gradient hooks stay attached); afterwards their own dtype again,
+    which is exact (every value came from that dtype). The model outside the layer is untouched:
+    a half-precision model is never upcast whole."""
+
+    def __init__(self, layer: nn.Module) -> None:
+        self.tensors = [t for t in (*layer.parameters(), *layer.buffers()) if t.dtype in _HALF]
+        self.dtypes = [t.dtype for t in self.tensors]
+
+    def __enter__(self):
+        for t in self.tensors:
+            t.data = t.data.float()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for t, d in zip(self.tensors, self.dtypes):
+            t.data = t.data.to(d)
+            if isinstance(t, nn.Parameter):
+                t.grad = None
+
+
+def _layer_statistics(model, stack: DecoderStack, j: int, st: _Streamed, hessian_modules, group: Group):
+    """Fisher (and guided Hessians) of layer ``j``'s quantized weights, a
+    :class:`~sqc.quant.reduce.TreeSum` over every rank's samples (the same bits on any number of
+    ranks); leaves d loss / d input in ``st.grads``. A half-precision layer runs in float32 here:
+    its gradients and statistics are float32 math, one layer at a time."""
     layer = model.get_submodule(stack.layers[j])
-    S = len(st.grads)
-    with StatisticHooks(model, stack.weights[j], hessian_modules) as hooks:
-        for i in range(S):
-            x = st.store.get(j, i).detach().requires_grad_(j > 0)
-            args, kwargs = _with_hidden(*st.calls[j][i], x)
+    n = len(st.grads)
+    acc = TreeSum(n)
+    with _Float32Layer(layer), StatisticHooks(model, stack.weights[j], hessian_modules) as hooks:
+        like = {k: (v.shape, v.dtype) for k, v in hooks.take().items()}
+        for i in st.samples:
+            x = _upcast(st.store.get(j, i)).detach().requires_grad_(j > 0)
+            args, kwargs = _with_hidden(*_upcast(st.calls[j][i]), x)
             with torch.enable_grad():
                 out = st.form.hidden(layer(*args, **kwargs))
                 out.backward(st.grads[i])
             st.grads[i] = x.grad if j > 0 else None
-    return hooks.result()
+            acc.add(i, hooks.take())
+        del out
+    return StatisticHooks.split(group.tree_sum(n, acc, like), hessian_modules is not None)
 
 
 def streamed_statistics(model, stack: DecoderStack, calibration, hessian: bool = False, loss_fn=None,
-                        call_kwargs=None, source: WeightSource | None = None, progress=None):
+                        call_kwargs=None, source: WeightSource | None = None, progress=None,
+                        group: Group | None = None):
     """The streamed Fisher (and guided Hessians), layer by layer, without quantizing anything:
     the same figures :func:`~sqc.passes.annotate_sensitivity.calibration_statistics` gives for the
     whole model. Returns a :class:`~sqc.passes.annotate_sensitivity.Sensitivity`."""
@@ -351,12 +411,12 @@ def streamed_statistics(model, stack: DecoderStack, calibration, hessian: bool =
             out_h.update(sens.hessian)
 
     _stream(model, stack, list(calibration), resolve_loss(model, loss_fn), dict(call_kwargs or {}),
-            source or WeightSource(), progress, hessian, collect)
+            source or WeightSource(), progress, hessian, collect, group or Group())
     return Sensitivity(out_f, out_h)
 
 
 def _stream(model, stack, calibration, loss_fn, call_kwargs, source, progress, guided: bool,
-            per_layer: Callable[[int, Any], None]) -> dict[str, float]:
+            per_layer: Callable[[int, Any], None], group: Group) -> dict[str, float]:
     """Drive both phases; ``per_layer(j, sensitivity)`` runs from the top layer down. Returns stage seconds."""
     tick = progress or (lambda *a: None)
     was_training = model.training
@@ -365,14 +425,15 @@ def _stream(model, stack, calibration, loss_fn, call_kwargs, source, progress, g
     st = None
     try:
         t0 = time.perf_counter()
-        st = _forward_phase(model, stack, calibration, call_kwargs, loss_fn, source, tick)
+        samples = group.samples(len(calibration))
+        st = _forward_phase(model, stack, calibration, samples, call_kwargs, loss_fn, source, tick)
         secs["forward"] = time.perf_counter() - t0
         L = len(stack.layers)
         for j in range(L - 1, -1, -1):
             t0 = time.perf_counter()
             source.materialize(stack.layers[j])
             hmods = {w: w.rsplit(".", 1)[0] for w in stack.weights[j]} if guided else None
-            sens = _layer_statistics(model, stack, j, st, hmods)
+            sens = _layer_statistics(model, stack, j, st, hmods, group)
             st.store.drop(j)
             secs["backward"] += time.perf_counter() - t0
             # the layer's quantized weights leave the model here (lowered); its other parameters stay
@@ -427,7 +488,7 @@ def run_streamed(gm, ctx: CompileContext, stack: DecoderStack, layer_passes: lis
     else:
         loss_fn = resolve_loss(ctx.model, ctx.loss_fn)
         secs = _stream(ctx.model, stack, ctx.calibration, loss_fn, ctx.call_kwargs, source, ctx.progress, guided,
-                       fit_layer)
+                       fit_layer, ctx.group or Group())
         ctx.stage_seconds["calibration forward"] = secs["forward"]
         ctx.stage_seconds["calibration backward"] = secs["backward"]
     ctx.notes.append(f"layer-streamed pipeline: {len(stack.layers)} layers of {stack.path} calibrated, fitted and "

@@ -76,10 +76,15 @@ def test_streamed_compile_equals_the_whole_model_compile():
     pa, pb = _packed(a), _packed(b)
     assert pa.keys() == pb.keys() and len(pa) == 14
     for name in pa:
-        for x, y in zip(pa[name], pb[name]):
+        (la, *rest_a), (lb, *rest_b) = pa[name], pb[name]
+        # the streamed Fisher sums samples in a fixed pairwise tree (the data-parallel order), the
+        # whole-model one sample after sample: a centroid may move by one fp16 step, the codes stay
+        torch.testing.assert_close(lb, la, rtol=1e-3, atol=0.0)
+        for x, y in zip(rest_a, rest_b):
             assert torch.equal(x, y), name
     ids = calib[0][0]
-    torch.testing.assert_close(b(ids).logits, a(ids).logits, rtol=0, atol=0)
+    la, lb = a(ids).logits, b(ids).logits
+    torch.testing.assert_close(lb, la, rtol=0, atol=1e-4 * float(la.abs().max()))  # those fp16 steps only
     assert [r.module for r in a.layers] == [r.module for r in b.layers]
 
 

@@ -105,30 +105,49 @@ class StatisticHooks:
         self.model = model
         params = dict(model.named_parameters())
         self.params = params
-        self.fisher = {name: torch.zeros(params[name].shape, dtype=torch.float32) for name in weights}
-        self.hessian = None
-        if hessian_modules is not None:
-            self.hessian = {w: torch.zeros((params[w].shape[1],) * 2, dtype=torch.float32) for w in hessian_modules}
+        self.weights = list(weights)
         self.hessian_modules = dict(hessian_modules or {})
+        self.fisher: dict[str, torch.Tensor] = {}
+        self.hessian: dict[str, torch.Tensor] | None = None if hessian_modules is None else {}
+        self._zero()
         self._handles: list = []
         self._flags: dict[str, bool] = {}
 
+    def _zero(self) -> None:
+        shapes = {name: p.shape for name, p in self.params.items()}
+        self.fisher = {name: torch.zeros(shapes[name], dtype=torch.float32) for name in self.weights}
+        if self.hessian is not None:
+            self.hessian = {w: torch.zeros((shapes[w][1],) * 2, dtype=torch.float32) for w in self.hessian_modules}
+
+    def take(self) -> dict[str, torch.Tensor]:
+        """For a caller that sums samples in its own order (:class:`~sqc.quant.reduce.TreeSum`):
+        the statistics since the last call (``fisher:<weight>``, ``hessian:<weight>``), then fresh zeros."""
+        item = {f"fisher:{k}": v for k, v in self.fisher.items()}
+        item.update({f"hessian:{k}": v for k, v in (self.hessian or {}).items()})
+        self._zero()
+        return item
+
     @staticmethod
-    def _fisher_hook(buf: torch.Tensor):
+    def split(item: dict[str, torch.Tensor], hessian: bool) -> "Sensitivity":
+        """A :meth:`take` item (or a sum of them) as a :class:`Sensitivity`."""
+        fisher = {k[7:]: v for k, v in item.items() if k.startswith("fisher:")}
+        hess = {k[8:]: v for k, v in item.items() if k.startswith("hessian:")} if hessian else None
+        return Sensitivity(fisher, hess)
+
+    def _fisher_hook(self, name: str):
         def hook(p: torch.Tensor) -> None:
             g = p.grad.detach().float()
-            buf.addcmul_(g, g)
+            self.fisher[name].addcmul_(g, g)
             p.grad = None
 
         return hook
 
-    @staticmethod
-    def _hessian_hook(buf: torch.Tensor):
+    def _hessian_hook(self, name: str):
         def forward_hook(module, args, output) -> None:
             if not torch.is_grad_enabled() or not isinstance(output, torch.Tensor) or not output.requires_grad:
                 return
             x = args[0]
-            output.register_hook(lambda g: accumulate_guided_hessian(buf, x, g))
+            output.register_hook(lambda g: accumulate_guided_hessian(self.hessian[name], x, g))
 
         return forward_hook
 
@@ -138,11 +157,11 @@ class StatisticHooks:
         try:
             for name, p in params.items():
                 p.requires_grad_(name in self.fisher)
-            for name, buf in self.fisher.items():
-                self._handles.append(params[name].register_post_accumulate_grad_hook(self._fisher_hook(buf)))
+            for name in self.fisher:
+                self._handles.append(params[name].register_post_accumulate_grad_hook(self._fisher_hook(name)))
             for wname, mname in self.hessian_modules.items():
                 module = self.model.get_submodule(mname)
-                self._handles.append(module.register_forward_hook(self._hessian_hook(self.hessian[wname])))
+                self._handles.append(module.register_forward_hook(self._hessian_hook(wname)))
         except BaseException:
             self.__exit__(None, None, None)
             raise

@@ -158,6 +158,9 @@ class CompileContext:
     #: the weights the per-layer passes work on (None: all). The streamed pipeline
     #: (:mod:`sqc.streaming`) runs them one decoder layer at a time
     scope: "frozenset[str] | None" = None
+    #: the data-parallel job (:class:`sqc.parallel.Group`: ``rank``, ``world``, ``share_rows``);
+    #: None in a one-process compile. FitCodebook splits row chunks across its ranks
+    group: Any = None
 
     def layer(self, site: LinearSite) -> LayerReport:
         rep = self.layers.get(site.module)

@@ -15,7 +15,7 @@ from collections import defaultdict
 
 import torch
 
-from ..quant.kmeans import fit_rows
+from ..quant.kmeans import fit_rows, part_rows
 from ..trace import SITE
 from .base import CompileContext, Pass, PassResult, require_meta, unique_sites
 
@@ -100,9 +100,15 @@ class FitCodebook(Pass):
             ws.append(w.float().numpy())
             fs.append(None if f is None else f.numpy())
             acts.append((~mask).numpy())
+        group = ctx.group
+        part = (group.rank, group.world) if group is not None else (0, 1)
         res = fit_rows(
-            ws, fs if any_fisher else None, acts, cfg.bits, iters=cfg.kmeans_iters, chunk_rows=cfg.chunk_rows
+            ws, fs if any_fisher else None, acts, cfg.bits, iters=cfg.kmeans_iters, chunk_rows=cfg.chunk_rows,
+            part=part,
         )
+        if part[1] > 1:  # every rank solved its run of row chunks: the others' rows arrive by broadcast
+            cents_all = torch.from_numpy(res.centroids)
+            group.share_rows(cents_all, part_rows(cents_all.shape[0], cfg.chunk_rows, part[1]))
         start = 0
         for (site, nodes), w_np, f_np, act in zip(batch, ws, fs, acts):
             R = site.out_features

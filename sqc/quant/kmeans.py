@@ -41,7 +41,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-__all__ = ["KMeansResult", "fit_rows", "lloyd_trace"]
+__all__ = ["part_rows", "KMeansResult", "fit_rows", "lloyd_trace"]
 
 DP_MAX_CENTROIDS = 16
 # mass exponent of the quantile starts (above 16 centroids): weight ** p
@@ -317,6 +317,13 @@ class _Blocks:
         return parts[0] if len(parts) == 1 else np.concatenate(parts)
 
 
+def part_rows(R: int, chunk_rows: int, world: int) -> list[tuple[int, int]]:
+    """The rows each of ``world`` ranks solves in :func:`fit_rows`: contiguous runs of whole chunks."""
+    chunk = max(1, min(chunk_rows, R))
+    n = -(-R // chunk)
+    return [(min(R, (r * n // world) * chunk), min(R, ((r + 1) * n // world) * chunk)) for r in range(world)]
+
+
 def fit_rows(
     w,
     f,
@@ -324,6 +331,7 @@ def fit_rows(
     bits: int,
     iters: int = 8,
     chunk_rows: int = 512,
+    part: tuple[int, int] = (0, 1),
 ) -> KMeansResult:
     """Fit one weighted k-means codebook per row.
 
@@ -339,6 +347,10 @@ def fit_rows(
     iters : Lloyd refinement steps after the start.
     chunk_rows : rows per JAX call; the last chunk is padded so each shape
         compiles once.
+    part : ``(rank, world)``: solve only the rank's run of chunks,
+        ``part_rows(R, chunk_rows, world)[rank]``; the other rows of the result
+        are NaN (a data-parallel compile broadcasts them from their ranks).
+        A chunk's rows come out the same whichever rank solves them.
     """
     blocks = list(w) if isinstance(w, (list, tuple)) else [w]
     nb = len(blocks)
@@ -362,9 +374,9 @@ def fit_rows(
     _, jnp = _jax()
     solver = _row_solver(1 << bits, int(iters), False)
     chunk = max(1, min(chunk_rows, R))
-    cents = np.empty((R, 1 << bits), dtype=np.float32)
-    objs = np.empty((R,), dtype=np.float32)
-    scale = np.empty((R, 1), dtype=np.float32)
+    cents = np.full((R, 1 << bits), np.nan, dtype=np.float32)
+    objs = np.full((R,), np.nan, dtype=np.float32)
+    scale = np.ones((R, 1), dtype=np.float32)
 
     def run_chunk(start: int) -> None:
         # all per-row preparation happens here, one chunk per worker thread
@@ -392,7 +404,8 @@ def fit_rows(
         cents[sl] = np.asarray(c)[:n]
         objs[sl] = np.asarray(o)[:n]
 
-    starts = list(range(0, R, chunk))
+    lo, hi = part_rows(R, chunk_rows, part[1])[part[0]]
+    starts = list(range(lo, hi, chunk))
     # one chunk (sort + vmapped solve) per core at a time; NumPy's sort and a
     # compiled XLA computation both release the GIL
     n_workers = min(_workers(), len(starts))
