@@ -159,3 +159,29 @@ def test_lazy_loading_names_what_is_wrong(tmp_path):
     save_file(sd, tmp_path / "m" / "model.safetensors", metadata={"format": "pt"})
     with pytest.raises(CheckpointError, match="no tensor for model.layers.1.mlp.up_proj.weight"):
         load_lazy(str(tmp_path / "m"))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_a_half_model_streams_without_a_float32_copy(dtype):
+    # the math upcasts one layer at a time: the Fisher of the half model is the fp32 model's Fisher
+    # of the same (rounded) weights, within the half activations' rounding; the model stays half
+    ref = tiny_llama().to(dtype).float()  # the half weights, held in fp32
+    model = tiny_llama().to(dtype)
+    calib = _calib()
+    stack, _ = _stack(model, calib)
+    weights = [w for ws in stack.weights for w in ws]
+    want = streamed_statistics(ref, stack, calib, call_kwargs={"use_cache": False})
+    got = streamed_statistics(model, stack, calib, call_kwargs={"use_cache": False})
+    assert all(p.dtype == dtype for p in model.parameters())  # put back as it was, not left upcast
+    for w in weights:
+        a, b = want.fisher[w], got.fisher[w]
+        assert b.dtype == torch.float32 and torch.isfinite(b).all()
+        # summed relative error over the tensor: half activations move each gradient by ~1e-2
+        assert float((b - a).abs().sum() / a.abs().sum()) < 0.1, w
+    compiled = sqc.compile(model, config="w3-s0.45", calibration=calib, kernels=False)
+    assert any("layer-streamed" in n for n in compiled.notes)
+    out = compiled(calib[0][0]).logits
+    assert out.dtype == dtype and torch.isfinite(out).all()
+    assert all(m.lut.dtype == torch.float16 for m in compiled.quantized_modules().values())
+    rest = [p for n, p in compiled.model.named_parameters() if "norm" in n or "embed" in n]
+    assert rest and all(p.dtype == dtype for p in rest)

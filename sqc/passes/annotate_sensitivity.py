@@ -114,15 +114,21 @@ class StatisticHooks:
         self._flags: dict[str, bool] = {}
 
     def _zero(self) -> None:
-        shapes = {name: p.shape for name, p in self.params.items()}
-        self.fisher = {name: torch.zeros(shapes[name], dtype=torch.float32) for name in self.weights}
+        # a Fisher buffer is made by the first gradient that reaches it (that gradient squared in
+        # place: no zeros held beside it); a weight no gradient reached reads as zeros
+        self.fisher = {}
         if self.hessian is not None:
+            shapes = {name: p.shape for name, p in self.params.items()}
             self.hessian = {w: torch.zeros((shapes[w][1],) * 2, dtype=torch.float32) for w in self.hessian_modules}
+
+    def _fisher(self) -> dict[str, torch.Tensor]:
+        return {name: self.fisher[name] if name in self.fisher else
+                torch.zeros(self.params[name].shape, dtype=torch.float32) for name in self.weights}
 
     def take(self) -> dict[str, torch.Tensor]:
         """For a caller that sums samples in its own order (:class:`~sqc.quant.reduce.TreeSum`):
         the statistics since the last call (``fisher:<weight>``, ``hessian:<weight>``), then fresh zeros."""
-        item = {f"fisher:{k}": v for k, v in self.fisher.items()}
+        item = {f"fisher:{k}": v for k, v in self._fisher().items()}
         item.update({f"hessian:{k}": v for k, v in (self.hessian or {}).items()})
         self._zero()
         return item
@@ -136,8 +142,14 @@ class StatisticHooks:
 
     def _fisher_hook(self, name: str):
         def hook(p: torch.Tensor) -> None:
-            g = p.grad.detach().float()
-            self.fisher[name].addcmul_(g, g)
+            g = p.grad.detach()
+            owned = g.dtype != torch.float32 or (g._base is None and g.is_contiguous())
+            g = g.float()
+            acc = self.fisher.get(name)
+            if acc is None:  # g * g, the same bits as 0 + g * g
+                self.fisher[name] = g.mul_(g) if owned else g * g
+            else:
+                acc.addcmul_(g, g)
             p.grad = None
 
         return hook
@@ -155,9 +167,10 @@ class StatisticHooks:
         params = self.params
         self._flags = {name: p.requires_grad for name, p in params.items()}
         try:
+            wanted = set(self.weights)
             for name, p in params.items():
-                p.requires_grad_(name in self.fisher)
-            for name in self.fisher:
+                p.requires_grad_(name in wanted)
+            for name in self.weights:
                 self._handles.append(params[name].register_post_accumulate_grad_hook(self._fisher_hook(name)))
             for wname, mname in self.hessian_modules.items():
                 module = self.model.get_submodule(mname)
@@ -177,7 +190,7 @@ class StatisticHooks:
             p.grad = None
 
     def result(self) -> "Sensitivity":
-        return Sensitivity(self.fisher, self.hessian)
+        return Sensitivity(self._fisher(), self.hessian)
 
 
 def calibration_statistics(

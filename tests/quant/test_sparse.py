@@ -1,7 +1,8 @@
+import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 
-from sqc.quant.sparse import count_for, sparse_mask, top_k_mask
+from sqc.quant.sparse import count_for, kth_largest, sparse_mask, top_k_mask
 
 
 @settings(max_examples=50, deadline=None)
@@ -30,3 +31,19 @@ def test_union_of_outliers_and_sensitive():
     f = torch.tensor([[0.0, 0.0, 0.0, 0.0], [0.0, 0.0, 7.0, 0.0]])
     m = sparse_mask(w, f, outlier_pct=10.0, sensitive_pct=10.0)  # 1 + 1 of 8
     assert m.nonzero().tolist() == [[0, 0], [1, 2]]
+
+
+@pytest.mark.parametrize("kind", ["normal", "ties", "sample_misses"])
+@pytest.mark.parametrize("k", [1, 300, 4000, 50_000])
+def test_kth_largest_of_a_large_tensor_is_topk_s(kind, k):
+    g = torch.Generator().manual_seed(k)
+    x = torch.randn(2_100_001, generator=g)  # a strided sample of every 2nd entry
+    if kind == "ties":  # many equal values at the threshold
+        x = torch.round(x * 4) / 4
+    elif kind == "sample_misses":  # the large values sit between the strided samples' positions
+        x = torch.zeros(2_100_001)
+        x[1::2][:k] = torch.rand(k, generator=g) + 1
+    want = torch.topk(x, k, sorted=False).values.min()
+    assert kth_largest(x, k) == want
+    m = top_k_mask(x, k)
+    assert int(m.sum()) == k and bool((x[m] >= want).all()) and bool((x[~m] <= want).all())
