@@ -35,21 +35,25 @@ class Progress:
         self.quiet = quiet
         self.stream = stream or sys.stderr
         self.tty = self.stream.isatty()
-        self._start: dict[str, float] = {}
+        self._start: dict[str, tuple[float, int, int]] = {}  # stage -> (clock, count at it, last count)
         self._last_line: dict[str, float] = {}
 
     def __call__(self, stage: str, done: int, total: int) -> None:
         if self.quiet:
             return
         now = time.perf_counter()
-        t0 = self._start.setdefault(stage, now)
-        rate = done / max(now - t0, 1e-9)
-        eta = (total - done) / rate if rate > 0 else float("inf")
-        msg = f"{stage}: {done}/{total} ({rate:.2f}/s, ETA {eta:.0f}s)"
+        t0, d0, last = self._start.get(stage, (now, done, -1))
+        if done <= last:  # the stage runs again (per layer): a new count
+            t0, d0 = now, done
+        self._start[stage] = (t0, d0, done)
+        # the rate counts the items finished since the first report (the first one's start is unknown)
+        speed = f"{(done - d0) / (now - t0):.2f}/s, ETA {(total - done) * (now - t0) / (done - d0):.0f}s" \
+            if done > d0 and now > t0 else "rate after the next item"
+        msg = f"{stage}: {done}/{total} ({speed})"
         if self.tty:
             width = 24
             filled = int(width * done / max(total, 1))
-            self.stream.write(f"\r{stage} [{'#' * filled}{'.' * (width - filled)}] {done}/{total} {rate:.2f}/s ETA {eta:.0f}s")
+            self.stream.write(f"\r{stage} [{'#' * filled}{'.' * (width - filled)}] {done}/{total} {speed}")
             if done >= total:
                 self.stream.write("\n")
             self.stream.flush()

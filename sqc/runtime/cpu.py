@@ -16,10 +16,11 @@ from __future__ import annotations
 
 from typing import Callable
 
+import numpy as np
 import torch
 
 from .lanes import KernelKey, LaneLayout, padded_rows
-from .layout import PackedLinear, pack_codes
+from .layout import PackedLinear, codes_as_numpy, pack_codes, row_chunks
 from .ops import lut_linear_cpu, register_kernels
 
 __all__ = ["to_lane_words", "from_lane_words", "CpuLutKernels", "kernel_key", "host_lanes", "cpu_flags"]
@@ -30,26 +31,37 @@ _DT = {torch.float16: "float16", torch.bfloat16: "bfloat16", torch.float32: "flo
 
 def to_lane_words(codes: torch.Tensor, bits: int, lanes: int) -> torch.Tensor:
     """``[R, K]`` integer codes -> lane-layout words int32 ``[RP, NB * lanes]``."""
-    R, K = codes.shape
+    c = codes_as_numpy(codes, bits)
+    R, K = c.shape
     lay = LaneLayout(K, bits, lanes)
     RP = padded_rows(R)
-    c = torch.zeros((RP, lay.k_pad), dtype=torch.int64)
-    c[:R, :K] = codes
-    c = c.view(RP, lay.n_blocks, lay.per_word, lanes)
-    words = torch.zeros((RP, lay.n_blocks, lanes), dtype=torch.int64)
-    for t in range(lay.per_word):
-        words |= c[:, :, t, :] << (t * bits)
-    words = torch.where(words >= 1 << 31, words - (1 << 32), words)
-    return words.to(torch.int32).view(RP, lay.words).contiguous()
+    out = np.zeros((RP, lay.n_blocks, lanes), dtype=np.uint32)
+    for lo, hi in row_chunks(R, lay.k_pad):
+        n = hi - lo
+        cc = np.zeros((n, lay.k_pad), dtype=np.uint8)
+        cc[:, :K] = c[lo:hi]
+        # [per_word, n, NB, lanes]: code t of every word, one contiguous plane per t
+        planes = np.ascontiguousarray(cc.reshape(n, lay.n_blocks, lay.per_word, lanes).transpose(2, 0, 1, 3))
+        words = out[lo:hi]
+        for t in range(lay.per_word):
+            words |= planes[t].astype(np.uint32) << np.uint32(t * bits)
+    return torch.from_numpy(out.view(np.int32).reshape(RP, lay.words))
 
 
-def from_lane_words(words: torch.Tensor, bits: int, lanes: int, out_features: int, in_features: int) -> torch.Tensor:
-    """Inverse of :func:`to_lane_words`: codes as int64 ``[R, K]``."""
+def from_lane_words(words: torch.Tensor, bits: int, lanes: int, out_features: int, in_features: int,
+                    dtype: torch.dtype = torch.int64) -> torch.Tensor:
+    """Inverse of :func:`to_lane_words`: codes ``[R, K]`` of ``dtype``."""
     lay = LaneLayout(in_features, bits, lanes)
-    u = words.to(torch.int64).view(-1, lay.n_blocks, 1, lanes) & 0xFFFFFFFF
-    shifts = (torch.arange(lay.per_word) * bits).view(1, 1, -1, 1)
-    c = (u >> shifts) & ((1 << bits) - 1)
-    return c.reshape(-1, lay.k_pad)[:out_features, :in_features]
+    u = words.detach().contiguous().numpy().view(np.uint32).reshape(-1, lay.n_blocks, lanes)
+    out = np.empty((out_features, in_features), dtype=np.uint8)
+    mask = np.uint32((1 << bits) - 1)
+    for lo, hi in row_chunks(out_features, lay.k_pad):
+        n = hi - lo
+        planes = np.empty((lay.per_word, n, lay.n_blocks, lanes), dtype=np.uint8)
+        for t in range(lay.per_word):
+            planes[t] = (u[lo:hi] >> np.uint32(t * bits)) & mask
+        out[lo:hi] = planes.transpose(1, 2, 0, 3).reshape(n, lay.k_pad)[:, :in_features]
+    return torch.from_numpy(out).to(dtype)
 
 
 def cpu_flags(cpuinfo: str = "/proc/cpuinfo") -> frozenset[str]:
@@ -106,7 +118,7 @@ class CpuLutKernels:
 
     def rebind(self, packed: PackedLinear, bias: torch.Tensor | None = None) -> None:
         """Take new codes (``load_state_dict``): the lane words, the codes under the sparse entries, the bias."""
-        codes = packed.unpack()
+        codes = packed.unpack(torch.uint8)
         self.words = to_lane_words(codes, packed.bits, self.lanes)
         rows, cols = packed.sparse_coo()
         self.scode = codes[rows, cols].to(torch.uint8).contiguous()
@@ -124,7 +136,7 @@ class CpuLutKernels:
         return (self.words, lut, crow, col, val, self.scode, self.bias, self.handle)
 
     def canonical_codes(self) -> torch.Tensor:
-        codes = from_lane_words(self.words, self.bits, self.lanes, self.out_features, self.in_features)
+        codes = from_lane_words(self.words, self.bits, self.lanes, self.out_features, self.in_features, torch.uint8)
         return pack_codes(codes, self.bits)
 
     def nbytes(self) -> int:

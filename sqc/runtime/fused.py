@@ -20,7 +20,7 @@ from typing import Sequence
 
 import torch
 
-from .layout import PackedLinear, col_dtype_for, pack_codes
+from .layout import PackedLinear, col_dtype_for
 
 __all__ = ["concat_packed", "FusedGroup", "fuse_layers", "FusedMember", "group_name", "fused_groups", "kernel_layers",
            "refuse"]
@@ -39,10 +39,9 @@ def concat_packed(parts: Sequence[PackedLinear]) -> PackedLinear:
     for p in parts:
         crows.append(p.crow[1:] + offset)
         offset += int(p.crow[-1])
-    codes = torch.cat([p.unpack() for p in parts])
-    return PackedLinear(
+    return PackedLinear(  # rows of equal width and bits pack to the same words: the words stack as they are
         bits=first.bits, in_features=first.in_features, out_features=sum(p.out_features for p in parts),
-        codes=pack_codes(codes, first.bits), lut=torch.cat([p.lut for p in parts]).contiguous(),
+        codes=torch.cat([p.codes for p in parts]), lut=torch.cat([p.lut for p in parts]).contiguous(),
         crow=torch.cat(crows).to(torch.int32), col=torch.cat([p.col for p in parts]).to(col_dtype_for(first.in_features)),
         val=torch.cat([p.val for p in parts]),
     )

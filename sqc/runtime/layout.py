@@ -37,9 +37,11 @@ from __future__ import annotations
 
 import dataclasses
 
+import numpy as np
 import torch
 
-__all__ = ["PackedLinear", "pack_codes", "unpack_codes", "words_per_row", "col_dtype_for"]
+__all__ = ["PackedLinear", "pack_codes", "unpack_codes", "codes_as_numpy", "row_chunks", "words_per_row",
+           "col_dtype_for"]
 
 _GROUP = 32
 
@@ -62,33 +64,52 @@ def _check_bits(bits: int) -> None:
         raise ValueError(f"code width must be in 2..8, got {bits}")
 
 
-def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
-    """Pack ``[R, K]`` integer codes (each < 2**bits) into ``[R, words_per_row]`` int32."""
-    _check_bits(bits)
+# row chunks of the bit conversions below hold about this many codes (bounded scratch memory)
+_CHUNK_CODES = 1 << 24
+
+
+def row_chunks(rows: int, per_row: int):
+    """``(lo, hi)`` row ranges of about :data:`_CHUNK_CODES` codes each, covering ``rows``."""
+    step = max(1, _CHUNK_CODES // max(per_row, 1))
+    return [(lo, min(lo + step, rows)) for lo in range(0, rows, step)]
+
+
+def codes_as_numpy(codes: torch.Tensor, bits: int) -> np.ndarray:
+    """``[R, K]`` integer codes as a host uint8 array, after checking each is below ``2**bits``."""
     if codes.ndim != 2:
         raise ValueError(f"codes must be 2-D [rows, in_features], got shape {tuple(codes.shape)}")
-    R, K = codes.shape
-    c = codes.to(torch.int64)
-    if c.numel() and (int(c.min()) < 0 or int(c.max()) >= 1 << bits):
+    if codes.is_floating_point() or codes.is_complex() or codes.dtype == torch.bool:
+        raise ValueError(f"codes must be integers, got {codes.dtype}")
+    if codes.numel() and (int(codes.min()) < 0 or int(codes.max()) >= 1 << bits):
         raise ValueError(f"codes out of range for {bits}-bit packing")
+    return codes.detach().to(device="cpu", dtype=torch.uint8).numpy()
+
+
+def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """Pack ``[R, K]`` integer codes (each < 2**bits) into ``[R, words_per_row]`` int32 (on the codes' device)."""
+    _check_bits(bits)
+    c = codes_as_numpy(codes, bits)
+    R, K = c.shape
     G = -(-K // _GROUP)
-    if G * _GROUP != K:
-        c = torch.nn.functional.pad(c, (0, G * _GROUP - K))
-    c = c.view(R, G, _GROUP)
-    words = torch.zeros((R, G, bits), dtype=torch.int64, device=codes.device)
-    for i in range(_GROUP):
-        pos = i * bits
-        w, sh = divmod(pos, 32)
-        words[:, :, w] |= c[:, :, i] << sh
-        if sh + bits > 32:
-            words[:, :, w + 1] |= c[:, :, i] >> (32 - sh)
-    words &= 0xFFFFFFFF
-    words = torch.where(words >= 1 << 31, words - (1 << 32), words)
-    return words.view(R, G * bits).to(torch.int32)
+    out = np.empty((R, G * bits), dtype=np.uint32)
+    for lo, hi in row_chunks(R, G * _GROUP):
+        n = hi - lo
+        cc = np.zeros((n, G * _GROUP), dtype=np.uint32)
+        cc[:, :K] = c[lo:hi]
+        cc = np.ascontiguousarray(cc.reshape(n, G, _GROUP).transpose(2, 0, 1))  # [32, n, G]: one plane per code
+        words = np.zeros((bits, n, G), dtype=np.uint32)
+        for i in range(_GROUP):
+            w, sh = divmod(i * bits, 32)
+            words[w] |= cc[i] << np.uint32(sh)  # uint32: the bits past 32 fall off
+            if sh + bits > 32:
+                words[w + 1] |= cc[i] >> np.uint32(32 - sh)
+        out[lo:hi] = words.transpose(1, 2, 0).reshape(n, G * bits)
+    return torch.from_numpy(out.view(np.int32)).to(codes.device)
 
 
-def unpack_codes(words: torch.Tensor, bits: int, in_features: int) -> torch.Tensor:
-    """Inverse of :func:`pack_codes`: ``[R, words_per_row]`` int32 -> ``[R, in_features]`` int64."""
+def unpack_codes(words: torch.Tensor, bits: int, in_features: int, dtype: torch.dtype = torch.int64) -> torch.Tensor:
+    """Inverse of :func:`pack_codes`: ``[R, words_per_row]`` int32 -> ``[R, in_features]`` codes of ``dtype``
+    (int64 for indexing; uint8 where only the values are wanted)."""
     _check_bits(bits)
     R, W = words.shape
     if W != words_per_row(in_features, bits):
@@ -97,17 +118,21 @@ def unpack_codes(words: torch.Tensor, bits: int, in_features: int) -> torch.Tens
             f"(expected {words_per_row(in_features, bits)})"
         )
     G = W // bits
-    u = words.to(torch.int64).view(R, G, bits) & 0xFFFFFFFF
-    out = torch.empty((R, G, _GROUP), dtype=torch.int64, device=words.device)
-    mask = (1 << bits) - 1
-    for i in range(_GROUP):
-        pos = i * bits
-        w, sh = divmod(pos, 32)
-        v = u[:, :, w] >> sh
-        if sh + bits > 32:
-            v = v | (u[:, :, w + 1] << (32 - sh))
-        out[:, :, i] = v & mask
-    return out.view(R, G * _GROUP)[:, :in_features]
+    u = words.detach().cpu().contiguous().numpy().view(np.uint32)
+    out = np.empty((R, in_features), dtype=np.uint8)
+    mask = np.uint32((1 << bits) - 1)
+    for lo, hi in row_chunks(R, G * _GROUP):
+        n = hi - lo
+        uu = np.ascontiguousarray(u[lo:hi].reshape(n, G, bits).transpose(2, 0, 1))  # [bits, n, G]
+        planes = np.empty((_GROUP, n, G), dtype=np.uint8)
+        for i in range(_GROUP):
+            w, sh = divmod(i * bits, 32)
+            v = uu[w] >> np.uint32(sh)
+            if sh + bits > 32:
+                v |= uu[w + 1] << np.uint32(32 - sh)
+            planes[i] = v & mask
+        out[lo:hi] = planes.transpose(1, 2, 0).reshape(n, G * _GROUP)[:, :in_features]
+    return torch.from_numpy(out).to(device=words.device, dtype=dtype)
 
 
 @dataclasses.dataclass
@@ -151,9 +176,9 @@ class PackedLinear:
     def nnz(self) -> int:
         return int(self.col.numel())
 
-    def unpack(self) -> torch.Tensor:
-        """Codes as ``[R, K]`` int64."""
-        return unpack_codes(self.codes, self.bits, self.in_features)
+    def unpack(self, dtype: torch.dtype = torch.int64) -> torch.Tensor:
+        """Codes as ``[R, K]`` of ``dtype`` (int64 by default)."""
+        return unpack_codes(self.codes, self.bits, self.in_features, dtype)
 
     def sparse_coo(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(row, col) int64 index vectors of the sparse entries."""

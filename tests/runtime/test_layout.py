@@ -61,3 +61,30 @@ def test_packed_linear_validates():
                col=torch.zeros(0, dtype=torch.uint8), val=torch.zeros(0))
     with pytest.raises(ValueError, match="codes"):
         PackedLinear(**bad)
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+def test_packing_in_row_chunks_equals_one_piece(monkeypatch, bits):
+    import sqc.runtime.layout as layout
+    from sqc.runtime.cpu import from_lane_words, to_lane_words
+
+    g = torch.Generator().manual_seed(bits)
+    codes = torch.randint(0, 1 << bits, (37, 70), generator=g)
+    whole = pack_codes(codes, bits), to_lane_words(codes, bits, 16)
+    monkeypatch.setattr(layout, "_CHUNK_CODES", 100)  # a few rows per chunk, a last short one
+    assert len(layout.row_chunks(37, 96)) == 37
+    words, lanes = pack_codes(codes, bits), to_lane_words(codes, bits, 16)
+    assert torch.equal(words, whole[0]) and torch.equal(lanes, whole[1])
+    assert torch.equal(unpack_codes(words, bits, 70), codes)
+    assert torch.equal(from_lane_words(lanes, bits, 16, 37, 70), codes)
+    # lane word l of block n holds code t of column n*16*per + t*16 + l at bits t*bits
+    per = 32 // bits
+    u = lanes.to(torch.int64) & 0xFFFFFFFF
+    r, n, lane = 5, 0, 3
+    t = min(per - 1, (70 - 1 - lane) // 16)
+    assert int(u[r, n * 16 + lane] >> (t * bits)) & ((1 << bits) - 1) == int(codes[r, n * 16 * per + t * 16 + lane])
+
+
+def test_codes_must_be_integers():
+    with pytest.raises(ValueError, match="integers"):
+        pack_codes(torch.zeros(2, 3), 3)
