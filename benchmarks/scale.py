@@ -21,7 +21,14 @@ packing; kernels built for this CPU, ``--no-tune`` unless ``--tune``), under ``t
 * the sha256 of the artifact's ``model.safetensors``: 1 and 2 ranks must agree.
 
 Per-layer growth is the least-squares slope over the depths; the 7B run must stay within 8 GB.
-Writes ``benchmarks/results/scale.json`` and prints a table.
+
+SmolLM2-135M (``--parts smollm2``): the peak of ``sqc compile smollm2 --preset w3-s0.45`` (lazy GGUF
+weights, 32 x 512 calibration tokens) against a fresh fp32 process that loads the model and
+generates (must stay within 1.5x), and the tutorial perplexity of the streamed compile against the
+whole-model compile from the same calibration.
+
+Writes ``benchmarks/results/scale.json`` (a part not rerun keeps its figures) and prints the README
+table (``--markdown`` prints it from the JSON alone).
 """
 from __future__ import annotations
 
@@ -163,17 +170,10 @@ def _tree_rss_kib(root: int) -> int:
     return total
 
 
-def run(layers: int, ranks: int, text_file: str, tune: bool, out: str) -> dict:
-    folder = checkpoint(layers)
-    args = ["compile", folder, "--preset", "w3-s0.45", "--calib", text_file, "--calib-samples", "4",
-            "--seq-len", "128", "--out", out, "--force"] + ([] if tune else ["--no-tune"])
-    head = [sys.executable, "-m", "sqc"] if ranks == 1 else [
-        sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={ranks}", "-m", "sqc"]
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")]),
-               OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "2" if ranks == 1 else "1"))
-    shutil.rmtree(out, ignore_errors=True)
+def _measured(cmd: list[str], env: dict) -> tuple[float, float, float, str]:
+    """Run ``cmd``; (wall s, largest per-process peak MiB, largest sampled tree sum MiB, output)."""
     t0 = time.perf_counter()
-    proc = subprocess.Popen(head + args, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     tree_peak, done = [0], threading.Event()
 
     def sample():
@@ -187,9 +187,24 @@ def run(layers: int, ranks: int, text_file: str, tune: bool, out: str) -> dict:
     proc.returncode = os.waitstatus_to_exitcode(status)
     done.set()
     sampler.join()
-    wall = time.perf_counter() - t0
     if proc.returncode != 0:
-        raise RuntimeError(f"compile of {layers} layers on {ranks} rank(s) failed ({proc.returncode}):\n{log[-4000:]}")
+        raise RuntimeError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{log[-4000:]}")
+    return time.perf_counter() - t0, usage.ru_maxrss / 1024, tree_peak[0] / 1024, log
+
+
+def _env(threads: str) -> dict:
+    return dict(os.environ, PYTHONPATH=os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")]),
+                OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", threads))
+
+
+def run(layers: int, ranks: int, text_file: str, tune: bool, out: str) -> dict:
+    folder = checkpoint(layers)
+    args = ["compile", folder, "--preset", "w3-s0.45", "--calib", text_file, "--calib-samples", "4",
+            "--seq-len", "128", "--out", out, "--force"] + ([] if tune else ["--no-tune"])
+    head = [sys.executable, "-m", "sqc"] if ranks == 1 else [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={ranks}", "-m", "sqc"]
+    shutil.rmtree(out, ignore_errors=True)
+    wall, peak, tree, _ = _measured(head + args, _env("2" if ranks == 1 else "1"))
     with open(os.path.join(out, "report.json")) as fh:
         stages = json.load(fh)["stage_seconds"]
     sha = hashlib.sha256()
@@ -198,9 +213,39 @@ def run(layers: int, ranks: int, text_file: str, tune: bool, out: str) -> dict:
             sha.update(block)
     size = sum(os.path.getsize(os.path.join(r, f)) for r, _, fs in os.walk(out) for f in fs)
     shutil.rmtree(out)
-    return {"layers": layers, "ranks": ranks, "wall_s": wall, "peak_rss_mib": usage.ru_maxrss / 1024,
-            "tree_rss_mib": tree_peak[0] / 1024, "stage_seconds": stages, "other_s": wall - sum(stages.values()),
-            "artifact_mib": size / 2**20, "model_sha256": sha.hexdigest()}
+    return {"layers": layers, "ranks": ranks, "wall_s": wall, "peak_rss_mib": peak, "tree_rss_mib": tree,
+            "stage_seconds": stages, "other_s": wall - sum(stages.values()), "artifact_mib": size / 2**20,
+            "model_sha256": sha.hexdigest()}
+
+
+def smollm2(calib_samples: int = 8) -> dict:
+    """SmolLM2-135M: the CLI compile's peak against a fresh fp32 process's, and the perplexity of the
+    streamed compile against the whole-model compile (same calibration, 16 x 512 tutorial tokens)."""
+    import torch
+
+    import sqc
+    from sqc.demo import _fresh_peak_rss
+    from sqc.real import calibration_windows, eval_windows, load_smollm2, perplexity
+
+    out = os.path.join(MODEL_DIR, "smollm2-artifact")
+    wall, peak, _, _ = _measured([sys.executable, "-m", "sqc", "compile", "smollm2", "--preset", "w3-s0.45",
+                                  "--out", out, "--force"], _env("2"))
+    shutil.rmtree(out)
+    fp32 = _fresh_peak_rss("fp32")
+    torch.set_num_threads(2)
+    model, tok = load_smollm2()
+    calib = [(w,) for w in calibration_windows(tok, calib_samples, 512)]
+    windows = eval_windows(tok, 16, 512)
+    ppl = {}
+    for name, stream in (("whole", False), ("streamed", True)):
+        compiled = sqc.compile(model, config="w3-s0.45", calibration=calib, kernels=False, stream=stream)
+        ppl[name] = perplexity(compiled, windows)
+        del compiled
+    return {"compile_command": "sqc compile smollm2 --preset w3-s0.45 (lazy GGUF, 32 x 512 calibration)",
+            "compile_wall_s": wall, "compile_peak_rss_mib": peak, "fp32_fresh_peak_rss_mib": fp32,
+            "ratio": peak / fp32, "limit_ratio": 1.5,
+            "ppl_calibration": f"{calib_samples} x 512 library tokens; eval 16 x 512 tutorial tokens",
+            "ppl_whole_model": ppl["whole"], "ppl_streamed": ppl["streamed"]}
 
 
 def _slope(xs, ys) -> float:
@@ -209,15 +254,7 @@ def _slope(xs, ys) -> float:
     return sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / den if den else float("nan")
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--depths", default="4,8,16,32")
-    ap.add_argument("--ranks", default="1,2")
-    ap.add_argument("--tune", action="store_true", help="tune the kernels (default: --no-tune)")
-    ap.add_argument("--out", default=os.path.join(HERE, "results", "scale.json"))
-    a = ap.parse_args()
-    depths = [int(d) for d in a.depths.split(",")]
-    ranks = [int(r) for r in a.ranks.split(",")]
+def llama7b(depths: list[int], ranks: list[int], tune: bool) -> dict:
     from sqc.real import protocol_text
 
     os.makedirs(MODEL_DIR, exist_ok=True)
@@ -225,47 +262,88 @@ def main() -> None:
     with open(text_file, "w") as fh:
         fh.write(protocol_text("library"))
     runs = []
-    for layers in depths:  # every depth on one rank first: the depth series is the one read together
+    for layers in depths:  # every depth on one rank; more ranks at the deepest
         for r in ranks:
             if r == 1 or layers == max(depths):
-                row = run(layers, r, text_file, a.tune, os.path.join(MODEL_DIR, "artifact"))
+                row = run(layers, r, text_file, tune, os.path.join(MODEL_DIR, "artifact"))
                 runs.append(row)
                 print(f"  {layers:>2} layers, {r} rank(s): {row['wall_s']:7.1f} s, peak {row['peak_rss_mib']:6.0f} MiB"
                       f" (tree {row['tree_rss_mib']:6.0f})", flush=True)
     one = [r for r in runs if r["ranks"] == 1]
     xs = [r["layers"] for r in one]
-    result = {
+    same = {str(d): len({r["model_sha256"] for r in runs if r["layers"] == d}) == 1
+            for d in depths if len([r for r in runs if r["layers"] == d]) > 1}
+    return {
         "model": dict(SHAPE, dtype="bfloat16", weights="random normal, std 0.02"),
         "command": "sqc compile FOLDER --preset w3-s0.45 --calib TEXT --calib-samples 4 --seq-len 128"
-                   + (" --no-tune" if not a.tune else ""),
+                   + (" --no-tune" if not tune else ""),
         "threads": "2 (1 rank), 1 per rank (2 ranks)",
         "runs": runs,
-        "per_layer": {"wall_s": _slope(xs, [r["wall_s"] for r in one]),
-                      "peak_rss_mib": _slope(xs, [r["peak_rss_mib"] for r in one]),
-                      "artifact_mib": _slope(xs, [r["artifact_mib"] for r in one])},
+        "per_layer": {k: _slope(xs, [r[k] for r in one]) for k in ("wall_s", "peak_rss_mib", "artifact_mib")},
         "limit_mib": LIMIT_MIB,
+        "ranks_bit_identical": same,
     }
-    same = {}
-    for layers in depths:
-        shas = {r["model_sha256"] for r in runs if r["layers"] == layers}
-        if len([r for r in runs if r["layers"] == layers]) > 1:
-            same[str(layers)] = len(shas) == 1
-    result["ranks_bit_identical"] = same
+
+
+def _layer_mib() -> float:
+    h, i = SHAPE["hidden_size"], SHAPE["intermediate_size"]
+    return 2 * (4 * h * h + 3 * h * i) / 2**20
+
+
+def markdown(result: dict) -> str:
+    lines = []
+    if "llama7b" in result:
+        r7 = result["llama7b"]
+        lines += ["| layers | ranks | wall s | peak RSS MiB (process) | sum over ranks MiB | forward s | backward s |"
+                  " split s | fit s | kernels s | other s | artifact MiB |", "|" + "---|" * 12]
+        for r in r7["runs"]:
+            s = r["stage_seconds"]
+            lines.append(f"| {r['layers']} | {r['ranks']} | {r['wall_s']:.0f} | {r['peak_rss_mib']:.0f} |"
+                         f" {r['tree_rss_mib']:.0f} | {s.get('calibration forward', 0):.0f} |"
+                         f" {s.get('calibration backward', 0):.0f} | {s.get('SplitOutliers', 0):.0f} |"
+                         f" {s.get('FitCodebook', 0):.0f} | {s.get('kernels', 0):.0f} | {r['other_s']:.0f} |"
+                         f" {r['artifact_mib']:.0f} |")
+        pl = r7["per_layer"]
+        lines += ["", f"Per decoder layer (least squares over the 1-rank depths): {pl['wall_s']:.1f} s,"
+                  f" {pl['peak_rss_mib']:.0f} MiB of peak RSS, {pl['artifact_mib']:.0f} MiB of artifact"
+                  f" (a bf16 layer is {_layer_mib():.0f} MiB). Limit {r7['limit_mib']:.0f} MiB"
+                  f" (8 GB); 1 and 2 ranks bit-identical (model.safetensors sha256): {r7['ranks_bit_identical']}."]
+    if "smollm2" in result:
+        sm = result["smollm2"]
+        lines += ["", f"SmolLM2-135M: `{sm['compile_command']}` peaks at {sm['compile_peak_rss_mib']:.0f} MiB, "
+                  f"{sm['ratio']:.2f}x the {sm['fp32_fresh_peak_rss_mib']:.0f} MiB of a fresh fp32 process that loads "
+                  f"and generates (limit {sm['limit_ratio']}x); perplexity ({sm['ppl_calibration']}) "
+                  f"{sm['ppl_streamed']:.3f} streamed, {sm['ppl_whole_model']:.3f} whole-model."]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--depths", default="4,8,16,32")
+    ap.add_argument("--ranks", default="1,2")
+    ap.add_argument("--parts", default="llama7b,smollm2", help="what to (re)measure; the rest of the JSON is kept")
+    ap.add_argument("--tune", action="store_true", help="tune the kernels (default: --no-tune)")
+    ap.add_argument("--markdown", action="store_true", help="print the README table from the JSON and stop")
+    ap.add_argument("--out", default=os.path.join(HERE, "results", "scale.json"))
+    a = ap.parse_args()
+    result = {}
+    if os.path.exists(a.out):
+        with open(a.out) as fh:
+            result = json.load(fh)
+    if a.markdown:
+        print(markdown(result))
+        return
+    parts = a.parts.split(",")
+    if "llama7b" in parts:
+        result["llama7b"] = llama7b([int(d) for d in a.depths.split(",")], [int(r) for r in a.ranks.split(",")],
+                                    a.tune)
+    if "smollm2" in parts:
+        result["smollm2"] = smollm2()
     os.makedirs(os.path.dirname(a.out), exist_ok=True)
     with open(a.out + ".tmp", "w") as fh:
         json.dump(result, fh, indent=1)
     os.replace(a.out + ".tmp", a.out)
-    print(f"\n{'layers':>6} {'ranks':>5} {'wall s':>8} {'peak MiB':>9} {'tree MiB':>9} {'fwd s':>7} {'bwd s':>7}"
-          f" {'fit s':>7} {'kern s':>7} {'other s':>7} {'artifact MiB':>12}")
-    for r in runs:
-        s = r["stage_seconds"]
-        print(f"{r['layers']:>6} {r['ranks']:>5} {r['wall_s']:>8.1f} {r['peak_rss_mib']:>9.0f} {r['tree_rss_mib']:>9.0f}"
-              f" {s.get('calibration forward', 0):>7.1f} {s.get('calibration backward', 0):>7.1f}"
-              f" {s.get('FitCodebook', 0):>7.1f} {s.get('kernels', 0):>7.1f} {r['other_s']:>7.1f}"
-              f" {r['artifact_mib']:>12.0f}")
-    pl = result["per_layer"]
-    print(f"per layer: {pl['wall_s']:.1f} s, {pl['peak_rss_mib']:.0f} MiB peak, {pl['artifact_mib']:.0f} MiB artifact;"
-          f" limit {LIMIT_MIB:.0f} MiB; 1 vs 2 ranks bit-identical: {same}")
+    print(markdown(result))
 
 
 if __name__ == "__main__":

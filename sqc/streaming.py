@@ -381,8 +381,9 @@ def _layer_statistics(model, stack: DecoderStack, j: int, st: _Streamed, hessian
     n = len(st.grads)
     acc = TreeSum(n)
     with _Float32Layer(layer), StatisticHooks(model, stack.weights[j], hessian_modules) as hooks:
-        like = {k: (v.shape, v.dtype) for k, v in hooks.take().items()}
+        like = hooks.layout()
         for i in st.samples:
+            hooks.sink = lambda key, t, i=i: acc.absorb(i, key, t)  # merged weight by weight
             x = _upcast(st.store.get(j, i)).detach().requires_grad_(j > 0)
             args, kwargs = _with_hidden(*_upcast(st.calls[j][i]), x)
             with torch.enable_grad():
@@ -390,6 +391,7 @@ def _layer_statistics(model, stack: DecoderStack, j: int, st: _Streamed, hessian
                 out.backward(st.grads[i])
             st.grads[i] = x.grad if j > 0 else None
             acc.add(i, hooks.take())
+        hooks.sink = None
         del out
     return StatisticHooks.split(group.tree_sum(n, acc, like), hessian_modules is not None)
 

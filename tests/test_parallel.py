@@ -55,6 +55,30 @@ def test_tree_sum_has_the_same_bits_on_any_number_of_ranks(n, world, seed):
         torch.testing.assert_close(got[k].double(), exact, rtol=1e-5, atol=0.0)
 
 
+
+@settings(max_examples=40, deadline=None)
+@given(n=st.integers(1, 24), seed=st.integers(0, 2**16), early=st.sets(st.sampled_from(["a", "b"])))
+def test_absorbing_a_sample_entry_by_entry_gives_the_same_bits(n, seed, early):
+    # the streamed backward hands each weight's square over as it is made (TreeSum.absorb)
+    items = _items(n, seed=seed)
+    acc = TreeSum(n)
+    for i, it in enumerate(items):
+        for k in sorted(early):
+            acc.absorb(i, k, it[k].clone())
+        acc.add(i, {k: v.clone() for k, v in it.items() if k not in early})
+    want = _one_process(items)
+    got = acc.result()
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+
+
+def test_absorb_refuses_a_sample_left_half_done():
+    acc = TreeSum(3)
+    acc.absorb(0, "a", torch.ones(1))
+    with pytest.raises(ValueError, match="absorbed in part"):
+        acc.add(1, {"a": torch.ones(1)})
+    with pytest.raises(ValueError, match="came twice"):
+        acc.add(0, {"a": torch.ones(1)})
+
 def test_tree_sum_refuses_pieces_out_of_order_or_missing():
     acc = TreeSum(4)
     acc.add(0, {"a": torch.ones(1)})

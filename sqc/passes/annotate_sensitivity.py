@@ -15,6 +15,7 @@ one extra copy of the quantized weights, never one per sample.
 from __future__ import annotations
 
 import dataclasses
+from typing import Callable
 
 import torch
 from torch import nn
@@ -109,6 +110,10 @@ class StatisticHooks:
         self.hessian_modules = dict(hessian_modules or {})
         self.fisher: dict[str, torch.Tensor] = {}
         self.hessian: dict[str, torch.Tensor] | None = None if hessian_modules is None else {}
+        # ``sink(key, tensor)``, when set: each backward's squared gradient goes there as it is made
+        # (:meth:`TreeSum.absorb <sqc.quant.reduce.TreeSum.absorb>`), and :meth:`take` omits it
+        self.sink: Callable[[str, torch.Tensor], None] | None = None
+        self._sunk: set[str] = set()
         self._zero()
         self._handles: list = []
         self._flags: dict[str, bool] = {}
@@ -123,7 +128,14 @@ class StatisticHooks:
 
     def _fisher(self) -> dict[str, torch.Tensor]:
         return {name: self.fisher[name] if name in self.fisher else
-                torch.zeros(self.params[name].shape, dtype=torch.float32) for name in self.weights}
+                torch.zeros(self.params[name].shape, dtype=torch.float32) for name in self.weights
+                if name not in self._sunk}
+
+    def layout(self) -> dict[str, tuple[torch.Size, torch.dtype]]:
+        """The (shape, dtype) of every entry :meth:`take` returns, without making any."""
+        out = {f"fisher:{w}": (self.params[w].shape, torch.float32) for w in self.weights}
+        out.update({f"hessian:{k}": (v.shape, v.dtype) for k, v in (self.hessian or {}).items()})
+        return out
 
     def take(self) -> dict[str, torch.Tensor]:
         """For a caller that sums samples in its own order (:class:`~sqc.quant.reduce.TreeSum`):
@@ -131,6 +143,7 @@ class StatisticHooks:
         item = {f"fisher:{k}": v for k, v in self._fisher().items()}
         item.update({f"hessian:{k}": v for k, v in (self.hessian or {}).items()})
         self._zero()
+        self._sunk = set()
         return item
 
     @staticmethod
@@ -146,7 +159,10 @@ class StatisticHooks:
             owned = g.dtype != torch.float32 or (g._base is None and g.is_contiguous())
             g = g.float()
             acc = self.fisher.get(name)
-            if acc is None:  # g * g, the same bits as 0 + g * g
+            if self.sink is not None:  # one sample's square goes straight to the caller's sum
+                self.sink(f"fisher:{name}", g.mul_(g) if owned else g * g)
+                self._sunk.add(name)
+            elif acc is None:  # g * g, the same bits as 0 + g * g
                 self.fisher[name] = g.mul_(g) if owned else g * g
             else:
                 acc.addcmul_(g, g)

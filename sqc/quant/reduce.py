@@ -75,11 +75,46 @@ class TreeSum:
                     self._parent[child] = (lo, hi)
                     todo.append(child)
         self._stack: list[tuple[Node, Item]] = []
+        self._early: tuple[int, Item] | None = None  # (sample, entries absorbed ahead of its add)
+
+    def _chain(self, node: Node) -> list[Item]:
+        """The held items ``node`` merges into when it goes in, innermost first."""
+        out, idx = [], len(self._stack) - 1
+        while idx >= 0:
+            a = self._stack[idx][0]
+            p = self._parent.get(a)
+            if p is None or p != self._parent.get(node):
+                break
+            out.append(self._stack[idx][1])
+            node, idx = p, idx - 1
+        return out
+
+    def absorb(self, i: int, key: str, t: torch.Tensor) -> None:
+        """Sample ``i``'s entry ``key`` ahead of the rest of it: merged at once into the held
+        partials that :meth:`add` would merge it into (the same additions in the same order, so
+        the same bits), so a sample's entries need not all be held at once. ``add(i, ...)``
+        follows with the entries not absorbed."""
+        if self._early is not None and self._early[0] != i:
+            raise ValueError(f"sample {self._early[0]} was absorbed in part and not added before sample {i}")
+        if self._early is None:
+            self._early = (i, {})
+        for left in self._chain((i, i + 1)):
+            left[key].add_(t)
+            t = left[key]
+        self._early[1][key] = t
 
     def add(self, i: int, item: Item) -> None:
-        self.push((i, i + 1), item)
+        early: Item = {}
+        if self._early is not None:
+            if self._early[0] != i:
+                raise ValueError(f"sample {self._early[0]} was absorbed in part; add it before sample {i}")
+            early, self._early = self._early[1], None
+            if early.keys() & item.keys():
+                raise ValueError(f"entries {sorted(early.keys() & item.keys())} of sample {i} came twice")
+        self.push((i, i + 1), {**item, **early}, merged=frozenset(early))
 
-    def push(self, node: Node, item: Item) -> None:
+    def push(self, node: Node, item: Item, merged: frozenset = frozenset()) -> None:
+        """Take a subtree's sum; entries named in ``merged`` are in their partials already (:meth:`absorb`)."""
         if node != (0, self.n) and node not in self._parent:
             raise ValueError(f"{node} is not a subtree of the sum over {self.n} samples")
         if self._stack and self._stack[-1][0][1] != node[0]:
@@ -91,7 +126,8 @@ class TreeSum:
             if p is None or p != self._parent.get(b):
                 break
             for k, t in left.items():
-                t.add_(right[k])
+                if k not in merged:
+                    t.add_(right[k])
             self._stack[-2:] = [(p, left)]
 
     def nodes(self) -> list[tuple[Node, Item]]:
