@@ -88,16 +88,51 @@ def _model_description(model: nn.Module) -> dict[str, Any]:
     return {"kind": "module", "class": f"{type(model).__module__}.{type(model).__qualname__}"}
 
 
-def _collect_tensors(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """All parameters and buffers (non-persistent ones too), tied tensors stored once."""
+_ST_DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+              torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
+              torch.bool: "BOOL"}
+
+
+def write_safetensors(path: str, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
+    """``tensors`` as a safetensors file, each written from its own memory (``safetensors.torch.save_file``
+    first copies every tensor into a bytes object: a second copy of the whole model at the end of a
+    compile). Tensors in name order, the header padded to 8 bytes as the format asks."""
+    header: dict[str, Any] = {"__metadata__": dict(metadata)}
+    offset = 0
+    for name in sorted(tensors):
+        t = tensors[name]
+        if t.dtype not in _ST_DTYPES:
+            raise ArtifactError(f"tensor {name}: dtype {t.dtype} has no safetensors name; sqc cannot store it")
+        n = t.numel() * t.element_size()
+        header[name] = {"dtype": _ST_DTYPES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + n]}
+        offset += n
+    head = json.dumps(header, separators=(",", ":")).encode()
+    head += b" " * (-len(head) % 8)
+    with open(path, "wb") as fh:
+        fh.write(len(head).to_bytes(8, "little"))
+        fh.write(head)
+        for name in sorted(tensors):
+            t = tensors[name].detach().contiguous().cpu()
+            if t.numel():
+                fh.write(memoryview(t.reshape(-1).view(torch.uint8).numpy()))
+        fh.flush()
+        os.fsync(fh.fileno())
+
+
+def _collect_tensors(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, str], list[str]]:
+    """All parameters and buffers (non-persistent ones too), tied tensors stored once; and the
+    state_dict's keys (read once: a module may rebuild tensors for it, SqcLinear its codes)."""
     named: dict[str, torch.Tensor] = {}
     for name, p in model.named_parameters(remove_duplicate=False):
         named[name] = p.detach()
     for name, b in model.named_buffers(remove_duplicate=False):
         if b is not None:
             named[name] = b.detach()
-    for name, t in model.state_dict().items():  # tensors a module rebuilds on demand (SqcLinear codes)
+    state = model.state_dict()
+    keys = sorted(state)
+    for name, t in state.items():  # tensors a module rebuilds on demand (SqcLinear codes)
         named.setdefault(name, t.detach())
+    del state
     tensors: dict[str, torch.Tensor] = {}
     aliases: dict[str, str] = {}
     seen: dict[tuple, str] = {}
@@ -110,7 +145,7 @@ def _collect_tensors(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[st
             continue
         seen[key] = name
         tensors[name] = t.contiguous().cpu()
-    return tensors, aliases
+    return tensors, aliases, keys
 
 
 def save(
@@ -126,8 +161,6 @@ def save(
     ``tokenizer/``; ``source`` records where the float model came from (for
     baselines).
     """
-    from safetensors.torch import save_file
-
     path = os.path.abspath(os.fspath(path))
     if os.path.exists(path) and not overwrite:
         raise FileExistsError(f"{path} already exists; pass overwrite=True or choose another folder")
@@ -135,7 +168,7 @@ def save(
     parent = os.path.dirname(path)
     os.makedirs(parent, exist_ok=True)
     model = compiled.model
-    tensors, aliases = _collect_tensors(model)
+    tensors, aliases, state_keys = _collect_tensors(model)
     report = compiled.report_dict()
     layers = {
         name: {
@@ -154,7 +187,7 @@ def save(
         "target": str(compiled.target),
         "model": _model_description(model),
         "layers": layers,
-        "persistent": sorted(model.state_dict().keys()),
+        "persistent": state_keys,
         "tensors": {
             n: {"dtype": str(t.dtype).replace("torch.", ""), "shape": list(t.shape), "sha256": _sha256(t)}
             for n, t in tensors.items()
@@ -173,7 +206,7 @@ def save(
     tmp = tempfile.mkdtemp(prefix=f".sqc-tmp-{os.getpid()}-", dir=parent)
     try:
         os.chmod(tmp, 0o777 & ~umask())  # mkdtemp makes 0700; an artifact gets the user's usual mode
-        save_file(tensors, os.path.join(tmp, TENSORS), metadata={"format": FORMAT_NAME})
+        write_safetensors(os.path.join(tmp, TENSORS), tensors, {"format": FORMAT_NAME})
         if tokenizer is not None:
             tokenizer.save_pretrained(os.path.join(tmp, "tokenizer"))
         kernels = getattr(compiled, "kernels", None)

@@ -413,3 +413,23 @@ def test_a_format_1_artifact_still_loads(tmp_path, mlp):
     json.dump(m, open(mpath, "w"))
     with pytest.raises(ArtifactError, match="format version 0, older than this sqc reads"):
         sqc.load(path, model=_meta_mlp())
+
+
+def test_the_streaming_safetensors_writer_reads_back_with_safetensors(tmp_path):
+    from safetensors import safe_open
+
+    from sqc.artifact import _ST_DTYPES, write_safetensors
+
+    g = torch.Generator().manual_seed(0)
+    tensors = {f"t.{str(d).replace('torch.', '')}": (torch.randn(3, 5, generator=g) * 50).to(d)
+               for d in _ST_DTYPES}
+    tensors["empty"] = torch.zeros(0, 4)
+    tensors["a.view"] = torch.arange(12, dtype=torch.int32).view(3, 4)[:, 1:]  # not contiguous
+    write_safetensors(str(tmp_path / "x.safetensors"), tensors, {"format": "test"})
+    with safe_open(str(tmp_path / "x.safetensors"), framework="pt") as fh:
+        assert fh.metadata() == {"format": "test"} and set(fh.keys()) == set(tensors)
+        for k, t in tensors.items():
+            got = fh.get_tensor(k)
+            assert got.dtype == t.dtype and torch.equal(got, t), k
+    with pytest.raises(sqc.artifact.ArtifactError, match="complex64"):
+        write_safetensors(str(tmp_path / "y.safetensors"), {"c": torch.zeros(2, dtype=torch.complex64)}, {})

@@ -16,6 +16,7 @@ from collections import defaultdict
 import torch
 
 from ..quant.kmeans import fit_rows, part_rows
+from ..runtime.layout import row_chunks
 from ..trace import SITE
 from .base import CompileContext, Pass, PassResult, require_meta, unique_sites
 
@@ -38,6 +39,22 @@ def assign_codes(w: torch.Tensor, lut: torch.Tensor) -> torch.Tensor:
     for k in range(mid.shape[1]):
         codes += w > mid[:, k : k + 1]
     return codes
+
+
+def _errors(w, lut, codes, active, fisher) -> tuple[float, float, float | None]:
+    """Per-weight means over the matrix of the squared error (sparse entries are exact: zero), of
+    ``w**2``, and of the Fisher-weighted squared error; in row blocks (no matrix-sized temporaries)."""
+    table = lut.float()
+    sums = torch.zeros(3, dtype=torch.float64)
+    for lo, hi in row_chunks(w.shape[0], w.shape[1]):
+        wb = w[lo:hi]
+        err = torch.gather(table[lo:hi], 1, codes[lo:hi].long()).sub_(wb).square_().mul_(active[lo:hi])
+        sums[0] += err.sum(dtype=torch.float64)
+        sums[1] += wb.square().sum(dtype=torch.float64)
+        if fisher is not None:
+            sums[2] += err.mul_(fisher[lo:hi]).sum(dtype=torch.float64)
+    mse, power, weighted = (float(v) / w.numel() for v in sums)
+    return mse, power, (None if fisher is None else weighted)
 
 
 def _batches(members: list, max_rows: int):
@@ -110,7 +127,9 @@ class FitCodebook(Pass):
             cents_all = torch.from_numpy(res.centroids)
             group.share_rows(cents_all, part_rows(cents_all.shape[0], cfg.chunk_rows, part[1]))
         start = 0
-        for (site, nodes), w_np, f_np, act in zip(batch, ws, fs, acts):
+        for idx, (site, nodes) in enumerate(batch):
+            w_np, f_np, act = ws[idx], fs[idx], acts[idx]
+            ws[idx] = fs[idx] = acts[idx] = None  # this weight's float copy goes when its loop ends
             R = site.out_features
             cents = torch.from_numpy(res.centroids[start : start + R])
             start += R
@@ -122,14 +141,10 @@ class FitCodebook(Pass):
             key = ctx.store.put("codebook", site.weight, (lut, codes))
             for n in nodes:
                 n.meta["sqc.codebook"] = key
-            # weighted error over the whole matrix; sparse entries are exact (zero error)
-            err = (torch.gather(lut.float(), 1, codes.long()) - w) ** 2
-            err.mul_(torch.from_numpy(act))
+            mse, power, weighted = _errors(w, lut, codes, torch.from_numpy(act),
+                                           None if f_np is None else torch.from_numpy(f_np))
             rep = ctx.layer(site)
             rep.bits = cfg.bits
-            rep.mse = float(err.sum(dtype=torch.float64)) / w.numel()
-            rep.weight_power = float((w * w).sum(dtype=torch.float64)) / w.numel()
-            if f_np is None:
-                rep.weighted_error = rep.mse
-            else:
-                rep.weighted_error = float(err.mul_(torch.from_numpy(f_np)).sum(dtype=torch.float64)) / w.numel()
+            rep.mse = mse
+            rep.weight_power = power
+            rep.weighted_error = mse if weighted is None else weighted

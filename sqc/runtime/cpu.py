@@ -136,7 +136,12 @@ class CpuLutKernels:
         return (self.words, lut, crow, col, val, self.scode, self.bias, self.handle)
 
     def canonical_codes(self) -> torch.Tensor:
-        codes = from_lane_words(self.words, self.bits, self.lanes, self.out_features, self.in_features, torch.uint8)
+        return self.canonical_rows(0, self.out_features)
+
+    def canonical_rows(self, start: int, stop: int) -> torch.Tensor:
+        """Rows ``start:stop`` of the codes in the canonical layout (a fused member's part)."""
+        codes = from_lane_words(self.words[start:stop], self.bits, self.lanes, stop - start, self.in_features,
+                                torch.uint8)
         return pack_codes(codes, self.bits)
 
     def nbytes(self) -> int:

@@ -116,7 +116,11 @@ class FusedMember:
 
     def canonical_codes(self) -> torch.Tensor:
         s, e = self._rows
-        return self.group.layer.codes[s:e]
+        kernels = self.group.layer.__dict__.get("_kernels")
+        rows = getattr(kernels, "canonical_rows", None)
+        if rows is not None:  # only this member's rows, from the group's kernel layout
+            return rows(s, e)
+        return self.group.layer.codes[s:e].clone()  # a copy: a view would keep the whole group's codes alive
 
     def nbytes(self) -> int:
         s, e = self._rows
