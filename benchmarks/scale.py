@@ -233,14 +233,15 @@ def smollm2(calib_samples: int = 8) -> dict:
     shutil.rmtree(out)
     fp32 = _fresh_peak_rss("fp32")
     torch.set_num_threads(2)
-    model, tok = load_smollm2()
+    _, tok = load_smollm2()
     calib = [(w,) for w in calibration_windows(tok, calib_samples, 512)]
     windows = eval_windows(tok, 16, 512)
     ppl = {}
     for name, stream in (("whole", False), ("streamed", True)):
+        model, _ = load_smollm2()  # a fresh model each: sqc.compile swaps its linears in place
         compiled = sqc.compile(model, config="w3-s0.45", calibration=calib, kernels=False, stream=stream)
         ppl[name] = perplexity(compiled, windows)
-        del compiled
+        del compiled, model
     return {"compile_command": "sqc compile smollm2 --preset w3-s0.45 (lazy GGUF, 32 x 512 calibration)",
             "compile_wall_s": wall, "compile_peak_rss_mib": peak, "fp32_fresh_peak_rss_mib": fp32,
             "ratio": peak / fp32, "limit_ratio": 1.5,
