@@ -107,19 +107,30 @@ def _rss_probe(what: str, prompt: str) -> int:
     with torch.no_grad():
         gen(ids, max_new_tokens=16, min_new_tokens=16, do_sample=False)
     with open("/proc/self/status") as fh:
-        peak = next((int(line.split()[1]) for line in fh if line.startswith("VmHWM:")), 0)
-    print(f"peak_rss_mib {peak / 1024:.1f}")
+        status = dict(line.split(":", 1) for line in fh if ":" in line)
+    print(f"peak_rss_mib {int(status['VmHWM'].split()[0]) / 1024:.1f}")
+    print(f"rss_mib {int(status['VmRSS'].split()[0]) / 1024:.1f}")
     return 0
 
 
-def _fresh_peak_rss(what: str) -> float:
+def fresh_rss(what: str) -> dict[str, float]:
+    """A fresh process that loads ``what`` ("fp32" or an artifact folder) and generates 16 tokens:
+    {"peak_rss_mib": its high-water mark, "rss_mib": its resident size after generating}."""
     import subprocess
 
     p = subprocess.run([sys.executable, "-m", "sqc.demo", "--rss-probe", what], capture_output=True, text=True)
+    out = {}
     for line in p.stdout.splitlines():
-        if line.startswith("peak_rss_mib "):
-            return float(line.split()[1])
-    raise RuntimeError(f"the fresh-process memory probe of {what} failed:\n{p.stderr[-2000:]}")
+        key, _, value = line.partition(" ")
+        if key in ("peak_rss_mib", "rss_mib"):
+            out[key] = float(value)
+    if len(out) != 2:
+        raise RuntimeError(f"the fresh-process memory probe of {what} failed:\n{p.stderr[-2000:]}")
+    return out
+
+
+def _fresh_peak_rss(what: str) -> float:
+    return fresh_rss(what)["peak_rss_mib"]
 
 
 if __name__ == "__main__":
