@@ -476,6 +476,15 @@ COMMANDS = {
 }
 
 
+def _report_interrupt(args) -> int:
+    if args.written:
+        print(f"sqc: interrupted after {args.written} was written completely; it is usable", file=sys.stderr)
+    else:
+        print("sqc: interrupted; nothing was written (artifacts are renamed into place only when complete)",
+              file=sys.stderr)
+    return 1
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)  # exits 2 on usage errors
@@ -495,13 +504,10 @@ def main(argv: list[str] | None = None) -> int:
     except UsageError as e:
         parser.subcommand_parsers[args.command].error(str(e))  # exit code 2
     except KeyboardInterrupt:
-        if args.written:
-            print(f"sqc: interrupted after {args.written} was written completely; it is usable", file=sys.stderr)
-        else:
-            print("sqc: interrupted; nothing was written (artifacts are renamed into place only when complete)",
-                  file=sys.stderr)
-        return 1
+        return _report_interrupt(args)
     except Exception as e:  # noqa: BLE001 - every failure becomes a message and exit code 1
+        if interrupted:  # Ctrl-C landed inside a library that turned it into another error
+            return _report_interrupt(args)
         from .artifact import ArtifactError
         from .trace import TraceError
 
