@@ -254,7 +254,8 @@ def smollm2(calib_samples: int = 8) -> dict:
         del compiled, model
     return {"compile_command": "sqc compile smollm2 --preset w3-s0.45 (lazy GGUF, 32 x 512 calibration)",
             "compile_wall_s": wall, "compile_peak_rss_mib": peak, "cold_cache_compile_wall_s": cold_wall,
-            "cold_cache_compile_peak_rss_mib": cold_peak, "cold_cache_ratio": cold_peak / fp32["rss_mib"], "fp32_fresh_rss_mib": fp32["rss_mib"],
+            "cold_cache_compile_peak_rss_mib": cold_peak, "cold_cache_ratio": cold_peak / fp32["rss_mib"],
+            "fp32_fresh_rss_mib": fp32["rss_mib"],
             "fp32_fresh_peak_rss_mib": fp32["peak_rss_mib"], "ratio": peak / fp32["rss_mib"],
             "ratio_to_fp32_peak": peak / fp32["peak_rss_mib"], "limit_ratio": 1.5,
             "ppl_calibration": f"{calib_samples} x 512 library tokens; eval 16 x 512 tutorial tokens",
@@ -328,7 +329,8 @@ def markdown(result: dict) -> str:
                   f"has loaded the model and generated ({sm['ratio_to_fp32_peak']:.2f}x its "
                   f"{sm['fp32_fresh_peak_rss_mib']:.0f} MiB peak; limit {sm['limit_ratio']}x) with the kernel and "
                   f"XLA caches filled; the first compile on a machine (empty caches) peaks at "
-                  f"{sm['cold_cache_compile_peak_rss_mib']:.0f} MiB ({sm['cold_cache_ratio']:.2f}x); perplexity ({sm['ppl_calibration']}) "
+                  f"{sm['cold_cache_compile_peak_rss_mib']:.0f} MiB ({sm['cold_cache_ratio']:.2f}x); "
+                  f"perplexity ({sm['ppl_calibration']}) "
                   f"{sm['ppl_streamed']:.3f} streamed, {sm['ppl_whole_model']:.3f} whole-model."]
     return "\n".join(lines)
 

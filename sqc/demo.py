@@ -79,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{'quantized-layer weights, MiB':<34}{wb['float_before'] / 2**20:>12.1f}{wb['packed_after'] / 2**20:>16.1f}")
     # what a user's process holds: a fresh process that loads the model (the fp32 GGUF / the artifact) and
     # generates, not this one (which also holds the compiler, JAX, TVM and the calibration data)
-    fresh = {k: _fresh_peak_rss(k) for k in ("fp32", out)}
+    fresh = {k: fresh_rss(k)["peak_rss_mib"] for k in ("fp32", out)}
     print(f"{'fresh load + generate, peak RSS MiB':<34}{fresh['fp32']:>12.0f}{fresh[out]:>16.0f}")
     kernels = ", ".join(sorted({m.kernel for m in compiled.quantized_modules().values()}))
     print(f"{'greedy decode, tokens/s':<34}{decode_fp:>12.1f}{decode_q:>16.1f}   (sqc kernels: {kernels})")
@@ -127,10 +127,6 @@ def fresh_rss(what: str) -> dict[str, float]:
     if len(out) != 2:
         raise RuntimeError(f"the fresh-process memory probe of {what} failed:\n{p.stderr[-2000:]}")
     return out
-
-
-def _fresh_peak_rss(what: str) -> float:
-    return fresh_rss(what)["peak_rss_mib"]
 
 
 if __name__ == "__main__":

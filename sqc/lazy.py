@@ -92,10 +92,10 @@ class _GGUF:
         # records and the file's map are kept: the reader's metadata fields (a numpy view per token of
         # the vocabulary, ~250k objects for SmolLM2) held 160 MiB for the whole compile
         reader = GGUFReader(path)
-        self.tensors, self.data = list(reader.tensors), reader.data
-        del reader
+        self.data = reader.data
         # Hugging Face name -> GGUF tensor record (the key map is transformers' own)
-        self.files = {self.key_map[t.name]: t for t in self.tensors if t.name in self.key_map}
+        self.files = {self.key_map[t.name]: t for t in reader.tensors if t.name in self.key_map}
+        del reader
 
     def _drop_pages(self) -> None:
         """Unmap-like: the file pages a read touched leave this process's resident set (the page cache
