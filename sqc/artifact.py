@@ -34,7 +34,7 @@ import json
 import os
 import shutil
 import tempfile
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import nn
@@ -93,10 +93,33 @@ _ST_DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", 
               torch.bool: "BOOL"}
 
 
-def write_safetensors(path: str, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
+class _Pacer:
+    """Calls ``release`` (a spill's :meth:`~sqc.runtime.spill.Spill.evict`) each time about ``every``
+    bytes of tensors were read, so reading every file-backed layer once keeps about that many resident."""
+
+    def __init__(self, release: Callable[[], None] | None, every: int = 64 << 20) -> None:
+        self.release, self.every, self.n = release, every, 0
+
+    def __call__(self, t: torch.Tensor) -> None:
+        if self.release is None:
+            return
+        self.n += t.numel() * t.element_size()
+        if self.n >= self.every:
+            self.release()
+            self.n = 0
+
+    def done(self) -> None:
+        if self.release is not None:
+            self.release()
+            self.n = 0
+
+
+def write_safetensors(path: str, tensors: dict[str, torch.Tensor], metadata: dict[str, str],
+                      release: Callable[[], None] | None = None) -> None:
     """``tensors`` as a safetensors file, each written from its own memory (``safetensors.torch.save_file``
     first copies every tensor into a bytes object: a second copy of the whole model at the end of a
-    compile). Tensors in name order, the header padded to 8 bytes as the format asks."""
+    compile). Tensors in name order, the header padded to 8 bytes as the format asks. ``release`` is
+    called as file-backed tensors are read (see :class:`_Pacer`)."""
     header: dict[str, Any] = {"__metadata__": dict(metadata)}
     offset = 0
     for name in sorted(tensors):
@@ -108,6 +131,7 @@ def write_safetensors(path: str, tensors: dict[str, torch.Tensor], metadata: dic
         offset += n
     head = json.dumps(header, separators=(",", ":")).encode()
     head += b" " * (-len(head) % 8)
+    pace = _Pacer(release)
     with open(path, "wb") as fh:
         fh.write(len(head).to_bytes(8, "little"))
         fh.write(head)
@@ -115,6 +139,8 @@ def write_safetensors(path: str, tensors: dict[str, torch.Tensor], metadata: dic
             t = tensors[name].detach().contiguous().cpu()
             if t.numel():
                 fh.write(memoryview(t.reshape(-1).view(torch.uint8).numpy()))
+            pace(t)
+        pace.done()
         fh.flush()
         os.fsync(fh.fileno())
 
@@ -168,7 +194,15 @@ def save(
     parent = os.path.dirname(path)
     os.makedirs(parent, exist_ok=True)
     model = compiled.model
+    spill = getattr(compiled, "spill", None)  # the packed layers of a compile larger than memory, file-backed
+    release = spill.evict if spill is not None else None
     tensors, aliases, state_keys = _collect_tensors(model)
+    pace = _Pacer(release)
+    digests = {}
+    for n, t in tensors.items():
+        digests[n] = _sha256(t)
+        pace(t)
+    pace.done()
     report = compiled.report_dict()
     layers = {
         name: {
@@ -189,7 +223,7 @@ def save(
         "layers": layers,
         "persistent": state_keys,
         "tensors": {
-            n: {"dtype": str(t.dtype).replace("torch.", ""), "shape": list(t.shape), "sha256": _sha256(t)}
+            n: {"dtype": str(t.dtype).replace("torch.", ""), "shape": list(t.shape), "sha256": digests[n]}
             for n, t in tensors.items()
         },
         "aliases": aliases,
@@ -206,7 +240,7 @@ def save(
     tmp = tempfile.mkdtemp(prefix=f".sqc-tmp-{os.getpid()}-", dir=parent)
     try:
         os.chmod(tmp, 0o777 & ~umask())  # mkdtemp makes 0700; an artifact gets the user's usual mode
-        write_safetensors(os.path.join(tmp, TENSORS), tensors, {"format": FORMAT_NAME})
+        write_safetensors(os.path.join(tmp, TENSORS), tensors, {"format": FORMAT_NAME}, release)
         if tokenizer is not None:
             tokenizer.save_pretrained(os.path.join(tmp, "tokenizer"))
         kernels = getattr(compiled, "kernels", None)

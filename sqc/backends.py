@@ -2,11 +2,12 @@
 
 Each :class:`Backend` has two functions:
 
-* ``attach(model, spec, tune=..., trials=..., progress=..., notes=...)``, the
+* ``attach(model, spec, tune=..., trials=..., progress=..., notes=..., store=...)``, the
   compile side (needs the compiler: TVM, for CUDA also nvcc): generate, build
   (and tune) the kernels of every quantized layer of ``model`` for the target
   ``spec``, attach them, and return the *kernel set*, or None when no layer got
-  a kernel;
+  a kernel (``store``, when given, keeps the kernels' copies of the codes
+  where it puts them: :class:`~sqc.runtime.spill.Spill`);
 * ``load(model, folder, entry, spec)``, the runtime side (no compiler): read the
   kernels an artifact carries in ``folder`` (``entry`` is what the manifest
   recorded for them), attach them and return the kernel set. It raises
@@ -43,10 +44,11 @@ class Backend:
     rebuild_on_load: bool
 
 
-def _attach_cpu(model, spec, *, tune: bool = False, trials: int | None = None, progress=None, notes=None):
+def _attach_cpu(model, spec, *, tune: bool = False, trials: int | None = None, progress=None, notes=None,
+                store=None):
     from .codegen.tune import build_cpu_kernels
 
-    return build_cpu_kernels(model, spec, tune=tune, trials=trials, progress=progress)
+    return build_cpu_kernels(model, spec, tune=tune, trials=trials, progress=progress, store=store)
 
 
 def _load_cpu(model, folder: str, entry: dict[str, Any], spec):
@@ -57,8 +59,10 @@ def _load_cpu(model, folder: str, entry: dict[str, Any], spec):
     return plan
 
 
-def _attach_cuda(model, spec, *, tune: bool = False, trials: int | None = None, progress=None, notes=None):
-    """Generate and build the CUDA kernels (no GPU needed); layers run the reference op, named, when TVM is missing."""
+def _attach_cuda(model, spec, *, tune: bool = False, trials: int | None = None, progress=None, notes=None,
+                 store=None):
+    """Generate and build the CUDA kernels (no GPU needed); layers run the reference op, named, when TVM is missing.
+    ``store`` is not used: the codes go to the GPU with the model (``model.to('cuda')``)."""
     from .runtime.qlinear import SqcLinear
 
     notes = notes if notes is not None else []

@@ -28,6 +28,7 @@ from .runtime.memory import release_memory
 from .runtime.fused import fused_groups
 from .runtime.int8 import Int8Linear
 from .runtime.qlinear import SqcLinear
+from .runtime.spill import Spill
 from .trace import trace
 
 __all__ = ["compile", "CompiledModel", "default_pipeline"]
@@ -36,10 +37,13 @@ __all__ = ["compile", "CompiledModel", "default_pipeline"]
 _release_memory = release_memory  # the helper lives in the runtime; the name stays for callers
 
 
-def layer_pipeline(config: QuantConfig | None = None) -> list:
+def layer_pipeline(config: QuantConfig | None = None, fuse: bool = False) -> list:
     """The per-weight passes after the statistics, in order: each works on one weight at a time, so the
-    streamed pipeline (:mod:`sqc.streaming`) runs them one decoder layer at a time."""
+    streamed pipeline (:mod:`sqc.streaming`) runs them one decoder layer at a time. ``fuse``: end with
+    FuseSiblingLinears scoped to the layer (the streamed pipeline fuses a layer before it moves on; the
+    whole-model pipeline fuses in :func:`graph_pipeline`)."""
     guided = config is not None and config.fit is FitMode.GUIDED
+    fuse = fuse and (config is None or config.fuse)
     return [
         # dense-and-sparse decomposition
         SplitOutliers(),
@@ -49,13 +53,15 @@ def layer_pipeline(config: QuantConfig | None = None) -> list:
         PackLayout(),
         # graph rewrite
         Lower(),
+        *([FuseSiblingLinears()] if fuse else []),
     ]
 
 
-def graph_pipeline(config: QuantConfig | None = None) -> list:
-    """The passes over the whole lowered graph (after every layer is lowered). A disabled pass is left out."""
+def graph_pipeline(config: QuantConfig | None = None, fuse: bool = True) -> list:
+    """The passes over the whole lowered graph (after every layer is lowered). A disabled pass is left out;
+    ``fuse=False`` leaves out FuseSiblingLinears (the streamed pipeline has fused each layer already)."""
     return [
-        *([FuseSiblingLinears()] if config is None or config.fuse else []),
+        *([FuseSiblingLinears()] if fuse and (config is None or config.fuse) else []),
         *([CompactHead()] if config is None or config.head is HeadFormat.INT8 else []),
     ]
 
@@ -95,6 +101,7 @@ class CompiledModel(nn.Module):
         float_weight_bytes: int = 0,
         tuning: Sequence[dict[str, Any]] = (),
         kernels: Any = None,
+        spill: Spill | None = None,
     ) -> None:
         super().__init__()
         self.model = model
@@ -113,6 +120,9 @@ class CompiledModel(nn.Module):
         #: :class:`sqc.runtime.cuda.CudaBundle` for CUDA), written into artifacts by ``sqc.save``; None
         #: when every layer runs the reference op
         self.kernels = kernels
+        #: the temporary file that holds the packed layers of a compile larger than memory
+        #: (:class:`sqc.runtime.spill.Spill`), or None; ``sqc.save`` drops its pages as it writes them
+        self.__dict__["spill"] = spill
 
     @property
     def cuda(self):
@@ -284,6 +294,7 @@ def compile(  # noqa: A001 - the public name
     stream: bool | None = None,
     weight_source: Any = None,
     group: Group | None = None,
+    spill: bool | None = None,
 ) -> CompiledModel:
     """Quantize every linear layer of ``model`` to a dense-and-sparse codebook.
 
@@ -331,6 +342,11 @@ def compile(  # noqa: A001 - the public name
         rank calibrates its share of the samples and fits its share of each
         layer's rows; every rank returns the same quantized model, and only
         rank 0 builds kernels (the others return it with ``kernels=False``).
+    spill : keep each decoder layer's packed tensors (and the CPU kernels' copies
+        of its codes) in a temporary file as they are finished, mapped back into
+        the model (:class:`sqc.runtime.spill.Spill`), so the compile's memory does
+        not grow with depth. ``None`` (default): with a ``weight_source`` (a model
+        larger than memory); needs the streamed pipeline.
 
     Examples
     --------
@@ -400,19 +416,28 @@ def compile(  # noqa: A001 - the public name
     del traced
     if weight_source is not None:
         weight_source.prepare(stack.layers)
+    if spill is None:
+        spill = weight_source is not None
+    if spill and stack is None:
+        raise ValueError(f"spill=True needs the layer-streamed pipeline, which cannot run on {type(model).__name__}: "
+                         f"{why}")
+    spilled = Spill() if spill else None
     if stack is not None:
         try:
-            run_streamed(gm, ctx, stack, layer_pipeline(cfg), instruments, weight_source)
+            run_streamed(gm, ctx, stack, layer_pipeline(cfg, fuse=True), instruments, weight_source, spilled)
         except StreamingUnsupported as e:
             if weight_source is not None or stream or group.distributed:
                 raise ValueError(f"the layer-streamed pipeline cannot run on {type(model).__name__}: {e}") from e
+            if spilled is not None:
+                raise ValueError(f"spill=True needs the layer-streamed pipeline, which cannot run on "
+                                 f"{type(model).__name__}: {e}") from e
             why, stack = str(e), None  # raised before any layer was changed: the whole-model path runs
     if stack is None:
         if calibration is not None:
             ctx.notes.append(f"whole-model calibration (not layer-streamed: {why})")
         gm = PassManager(default_pipeline(sensitivity, cfg), instruments).run(gm, ctx)
     else:
-        gm = PassManager(graph_pipeline(cfg), instruments).run(gm, ctx)
+        gm = PassManager(graph_pipeline(cfg, fuse=False), instruments).run(gm, ctx)
     if not dump_ir:
         gm = None  # what runs is ``model``; the rewritten graph is kept only for the IR that was asked for
     # kernels: the target's backend builds (and tunes) every quantized layer's kernels and attaches them
@@ -422,7 +447,8 @@ def compile(  # noqa: A001 - the public name
         if tune_trials is None and os.environ.get("SQC_TUNE_TRIALS"):
             tune_trials = int(os.environ["SQC_TUNE_TRIALS"])
         kernel_set = backend(spec.kind).attach(model, spec, tune=tune, trials=tune_trials, progress=progress,
-                                               notes=ctx.notes)
+                                               notes=ctx.notes,
+                                               store=spilled.put_evicting if spilled is not None else None)
         ctx.stage_seconds["kernels"] = time.perf_counter() - t0
     else:
         ctx.notes.append("compiled with kernels=False: every quantized layer runs the reference op")
@@ -438,6 +464,7 @@ def compile(  # noqa: A001 - the public name
         float_bytes,
         kernel_set.records() if kernel_set is not None else [],
         kernels=kernel_set,
+        spill=spilled,
     )
     compiled.refresh_kernel_names()
     fallback = sorted({m.kernel for m in compiled.quantized_modules().values() if m.kernel.startswith("reference")})

@@ -50,7 +50,7 @@ from .quant.reduce import TreeSum
 from .runtime.memory import release_memory
 from .trace import LinearSite
 
-__all__ = ["DecoderStack", "StreamingUnsupported", "find_decoder_stack", "BoundaryStore", "run_streamed",
+__all__ = ["DecoderStack", "StreamingUnsupported", "find_decoder_stack", "BoundaryStore", "run_streamed", "spill_layer",
            "streamed_statistics", "WeightSource"]
 
 
@@ -450,11 +450,44 @@ def _stream(model, stack, calibration, loss_fn, call_kwargs, source, progress, g
     return secs
 
 
+def spill_layer(gm, model: nn.Module, prefix: str, spill) -> int:
+    """Move the packed tensors of every quantized layer under module ``prefix`` (fused groups' stacked
+    layers included) into ``spill`` (a :class:`~sqc.runtime.spill.Spill`), in the model and in the
+    graph module that shares them; returns the bytes moved."""
+    from .runtime.fused import FusedMember
+    from .runtime.qlinear import SqcLinear
+
+    mods: dict[int, nn.Module] = {}
+    for _, m in model.get_submodule(prefix).named_modules():
+        if isinstance(m, SqcLinear):
+            mods[id(m)] = m
+            k = m.__dict__.get("_kernels")
+            if isinstance(k, FusedMember):
+                mods[id(k.group.layer)] = k.group.layer
+    moved: dict[int, torch.Tensor] = {}
+    total = 0
+    for m in mods.values():
+        bufs = {n: b for n, b in m._buffers.items() if b is not None}
+        new = spill.put_many(bufs)
+        for n, b in bufs.items():
+            moved[id(b)] = new[n]
+            m._buffers[n] = new[n]
+            total += b.numel() * b.element_size()
+        m._bind()
+    for sub in gm.modules():  # Lower and FuseSiblingLinears registered the same tensors on the graph module
+        for n, b in list(sub._buffers.items()):
+            if b is not None and id(b) in moved:
+                sub._buffers[n] = moved[id(b)]
+    return total
+
+
 def run_streamed(gm, ctx: CompileContext, stack: DecoderStack, layer_passes: list, instruments: list,
-                 source: WeightSource | None = None) -> None:
+                 source: WeightSource | None = None, spill=None) -> None:
     """Calibrate, split, fit, pack and lower ``stack`` one layer at a time (top first), with
     ``layer_passes`` (the per-weight passes after AnnotateSensitivity) scoped to each layer.
-    A guided fit (``ctx.config.fit``) also accumulates each layer's guided Hessians."""
+    A guided fit (``ctx.config.fit``) also accumulates each layer's guided Hessians. With ``spill``
+    (a :class:`~sqc.runtime.spill.Spill`) each layer's packed tensors move into it once the layer
+    is lowered, so memory does not grow with depth."""
     source = source or WeightSource()
     sites = {s.weight: (s, nodes) for s, nodes in unique_sites(gm)}
     manager = PassManager(layer_passes, instruments)
@@ -476,6 +509,8 @@ def run_streamed(gm, ctx: CompileContext, stack: DecoderStack, layer_passes: lis
             manager.run(gm, ctx)
         finally:
             ctx.scope = None
+        if spill is not None:
+            spill_layer(gm, ctx.model, stack.layers[j], spill)
 
     if ctx.calibration is None:
         if guided:
@@ -494,4 +529,6 @@ def run_streamed(gm, ctx: CompileContext, stack: DecoderStack, layer_passes: lis
         ctx.stage_seconds["calibration forward"] = secs["forward"]
         ctx.stage_seconds["calibration backward"] = secs["backward"]
     ctx.notes.append(f"layer-streamed pipeline: {len(stack.layers)} layers of {stack.path} calibrated, fitted and "
-                     "packed one at a time (sqc.compile(stream=False) runs the whole-model pass)")
+                     "packed one at a time (sqc.compile(stream=False) runs the whole-model pass)"
+                     + ("" if spill is None else f"; packed layers kept in a temporary file as they were finished "
+                        f"({spill.nbytes / 2**20:.0f} MiB by the end of the stack), mapped back, not held in memory"))

@@ -185,3 +185,60 @@ def test_a_half_model_streams_without_a_float32_copy(dtype):
     assert all(m.lut.dtype == torch.float16 for m in compiled.quantized_modules().values())
     rest = [p for n, p in compiled.model.named_parameters() if "norm" in n or "embed" in n]
     assert rest and all(p.dtype == dtype for p in rest)
+
+
+def _all_packed_tensors(compiled):
+    """Every packed tensor of the compiled model: the layers' buffers, fused layers' buffers, the CPU
+    kernels' lane words and canonical codes."""
+    from sqc.runtime.fused import kernel_layers
+
+    out = {}
+    for n, m in compiled.quantized_modules().items():
+        out.update({f"{n}.{b}": t for b, t in m._buffers.items() if t is not None})
+    for n, m in kernel_layers(compiled.model).items():
+        out.update({f"{n}.{b}": t for b, t in m._buffers.items() if t is not None})
+        k = m.__dict__.get("_kernels")
+        if k is not None and hasattr(k, "words"):
+            out[f"{n}.words"] = k.words
+            if k._canonical is not None:
+                out[f"{n}.canonical"] = k._canonical
+    return out
+
+
+def test_a_lazy_compile_keeps_its_packed_layers_in_the_spill_file(tmp_path):
+    """With a weight source the packed layers (and the kernels' copies of the codes) go to the spill file
+    as each layer is finished; the model runs the same and saves the same bytes as without."""
+    from sqc.lazy import load_lazy
+
+    tiny_llama().save_pretrained(tmp_path / "m")
+    calib = _calib(n=2, T=16)
+    compiled = {}
+    for spill in (True, False):
+        lazy, source, _ = load_lazy(str(tmp_path / "m"))
+        compiled[spill] = sqc.compile(lazy, config="w3-s0.45", calibration=calib, weight_source=source, tune=False,
+                                      spill=spill)
+    c, plain = compiled[True], compiled[False]
+    assert c.spill is not None and plain.spill is None
+    assert any("kept in a temporary file" in n for n in c.notes)
+    tensors = _all_packed_tensors(c)
+    assert any(k.endswith(".words") for k in tensors)  # the kernels were attached
+    held = {k for k, t in tensors.items() if t.numel() and c.spill.holds(t)}
+    assert held == {k for k, t in tensors.items() if t.numel()}
+    assert any(k.endswith(".canonical") for k in held)
+    assert not any(plain_t.numel() and c.spill.holds(plain_t) for plain_t in _all_packed_tensors(plain).values())
+    assert c.report_dict()["fused"] == plain.report_dict()["fused"] != []
+    c.spill.evict()  # the pages come back from the file
+    ids = calib[1][0]
+    torch.testing.assert_close(c(ids).logits, plain(ids).logits, rtol=0, atol=0)
+    for spill, cm in compiled.items():
+        sqc.save(cm, tmp_path / f"out{spill}")
+    assert (tmp_path / "outTrue" / "model.safetensors").read_bytes() == \
+        (tmp_path / "outFalse" / "model.safetensors").read_bytes()
+    loaded = sqc.load(tmp_path / "outTrue")
+    torch.testing.assert_close(loaded(ids).logits, plain(ids).logits, rtol=0, atol=0)
+
+
+def test_spill_needs_the_streamed_pipeline(mlp):
+    x = torch.randn(4, 100)
+    with pytest.raises(ValueError, match="spill=True needs the layer-streamed pipeline"):
+        sqc.compile(mlp, (x,), config="w4", kernels=False, spill=True)

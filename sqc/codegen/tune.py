@@ -105,8 +105,12 @@ def build_cpu_kernels(
     trials: int | None = None,
     repeats: int = 20,
     progress: Callable[[str, int, int], None] | None = None,
+    store: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> CpuKernelPlan | None:
     """Give every SqcLinear in ``model`` its generated kernels (see :func:`attach_cpu_kernels`).
+
+    ``store`` keeps each layer's lane words (and canonical codes) where it puts them: a
+    :class:`~sqc.runtime.spill.Spill` of a compile larger than memory (see :class:`CpuLutKernels`).
 
     Returns the :class:`~sqc.runtime.cpu_plan.CpuKernelPlan` of what was
     attached (the libraries in the kernel cache, the knobs, the layers, the
@@ -159,7 +163,7 @@ def build_cpu_kernels(
     for key, names in groups.items():
         first = mods[names[0]]
         fns: dict[str, Callable] = {}
-        probe = CpuLutKernels(first.packed, lanes, fns, names[0])  # becomes the first layer's kernels
+        probe = CpuLutKernels(first.packed, lanes, fns, names[0], store)  # becomes the first layer's kernels
         failed = None
         planned: list[dict[str, Any]] = []
         for bucket in B.BUCKETS:
@@ -194,7 +198,7 @@ def build_cpu_kernels(
             if failed:
                 m.set_kernel(None, failed)
             else:
-                m.set_kernel(probe if name == names[0] else CpuLutKernels(m.packed, lanes, fns, name), kname)
+                m.set_kernel(probe if name == names[0] else CpuLutKernels(m.packed, lanes, fns, name, store), kname)
     kernels += _attach_heads(lib, heads, lanes, host)
     return CpuKernelPlan(lanes=lanes, isa=[LANES_ISA[lanes]] if lanes in LANES_ISA else [], target=str(target_spec),
                          mcpu=str(lib.target.attrs.get("mcpu", "")), tvm=lib.tvm.__version__, kernels=kernels,

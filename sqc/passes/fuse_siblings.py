@@ -41,9 +41,11 @@ def _signature(gm, node):
     return (node.args[0], node.args[8], node.args[7], sub.sqc_lut.dtype, sub.sqc_val.dtype)
 
 
-def sibling_groups(gm: torch.fx.GraphModule) -> list[list[torch.fx.Node]]:
-    """Groups (in graph order, two or more nodes each) of lowered linear calls that can be fused."""
-    calls = [n for n in gm.graph.nodes if n.op == "call_function" and n.target is OP and SITE in n.meta]
+def sibling_groups(gm: torch.fx.GraphModule, scope=None) -> list[list[torch.fx.Node]]:
+    """Groups (in graph order, two or more nodes each) of lowered linear calls that can be fused; with
+    ``scope`` (a set of weight names) only calls of those weights."""
+    calls = [n for n in gm.graph.nodes if n.op == "call_function" and n.target is OP and SITE in n.meta
+             and (scope is None or n.meta[SITE].weight in scope)]
     uses: dict[str, int] = {}
     for n in calls:
         uses[n.meta[SITE].weight] = uses.get(n.meta[SITE].weight, 0) + 1
@@ -62,7 +64,8 @@ class FuseSiblingLinears(Pass):
     def run(self, gm, ctx: CompileContext) -> PassResult:
         graph = gm.graph
         fused_groups = []
-        for k, nodes in enumerate(sibling_groups(gm)):
+        k = 0  # the streamed pipeline fuses one decoder layer at a time: names stay unique across runs
+        for nodes in sibling_groups(gm, ctx.scope):
             names = [n.meta[SITE].module for n in nodes]
             members = [ctx.model.get_submodule(name) for name in names]
             if not all(isinstance(m, SqcLinear) for m in members):
@@ -71,6 +74,8 @@ class FuseSiblingLinears(Pass):
             fused_groups.append(group)
             # the graph: register the stacked buffers once, one op node, a slice per member
             stacked = group.layer.packed
+            while f"sqc_fused{k}_codes" in gm._buffers:
+                k += 1
             prefix = f"sqc_fused{k}"
             for t in ("codes", "lut", "crow", "col", "val"):
                 gm.register_buffer(f"{prefix}_{t}", getattr(stacked, t))
@@ -99,7 +104,7 @@ class FuseSiblingLinears(Pass):
                             del sub._buffers[attr]
             for name in names:
                 ctx.layers[name].notes.append(f"fused with {[n for n in names if n != name]}")
-        ctx.fused = fused_groups
+        ctx.fused = ctx.fused + fused_groups
         graph.lint()
         gm.recompile()
         return PassResult(gm, bool(fused_groups), {"fused_groups": len(fused_groups),

@@ -97,9 +97,14 @@ class CpuLutKernels:
     tuple of the ``sqc::lut_linear_cpu`` op, so a call does no Python work
     beyond the op dispatch: no buffer lookups, no padding copy when K is a
     multiple of the lanes (the kernels stop at K), no separate bias add.
+
+    ``store`` (for example :meth:`sqc.runtime.spill.Spill.put`) takes the lane words and returns
+    where they are kept (a file-backed tensor); with one, the canonical codes the layer came with
+    are kept as well (they are in the store already), so :meth:`canonical_codes` rebuilds nothing.
     """
 
-    def __init__(self, packed: PackedLinear, lanes: int, fns: dict[str, Callable], name: str) -> None:
+    def __init__(self, packed: PackedLinear, lanes: int, fns: dict[str, Callable], name: str,
+                 store: Callable[[torch.Tensor], torch.Tensor] | None = None) -> None:
         self.lanes = lanes
         self.bits = packed.bits
         self.layout = LaneLayout(packed.in_features, packed.bits, lanes)
@@ -107,9 +112,15 @@ class CpuLutKernels:
         self.out_features = packed.out_features
         self.in_features = packed.in_features
         self.name = name
+        self.store = store
+        self._canonical: torch.Tensor | None = None
         self.handle = register_kernels(self)
         self._gemv, self._x_ok = None, False  # set by bind(): the search fills ``fns`` of a probe layer later
         self.rebind(packed)
+
+    def __getstate__(self) -> dict:
+        # a copy holds its tensors in its own memory: the store (a file of this process) stays behind
+        return dict(self.__dict__, store=None)
 
     def __setstate__(self, state) -> None:
         # a copy (deepcopy, pickle) is a new layer: it gets its own handle
@@ -119,7 +130,9 @@ class CpuLutKernels:
     def rebind(self, packed: PackedLinear, bias: torch.Tensor | None = None) -> None:
         """Take new codes (``load_state_dict``): the lane words, the codes under the sparse entries, the bias."""
         codes = packed.unpack(torch.uint8)
-        self.words = to_lane_words(codes, packed.bits, self.lanes)
+        words = to_lane_words(codes, packed.bits, self.lanes)
+        self.words = words if self.store is None else self.store(words)
+        self._canonical = None if self.store is None else self.store(packed.codes)
         rows, cols = packed.sparse_coo()
         self.scode = codes[rows, cols].to(torch.uint8).contiguous()
         self.bias = (torch.zeros(self.out_features) if bias is None
@@ -140,6 +153,8 @@ class CpuLutKernels:
 
     def canonical_rows(self, start: int, stop: int) -> torch.Tensor:
         """Rows ``start:stop`` of the codes in the canonical layout (a fused member's part)."""
+        if self._canonical is not None:  # kept in the store: a view (no copy, nothing resident)
+            return self._canonical[start:stop]
         codes = from_lane_words(self.words[start:stop], self.bits, self.lanes, stop - start, self.in_features,
                                 torch.uint8)
         return pack_codes(codes, self.bits)
