@@ -418,9 +418,9 @@ def compile(  # noqa: A001 - the public name
         weight_source.prepare(stack.layers)
     if spill is None:
         spill = weight_source is not None
+    no_spill = f"spill=True needs the layer-streamed pipeline, which cannot run on {type(model).__name__}: "
     if spill and stack is None:
-        raise ValueError(f"spill=True needs the layer-streamed pipeline, which cannot run on {type(model).__name__}: "
-                         f"{why}")
+        raise ValueError(no_spill + why)
     spilled = Spill() if spill else None
     if stack is not None:
         try:
@@ -429,8 +429,7 @@ def compile(  # noqa: A001 - the public name
             if weight_source is not None or stream or group.distributed:
                 raise ValueError(f"the layer-streamed pipeline cannot run on {type(model).__name__}: {e}") from e
             if spilled is not None:
-                raise ValueError(f"spill=True needs the layer-streamed pipeline, which cannot run on "
-                                 f"{type(model).__name__}: {e}") from e
+                raise ValueError(no_spill + str(e)) from e
             why, stack = str(e), None  # raised before any layer was changed: the whole-model path runs
     if stack is None:
         if calibration is not None:
