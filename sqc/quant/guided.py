@@ -41,7 +41,6 @@ columns outside a block done as one matrix product, as GPTQ does.
 """
 from __future__ import annotations
 
-import contextlib
 import functools
 from dataclasses import dataclass, field
 
@@ -53,38 +52,20 @@ from .kmeans import _jax
 __all__ = ["GuidedFit", "accumulate_guided_hessian", "damped", "layer_objective", "guided_fit"]
 
 
-@contextlib.contextmanager
-def _onednn_fp32_gemm():
-    """Route fp32 GEMMs through oneDNN for the duration (restored after).
-
-    With ``torch.backends.mkldnn.matmul.fp32_precision = "bf16"`` torch hands
-    fp32 matmuls to oneDNN, which may use bf16 arithmetic with fp32
-    accumulation and fp32 output. Measured on this machine's CPU: 2x faster
-    than the default fp32 GEMM and accurate to 4e-7 relative; either way the
-    Gram matrix of (possibly rounded) inputs stays positive semi-definite.
-    """
-    flag = torch.backends.mkldnn.matmul
-    old = flag.fp32_precision
-    flag.fp32_precision = "bf16"
-    try:
-        yield
-    finally:
-        flag.fp32_precision = old
-
-
 def accumulate_guided_hessian(h: torch.Tensor, x: torch.Tensor, grad_out: torch.Tensor) -> None:
     """``h += X^T diag(mean_j g_j^2) X`` in place, for one batch of tokens.
 
     ``x`` is ``[..., in]`` (the layer's input), ``grad_out`` ``[..., out]`` (the
     loss gradient at its output); leading dims are tokens. The product is one
-    fp32 GEMM on oneDNN (:func:`_onednn_fp32_gemm`), which kept the guided
-    calibration within 1.3x of the Fisher-only pass.
+    plain fp32 GEMM. (A bf16-arithmetic GEMM through oneDNN's precision flag is
+    faster, but on a CPU with AMX/AVX512-BF16 it really rounds: 1e-3 relative
+    error in H; and the flag is process-global, so toggling it from the layer
+    threads leaked it into every later fp32 matmul.)
     """
     x2 = x.detach().reshape(-1, x.shape[-1]).float()
     g2 = grad_out.detach().reshape(-1, grad_out.shape[-1]).float()
     xs = x2 * g2.pow(2).mean(dim=1).sqrt_().unsqueeze(1)
-    with _onednn_fp32_gemm():
-        h.addmm_(xs.T, xs)
+    h.addmm_(xs.T, xs)
 
 
 def damped(h: torch.Tensor, damp: float) -> torch.Tensor:
@@ -435,8 +416,7 @@ def guided_fit(
 
     def score(l, c):
         e = _error(w32, l.float(), c, act32)
-        with _onednn_fp32_gemm():
-            eh = e @ h32
+        eh = e @ h32
         return (eh * e).sum(dim=1, dtype=torch.float64)
 
     cur = score(lut, codes)

@@ -61,8 +61,12 @@ def test_guided_fit_lowers_each_layer_objective_and_keeps_the_format(mlp):
     t = trace(mlp, samples[0])
     PassManager([AnnotateSensitivity(guided=True), SplitOutliers(), FitCodebook()]).run(t.graph_module, kctx)
     kmeans = {n: kctx.store.get("codebook", n) for n in ("0.weight", "2.weight", "4.weight")}
+    precision = torch.backends.mkldnn.matmul.fp32_precision
     ctx = run(mlp, QuantConfig(bits=3, fit="guided"), samples)
     assert "hessian" not in ctx.store.kinds()  # freed after the fit
+    # the fit's layer threads leave the process-wide fp32 matmul setting alone (a toggled flag once leaked
+    # bf16 arithmetic into every later matmul on CPUs with AMX)
+    assert torch.backends.mkldnn.matmul.fp32_precision == precision
     sens = calibration_statistics(mlp, samples, list(kmeans), LOSS, hessian_modules={"0.weight": "0", "2.weight": "2",
                                                                                     "4.weight": "4"})
     for name, mod in (("0.weight", "0"), ("2.weight", "2"), ("4.weight", "4")):

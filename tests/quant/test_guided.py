@@ -150,6 +150,6 @@ def test_hessian_accumulation_against_float64(lead):
     ref = 2 * (x2 * (g2 ** 2).mean(1, keepdim=True)).T @ x2
     assert float((h.double() - ref).norm() / ref.norm()) < 1e-5
     assert h.dtype == torch.float32
-    # positive semi-definite (the fit's Cholesky relies on it), and the GEMM setting is restored
+    # positive semi-definite (the fit's Cholesky relies on it); no global matmul setting is touched
     assert float(torch.linalg.eigvalsh(h.double()).min()) >= -1e-6 * float(torch.diagonal(h).max())
     assert torch.backends.mkldnn.matmul.fp32_precision == before
