@@ -27,7 +27,8 @@ weights, 32 x 512 calibration tokens) against a fresh fp32 process that loads th
 generates (must stay within 1.5x), and the tutorial perplexity of the streamed compile against the
 whole-model compile from the same calibration.
 
-Writes ``benchmarks/results/scale.json`` (a part not rerun keeps its figures) and prints the README
+Writes ``benchmarks/results/scale.json`` after every run (a part or a run not remeasured keeps its
+figures; each records the commit it measured) and prints the README
 table (``--markdown`` prints it from the JSON alone).
 """
 from __future__ import annotations
@@ -268,23 +269,42 @@ def _slope(xs, ys) -> float:
     return sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / den if den else float("nan")
 
 
-def llama7b(depths: list[int], ranks: list[int], tune: bool) -> dict:
+def _commit() -> str:
+    try:
+        return subprocess.run(["git", "-C", ROOT, "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                              check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def llama7b(depths: list[int], ranks: list[int], tune: bool, previous: dict, save) -> dict:
+    """Measure each (depth, ranks) asked for; runs of ``previous`` not remeasured are kept (each run
+    records the commit it measured). ``save(part)`` is called after every run, so an interrupted
+    sweep keeps what it finished."""
     from sqc.real import protocol_text
 
     os.makedirs(MODEL_DIR, exist_ok=True)
     text_file = os.path.join(MODEL_DIR, "calibration.txt")
     with open(text_file, "w") as fh:
         fh.write(protocol_text("library"))
-    runs = []
+    runs = {(r["layers"], r["ranks"]): r for r in previous.get("runs", [])}
+    part = dict(previous)
     for layers in depths:  # every depth on one rank; more ranks at the deepest
         for r in ranks:
             if r == 1 or layers == max(depths):
                 row = run(layers, r, text_file, tune, os.path.join(MODEL_DIR, "artifact"))
-                runs.append(row)
+                runs[(layers, r)] = dict(row, commit=_commit())
                 print(f"  {layers:>2} layers, {r} rank(s): {row['wall_s']:7.1f} s, peak {row['peak_rss_mib']:6.0f} MiB"
                       f" (tree {row['tree_rss_mib']:6.0f})", flush=True)
+                part = _summary([runs[k] for k in sorted(runs)], tune)
+                save(part)
+    return part
+
+
+def _summary(runs: list[dict], tune: bool) -> dict:
     one = [r for r in runs if r["ranks"] == 1]
     xs = [r["layers"] for r in one]
+    depths = sorted({r["layers"] for r in runs})
     same = {str(d): len({r["model_sha256"] for r in runs if r["layers"] == d}) == 1
             for d in depths if len([r for r in runs if r["layers"] == d]) > 1}
     return {
@@ -352,15 +372,19 @@ def main() -> None:
         print(markdown(result))
         return
     parts = a.parts.split(",")
+
+    def save(name, part):
+        result[name] = part
+        os.makedirs(os.path.dirname(a.out), exist_ok=True)
+        with open(a.out + ".tmp", "w") as fh:
+            json.dump(result, fh, indent=1)
+        os.replace(a.out + ".tmp", a.out)
+
     if "llama7b" in parts:
-        result["llama7b"] = llama7b([int(d) for d in a.depths.split(",")], [int(r) for r in a.ranks.split(",")],
-                                    a.tune)
+        llama7b([int(d) for d in a.depths.split(",")], [int(r) for r in a.ranks.split(",")], a.tune,
+                result.get("llama7b", {}), lambda part: save("llama7b", part))
     if "smollm2" in parts:
-        result["smollm2"] = smollm2()
-    os.makedirs(os.path.dirname(a.out), exist_ok=True)
-    with open(a.out + ".tmp", "w") as fh:
-        json.dump(result, fh, indent=1)
-    os.replace(a.out + ".tmp", a.out)
+        save("smollm2", dict(smollm2(), commit=_commit()))
     print(markdown(result))
 
 
