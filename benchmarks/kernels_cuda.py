@@ -2,11 +2,11 @@
 
 Two steps, because the GPU machines have no TVM:
 
-* ``python benchmarks/kernels.py --device cuda --prepare DIR`` (where TVM and
+* ``python benchmarks/kernel_speed.py --device cuda --prepare DIR`` (where TVM and
   nvcc are): generates every kernel (all tuning candidates) for the benchmark
   shapes and the check shapes, builds one fatbin for ``--arch``, writes the
   bundle to ``DIR``.
-* ``python benchmarks/kernels.py --device cuda --bundle DIR`` (on the GPU):
+* ``python benchmarks/kernel_speed.py --device cuda --bundle DIR`` (on the GPU):
   measures the device-to-device copy bandwidth; checks every benchmark kernel
   against the reference op in fp64 on fresh random data (output poisoned first);
   times every candidate (the remote half of tuning: the winners are written

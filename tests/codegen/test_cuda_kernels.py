@@ -10,7 +10,7 @@ bucket and every tuning candidate) runs on fresh random data against the
 reference op, outputs poisoned with NaN first, relative error at most 1e-3
 against fp32 on the same fp16 inputs. The bundle is built here when TVM and
 nvcc are installed, or read from ``$SQC_CUDA_BUNDLE`` (a GPU machine without
-TVM: ``python benchmarks/kernels.py --device cuda --prepare DIR`` writes it).
+TVM: ``python benchmarks/kernel_speed.py --device cuda --prepare DIR`` writes it).
 """
 from __future__ import annotations
 
@@ -213,7 +213,7 @@ def test_every_kernel_matches_the_reference_op(bundle):
     for slot in bundle.plan["slots"]:
         key = slot["key"]
         if key["rows"] * key["in_features"] > 8_000_000:
-            continue  # the large benchmark shapes are checked by benchmarks/kernels.py --device cuda
+            continue  # the large benchmark shapes are checked by benchmarks/kernel_speed.py --device cuda
         for sym in slot["candidates"]:
             for n in BATCHES[slot["bucket"]]:
                 r = check_kernel(bundle.module, sym, key, n, g)
@@ -250,7 +250,7 @@ def test_cuda_artifact_runs_on_gpu_without_tvm():
     """A CUDA artifact compiled elsewhere (``$SQC_CUDA_ARTIFACT``, a tiny LLaMA) loads and matches the reference op."""
     path = os.environ.get("SQC_CUDA_ARTIFACT")
     if not path:
-        pytest.skip("no $SQC_CUDA_ARTIFACT (benchmarks/kernels.py --device cuda --prepare DIR writes DIR/tiny-llama)")
+        pytest.skip("no $SQC_CUDA_ARTIFACT (benchmarks/kernel_speed.py --device cuda --prepare DIR writes DIR/tiny-llama)")
     import sqc
 
     compiled = sqc.load(path).to("cuda")

@@ -1,6 +1,6 @@
 """Generated CPU kernels against torch ``F.linear`` (fp32 and bf16), same shapes, same threads, one run.
 
-    python benchmarks/kernels.py [--threads 2] [--repeats 40] [--quick]
+    python benchmarks/kernel_speed.py [--threads 2] [--repeats 40] [--quick]
 
 For LLaMA-7B's and SmolLM2's linear shapes, 3 and 4 bits, dense and with
 0.45% sparse entries, batch 1 / 8 / 64: the median latency of the sqc layer
