@@ -199,14 +199,14 @@ def _env(threads: str) -> dict:
                 OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", threads))
 
 
-def run(layers: int, ranks: int, text_file: str, tune: bool, out: str) -> dict:
+def run(layers: int, ranks: int, threads: int, text_file: str, tune: bool, out: str) -> dict:
     folder = checkpoint(layers)
     args = ["compile", folder, "--preset", "w3-s0.45", "--calib", text_file, "--calib-samples", "4",
             "--seq-len", "128", "--out", out, "--force"] + ([] if tune else ["--no-tune"])
     head = [sys.executable, "-m", "sqc"] if ranks == 1 else [
         sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={ranks}", "-m", "sqc"]
     shutil.rmtree(out, ignore_errors=True)
-    wall, peak, tree, _ = _measured(head + args, _env("2" if ranks == 1 else "1"))
+    wall, peak, tree, _ = _measured(head + args, dict(_env("1"), OMP_NUM_THREADS=str(threads)))
     with open(os.path.join(out, "report.json")) as fh:
         stages = json.load(fh)["stage_seconds"]
     sha = hashlib.sha256()
@@ -215,7 +215,7 @@ def run(layers: int, ranks: int, text_file: str, tune: bool, out: str) -> dict:
             sha.update(block)
     size = sum(os.path.getsize(os.path.join(r, f)) for r, _, fs in os.walk(out) for f in fs)
     shutil.rmtree(out)
-    return {"layers": layers, "ranks": ranks, "wall_s": wall, "peak_rss_mib": peak, "tree_rss_mib": tree,
+    return {"layers": layers, "ranks": ranks, "threads_per_process": threads, "wall_s": wall, "peak_rss_mib": peak, "tree_rss_mib": tree,
             "stage_seconds": stages, "other_s": wall - sum(stages.values()), "artifact_mib": size / 2**20,
             "model_sha256": sha.hexdigest()}
 
@@ -287,31 +287,44 @@ def llama7b(depths: list[int], ranks: list[int], tune: bool, previous: dict, sav
     text_file = os.path.join(MODEL_DIR, "calibration.txt")
     with open(text_file, "w") as fh:
         fh.write(protocol_text("library"))
-    runs = {(r["layers"], r["ranks"]): r for r in previous.get("runs", [])}
+    runs = {_key(r): r for r in previous.get("runs", [])}
+    # every depth on one rank at 2 threads; more ranks (1 thread each) at the deepest; and at the
+    # shallowest, one rank at 1 thread: the artifact's bits depend on the threads per process (the
+    # GEMMs split their sums by thread count), so ranks are compared at equal threads per process
+    plan = [(d, 1, 2) for d in depths] + [(max(depths), r, 1) for r in ranks if r > 1]
+    if len(ranks) > 1:
+        plan.append((min(depths), 1, 1))
+        plan += [(min(depths), r, 1) for r in ranks if r > 1 and min(depths) != max(depths)]
     part = dict(previous)
-    for layers in depths:  # every depth on one rank; more ranks at the deepest
-        for r in ranks:
-            if r == 1 or layers == max(depths):
-                row = run(layers, r, text_file, tune, os.path.join(MODEL_DIR, "artifact"))
-                runs[(layers, r)] = dict(row, commit=_commit())
-                print(f"  {layers:>2} layers, {r} rank(s): {row['wall_s']:7.1f} s, peak {row['peak_rss_mib']:6.0f} MiB"
-                      f" (tree {row['tree_rss_mib']:6.0f})", flush=True)
-                part = _summary([runs[k] for k in sorted(runs)], tune)
-                save(part)
+    for layers, r, threads in plan:
+        row = run(layers, r, threads, text_file, tune, os.path.join(MODEL_DIR, "artifact"))
+        runs[_key(row)] = dict(row, commit=_commit())
+        print(f"  {layers:>2} layers, {r} rank(s) x {threads} thread(s): {row['wall_s']:7.1f} s, peak"
+              f" {row['peak_rss_mib']:6.0f} MiB (tree {row['tree_rss_mib']:6.0f})", flush=True)
+        part = _summary([runs[k] for k in sorted(runs)], tune)
+        save(part)
     return part
 
 
+def _key(r: dict) -> tuple:
+    # runs recorded before the thread count was a field ran 1 rank at 2 threads, ranks at 1 each
+    return r["layers"], r["ranks"], r.get("threads_per_process", 2 if r["ranks"] == 1 else 1)
+
+
 def _summary(runs: list[dict], tune: bool) -> dict:
-    one = [r for r in runs if r["ranks"] == 1]
+    one = [r for r in runs if r["ranks"] == 1 and _key(r)[2] == 2]
     xs = [r["layers"] for r in one]
     depths = sorted({r["layers"] for r in runs})
-    same = {str(d): len({r["model_sha256"] for r in runs if r["layers"] == d}) == 1
-            for d in depths if len([r for r in runs if r["layers"] == d]) > 1}
+    groups = {}  # (layers, threads per process) -> {ranks: sha}
+    for r in runs:
+        groups.setdefault((r["layers"], _key(r)[2]), {})[r["ranks"]] = r["model_sha256"]
+    same = {f"{d} layers, {t} thread(s) per process": len(set(g.values())) == 1
+            for (d, t), g in sorted(groups.items()) if len(g) > 1}
     return {
         "model": dict(SHAPE, dtype="bfloat16", weights="random normal, std 0.02"),
         "command": "sqc compile FOLDER --preset w3-s0.45 --calib TEXT --calib-samples 4 --seq-len 128"
                    + (" --no-tune" if not tune else ""),
-        "threads": "2 (1 rank), 1 per rank (2 ranks)",
+        "threads": "threads_per_process in each run (OMP_NUM_THREADS)",
         "runs": runs,
         "per_layer": {k: _slope(xs, [r[k] for r in one]) for k in ("wall_s", "peak_rss_mib", "artifact_mib")},
         "limit_mib": LIMIT_MIB,
@@ -328,11 +341,11 @@ def markdown(result: dict) -> str:
     lines = []
     if "llama7b" in result:
         r7 = result["llama7b"]
-        lines += ["| layers | ranks | wall s | peak RSS MiB (process) | sum over ranks MiB | forward s | backward s |"
+        lines += ["| layers | ranks x threads | wall s | peak RSS MiB (process) | sum over ranks MiB | forward s | backward s |"
                   " split s | fit s | kernels s | other s | artifact MiB |", "|" + "---|" * 12]
         for r in r7["runs"]:
             s = r["stage_seconds"]
-            lines.append(f"| {r['layers']} | {r['ranks']} | {r['wall_s']:.0f} | {r['peak_rss_mib']:.0f} |"
+            lines.append(f"| {r['layers']} | {r['ranks']} x {_key(r)[2]} | {r['wall_s']:.0f} | {r['peak_rss_mib']:.0f} |"
                          f" {r['tree_rss_mib']:.0f} | {s.get('calibration forward', 0):.0f} |"
                          f" {s.get('calibration backward', 0):.0f} | {s.get('SplitOutliers', 0):.0f} |"
                          f" {s.get('FitCodebook', 0):.0f} | {s.get('kernels', 0):.0f} | {r['other_s']:.0f} |"
@@ -341,7 +354,8 @@ def markdown(result: dict) -> str:
         lines += ["", f"Per decoder layer (least squares over the 1-rank depths): {pl['wall_s']:.1f} s,"
                   f" {pl['peak_rss_mib']:.0f} MiB of peak RSS, {pl['artifact_mib']:.0f} MiB of artifact"
                   f" (a bf16 layer is {_layer_mib():.0f} MiB). Limit {r7['limit_mib']:.0f} MiB"
-                  f" (8 GB); 1 and 2 ranks bit-identical (model.safetensors sha256): {r7['ranks_bit_identical']}."]
+                  f" (8 GB). 1 and 2 ranks bit-identical at equal threads per process (model.safetensors sha256): "
+                  + ", ".join(f"{k}: {'yes' if v else 'NO'}" for k, v in r7["ranks_bit_identical"].items()) + "."]
     if "smollm2" in result:
         sm = result["smollm2"]
         lines += ["", f"SmolLM2-135M: `{sm['compile_command']}` peaks at {sm['compile_peak_rss_mib']:.0f} MiB, "
