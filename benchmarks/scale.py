@@ -194,9 +194,9 @@ def _measured(cmd: list[str], env: dict) -> tuple[float, float, float, str]:
     return time.perf_counter() - t0, usage.ru_maxrss / 1024, tree_peak[0] / 1024, log
 
 
-def _env(threads: str) -> dict:
+def _env(threads: int) -> dict:
     return dict(os.environ, PYTHONPATH=os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")]),
-                OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", threads))
+                OMP_NUM_THREADS=str(threads))
 
 
 def run(layers: int, ranks: int, threads: int, text_file: str, tune: bool, out: str) -> dict:
@@ -206,7 +206,7 @@ def run(layers: int, ranks: int, threads: int, text_file: str, tune: bool, out: 
     head = [sys.executable, "-m", "sqc"] if ranks == 1 else [
         sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={ranks}", "-m", "sqc"]
     shutil.rmtree(out, ignore_errors=True)
-    wall, peak, tree, _ = _measured(head + args, dict(_env("1"), OMP_NUM_THREADS=str(threads)))
+    wall, peak, tree, _ = _measured(head + args, _env(threads))
     with open(os.path.join(out, "report.json")) as fh:
         stages = json.load(fh)["stage_seconds"]
     sha = hashlib.sha256()
@@ -215,9 +215,9 @@ def run(layers: int, ranks: int, threads: int, text_file: str, tune: bool, out: 
             sha.update(block)
     size = sum(os.path.getsize(os.path.join(r, f)) for r, _, fs in os.walk(out) for f in fs)
     shutil.rmtree(out)
-    return {"layers": layers, "ranks": ranks, "threads_per_process": threads, "wall_s": wall, "peak_rss_mib": peak, "tree_rss_mib": tree,
-            "stage_seconds": stages, "other_s": wall - sum(stages.values()), "artifact_mib": size / 2**20,
-            "model_sha256": sha.hexdigest()}
+    return {"layers": layers, "ranks": ranks, "threads_per_process": threads, "wall_s": wall, "peak_rss_mib": peak,
+            "tree_rss_mib": tree, "stage_seconds": stages, "other_s": wall - sum(stages.values()),
+            "artifact_mib": size / 2**20, "model_sha256": sha.hexdigest()}
 
 
 def smollm2(calib_samples: int = 8) -> dict:
@@ -234,7 +234,7 @@ def smollm2(calib_samples: int = 8) -> dict:
     # first with empty caches (a new machine: XLA compiles the k-means solvers, TVM builds and tunes the
     # kernels), then again with the caches that run filled (every later compile on that machine)
     caches = tempfile.mkdtemp(prefix="sqc-scale-cache-")
-    env = dict(_env("2"), SQC_CACHE_DIR=caches, SQC_JAX_CACHE=os.path.join(caches, "jax"))
+    env = dict(_env(2), SQC_CACHE_DIR=caches, SQC_JAX_CACHE=os.path.join(caches, "jax"))
     try:
         cold_wall, cold_peak, _, _ = _measured(cmd, env)
         shutil.rmtree(out)
@@ -291,10 +291,10 @@ def llama7b(depths: list[int], ranks: list[int], tune: bool, previous: dict, sav
     # every depth on one rank at 2 threads; more ranks (1 thread each) at the deepest; and at the
     # shallowest, one rank at 1 thread: the artifact's bits depend on the threads per process (the
     # GEMMs split their sums by thread count), so ranks are compared at equal threads per process
-    plan = [(d, 1, 2) for d in depths] + [(max(depths), r, 1) for r in ranks if r > 1]
-    if len(ranks) > 1:
-        plan.append((min(depths), 1, 1))
-        plan += [(min(depths), r, 1) for r in ranks if r > 1 and min(depths) != max(depths)]
+    more = [r for r in ranks if r > 1]
+    plan = [(d, 1, 2) for d in depths] + [(max(depths), r, 1) for r in more]
+    if more:
+        plan += [(min(depths), 1, 1)] + ([(min(depths), r, 1) for r in more] if min(depths) < max(depths) else [])
     part = dict(previous)
     for layers, r, threads in plan:
         row = run(layers, r, threads, text_file, tune, os.path.join(MODEL_DIR, "artifact"))
@@ -307,14 +307,12 @@ def llama7b(depths: list[int], ranks: list[int], tune: bool, previous: dict, sav
 
 
 def _key(r: dict) -> tuple:
-    # runs recorded before the thread count was a field ran 1 rank at 2 threads, ranks at 1 each
-    return r["layers"], r["ranks"], r.get("threads_per_process", 2 if r["ranks"] == 1 else 1)
+    return r["layers"], r["ranks"], r["threads_per_process"]
 
 
 def _summary(runs: list[dict], tune: bool) -> dict:
     one = [r for r in runs if r["ranks"] == 1 and _key(r)[2] == 2]
     xs = [r["layers"] for r in one]
-    depths = sorted({r["layers"] for r in runs})
     groups = {}  # (layers, threads per process) -> {ranks: sha}
     for r in runs:
         groups.setdefault((r["layers"], _key(r)[2]), {})[r["ranks"]] = r["model_sha256"]
@@ -341,12 +339,12 @@ def markdown(result: dict) -> str:
     lines = []
     if "llama7b" in result:
         r7 = result["llama7b"]
-        lines += ["| layers | ranks x threads | wall s | peak RSS MiB (process) | sum over ranks MiB | forward s | backward s |"
-                  " split s | fit s | kernels s | other s | artifact MiB |", "|" + "---|" * 12]
+        lines += ["| layers | ranks x threads | wall s | peak RSS MiB (process) | sum over ranks MiB | forward s |"
+                  " backward s | split s | fit s | kernels s | other s | artifact MiB |", "|" + "---|" * 12]
         for r in r7["runs"]:
             s = r["stage_seconds"]
-            lines.append(f"| {r['layers']} | {r['ranks']} x {_key(r)[2]} | {r['wall_s']:.0f} | {r['peak_rss_mib']:.0f} |"
-                         f" {r['tree_rss_mib']:.0f} | {s.get('calibration forward', 0):.0f} |"
+            lines.append(f"| {r['layers']} | {r['ranks']} x {_key(r)[2]} | {r['wall_s']:.0f} |"
+                         f" {r['peak_rss_mib']:.0f} | {r['tree_rss_mib']:.0f} | {s.get('calibration forward', 0):.0f} |"
                          f" {s.get('calibration backward', 0):.0f} | {s.get('SplitOutliers', 0):.0f} |"
                          f" {s.get('FitCodebook', 0):.0f} | {s.get('kernels', 0):.0f} | {r['other_s']:.0f} |"
                          f" {r['artifact_mib']:.0f} |")
