@@ -18,17 +18,22 @@ recompiles); the later steps replay the captured Inductor graph on the same argu
 The first call pays the compilation (reported in :attr:`CompiledDecoder.stats`);
 Inductor caches the compiled graph on disk (``TORCHINDUCTOR_CACHE_DIR``), so a
 second process with the same model and shapes loads it instead of compiling.
-Greedy decoding only: sampling, beam search, padded batches or other ``generate``
-options run Hugging Face's own ``generate`` (eager) and :attr:`stats` says why.
+Greedy decoding and sampling (``do_sample=True``: temperature, top_k, top_p, min_p, repetition /
+presence / frequency penalties, per-row seeds; :mod:`sqc.runtime.sampling`) run in the step; beam search,
+padded batches or other ``generate`` options run Hugging Face's own ``generate`` (eager) and :attr:`stats`
+says why.
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import time
 import warnings
 from typing import Any
 
 import torch
+
+from .sampling import SamplingParams, as_params, batch_state, sample_tokens
 
 __all__ = ["CompiledDecoder", "CACHE_STEP", "use_gqa_attention"]
 
@@ -123,6 +128,7 @@ class CompiledDecoder:
         self.compile_step = compile_step
         self._cache = None
         self._cache_len = 0
+        self._inference = False
         self._steps: dict[int, tuple] = {}
         self._first = False
         #: set to a list to collect the wall time of every decode step (benchmarks; off by default)
@@ -135,28 +141,40 @@ class CompiledDecoder:
         from transformers import StaticCache
 
         need = -(-length // CACHE_STEP) * CACHE_STEP
-        if self._cache is None or self._cache_len < need or self._batch != batch:
+        inference = torch.is_inference_mode_enabled()  # a cache made under inference_mode is read-only outside it
+        if (self._cache is None or self._cache_len < need or self._batch != batch
+                or self._inference != inference):
             cfg = self.model.config
             self._cache = StaticCache(config=cfg, max_cache_len=need, max_batch_size=batch) if batch > 1 else \
                 StaticCache(config=cfg, max_cache_len=need)
-            self._cache_len, self._batch = need, batch
+            self._cache_len, self._batch, self._inference = need, batch, inference
             self._steps.clear()
         else:
             self._cache.reset()
         return self._cache
 
-    def _step_fn(self):
-        """(the step for the current cache length, its :class:`_GraphCapture` or None when eager)."""
-        key = self._cache_len
+    def _step_fn(self, mode: str = "greedy"):
+        """(the step for the current cache length and ``mode``, its :class:`_GraphCapture` or None when eager).
+
+        ``mode`` is ``"greedy"`` (argmax), ``"sample"`` or ``"sample+penalties"`` (:func:`sample_tokens` on the
+        logits, with or without the penalty buffers): each compiles once per cache length."""
+        key = (self._cache_len, mode)
         entry = self._steps.get(key)
         if entry is None:
             model, cache = self.model, self._cache
             if self.compile_step and use_gqa_attention(model):
                 self.stats["attention"] = "sdpa on the grouped K/V heads (enable_gqa), no repeated cache"
 
-            def step(tok: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
-                out = model(input_ids=tok, past_key_values=cache, cache_position=pos, use_cache=True, logits_to_keep=1)
-                return out.logits[:, -1].argmax(-1, keepdim=True)
+            if mode == "greedy":
+                def step(tok: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+                    out = model(input_ids=tok, past_key_values=cache, cache_position=pos, use_cache=True,
+                                logits_to_keep=1)
+                    return out.logits[:, -1].argmax(-1, keepdim=True)
+            else:
+                def step(tok: torch.Tensor, pos: torch.Tensor, *sampler: torch.Tensor | None) -> torch.Tensor:
+                    out = model(input_ids=tok, past_key_values=cache, cache_position=pos, use_cache=True,
+                                logits_to_keep=1)
+                    return sample_tokens(out.logits[:, -1], *sampler)
 
             capture = _GraphCapture() if self.compile_step else None
             fn = step if capture is None else torch.compile(step, backend=capture, fullgraph=True, dynamic=False)
@@ -165,13 +183,17 @@ class CompiledDecoder:
         return entry
 
     # -- generation ----------------------------------------------------------------------------
+    #: ``generate`` options the compiled path takes; anything else runs transformers' generate
+    HANDLED = frozenset({"attention_mask", "pad_token_id", "do_sample", "temperature", "top_k", "top_p", "min_p",
+                         "repetition_penalty", "presence_penalty", "frequency_penalty", "seed", "sampling",
+                         "stop_strings", "tokenizer"})
+    _HF_SAMPLING = ("temperature", "top_k", "top_p", "min_p", "repetition_penalty")
+
     def unsupported(self, input_ids, kwargs: dict[str, Any]) -> str | None:
         """Why this call cannot take the compiled path (None when it can)."""
-        extra = {k for k, v in kwargs.items() if v is not None and k not in ("attention_mask", "pad_token_id", "do_sample")}
-        if kwargs.get("do_sample"):
-            extra.add("do_sample")
+        extra = {k for k, v in kwargs.items() if v is not None and k not in self.HANDLED}
         if extra:
-            return f"generate options {sorted(extra)} (the compiled step decodes greedily)"
+            return f"generate options {sorted(extra)} (the compiled step decodes greedily or samples)"
         mask = kwargs.get("attention_mask")
         if mask is not None and not bool(mask.all()):
             return "a padded batch (attention_mask has zeros)"
@@ -180,6 +202,39 @@ class CompiledDecoder:
         if not getattr(self.model, "_supports_static_cache", True) or not hasattr(self.model, "config"):
             return f"{type(self.model).__name__} has no static KV cache"
         return None
+
+    def sampling_params(self, batch: int, kwargs: dict[str, Any]) -> list[SamplingParams] | None:
+        """Each row's :class:`SamplingParams` for a ``generate`` call, or None for greedy decoding.
+
+        ``sampling=`` (one :class:`SamplingParams` or dict, or one per row) wins; otherwise ``do_sample=True``
+        samples with the keyword settings, falling back to the model's ``generation_config``, then to
+        :class:`SamplingParams`' defaults. ``seed=`` is one int (row ``b`` gets ``seed + b``) or one per row."""
+        given = kwargs.get("sampling")
+        if given is None and not kwargs.get("do_sample"):
+            return None
+        if given is None:
+            gc = getattr(self.model, "generation_config", None)
+            fields = {}
+            for name in (*self._HF_SAMPLING, "presence_penalty", "frequency_penalty"):
+                v = kwargs.get(name)
+                if v is None and name in self._HF_SAMPLING:
+                    v = getattr(gc, name, None)
+                if v is not None:
+                    fields[name] = v
+            given = fields
+        rows = list(given) if isinstance(given, (list, tuple)) else [given] * batch
+        if len(rows) != batch:
+            raise ValueError(f"generate: sampling has {len(rows)} settings for a batch of {batch} rows")
+        seed = kwargs.get("seed")
+        seeds = list(seed) if isinstance(seed, (list, tuple)) else [None if seed is None else seed + b
+                                                                    for b in range(batch)]
+        if len(seeds) != batch:
+            raise ValueError(f"generate: seed has {len(seeds)} values for a batch of {batch} rows")
+        out = []
+        for row, sd in zip(rows, seeds):
+            p = as_params(row)
+            out.append(p if sd is None else dataclasses.replace(p, seed=sd))
+        return out
 
     @torch.no_grad()
     def generate(self, input_ids: torch.Tensor, max_new_tokens: int = 20, min_new_tokens: int = 0,
@@ -194,28 +249,46 @@ class CompiledDecoder:
             eos_token_id = getattr(getattr(self.model, "generation_config", None), "eos_token_id", None)
         eos = set([eos_token_id] if isinstance(eos_token_id, int) else (eos_token_id or []))
         B, P = input_ids.shape
+        params = self.sampling_params(B, kwargs)
+        stops = _StopStrings(kwargs.get("stop_strings"), kwargs.get("tokenizer"), B)
+        if params is None:
+            mode, sampler = "greedy", None
+        else:
+            sampler = batch_state(params, self.model.config.vocab_size, prompts=list(input_ids))
+            mode = "sample+penalties" if sampler.penalties else "sample"
         cache = self._cache_for(B, P + max_new_tokens)
         out = self.model(input_ids=input_ids, past_key_values=cache, cache_position=torch.arange(P), use_cache=True,
                          logits_to_keep=1)
-        tok = out.logits[:, -1].argmax(-1, keepdim=True)
+        if sampler is None:
+            tok = out.logits[:, -1].argmax(-1, keepdim=True)
+        else:
+            sampler.draw()
+            tok = sample_tokens(out.logits[:, -1], *sampler.tensors())
         del out
-        step, capture = self._step_fn()
+        step, capture = self._step_fn(mode)
         toks = [tok]
         tokbuf = tok.clone()
         posbuf = torch.zeros(1, dtype=torch.long)
+        args = (tokbuf, posbuf) + (() if sampler is None else sampler.tensors())
         done = torch.zeros(B, dtype=torch.bool)
         eos_ids = torch.tensor(sorted(eos), dtype=torch.long)
+        pad_id = next(iter(sorted(eos)), kwargs.get("pad_token_id") or 0)
         replay = False
         try:
             for i in range(max_new_tokens - 1):
-                if eos and i + 1 >= min_new_tokens:
-                    done |= torch.isin(toks[-1][:, 0], eos_ids)
+                if (eos or stops) and i + 1 >= min_new_tokens:
+                    if eos:
+                        done |= torch.isin(toks[-1][:, 0], eos_ids)
+                    if stops:
+                        done |= stops.hit(toks)
                     if bool(done.all()):
                         break
                 tokbuf.copy_(toks[-1])
                 posbuf.fill_(P + i)
+                if sampler is not None:
+                    sampler.draw()
                 t0 = time.perf_counter()
-                nxt = capture.replay() if replay else step(tokbuf, posbuf)
+                nxt = capture.replay() if replay else step(*args)
                 dt = time.perf_counter() - t0
                 if self._first:  # this step compiled (or loaded from Inductor's cache)
                     self.stats["first_step_s"] = dt
@@ -229,12 +302,34 @@ class CompiledDecoder:
                     self.stats["replay"] = ("later steps replay the compiled graph on the first step's arguments "
                                             "(no guard checks)" if replay else
                                             "every step through TorchDynamo (the graph's output is not the step's)")
-                if eos:
-                    pad = toks[-1].new_full(toks[-1].shape, next(iter(eos)))
-                    nxt = torch.where(done[:, None], pad, nxt)
+                if eos or stops:
+                    nxt = torch.where(done[:, None], torch.full_like(nxt, pad_id), nxt)
                 toks.append(nxt.clone())
         finally:
             if capture is not None:
                 capture.release()
-        self.stats["last_path"] = self.stats["mechanism"]
+        self.stats["last_path"] = self.stats["mechanism"] + ("" if sampler is None else f", {mode} in the step")
         return torch.cat([input_ids, *toks], dim=1)
+
+
+class _StopStrings:
+    """Stop strings for ``generate``: a row is done once its generated text contains one of them (checked on
+    the text of its last few tokens, each time a token arrives, so the first match is the one that completes).
+    Needs the tokenizer (``tokenizer=``), as transformers' ``generate`` does."""
+
+    def __init__(self, strings, tokenizer, batch: int) -> None:
+        if isinstance(strings, str):
+            strings = [strings]
+        self.strings = [s for s in (strings or []) if s]
+        if self.strings and tokenizer is None:
+            raise ValueError("generate: stop_strings needs the tokenizer: pass tokenizer=... as well")
+        self.tokenizer = tokenizer
+        self.window = max((len(s) for s in self.strings), default=0) + 2  # tokens: each is at least one character
+
+    def __bool__(self) -> bool:
+        return bool(self.strings)
+
+    def hit(self, toks: list[torch.Tensor]) -> torch.Tensor:
+        recent = torch.cat(toks[-self.window:], dim=1)
+        texts = self.tokenizer.batch_decode(recent)
+        return torch.tensor([any(s in t for s in self.strings) for t in texts])

@@ -86,11 +86,13 @@ class FusedGroup:
         self._x = self._y = None
 
     def slice(self, i: int, x: torch.Tensor) -> torch.Tensor:
-        if (self._x is not x or i in self._served
-                or (not torch.compiler.is_compiling() and x._version != self._version)):
+        # inference tensors (torch.inference_mode) and traced ones have no version counter: there the cache is
+        # keyed by the input's identity alone (the siblings' shared input is not modified in place in between)
+        versioned = not torch.compiler.is_compiling() and not x.is_inference()
+        if self._x is not x or i in self._served or (versioned and x._version != self._version):
             self._y = self.layer(x)
             self._x = x
-            self._version = -1 if torch.compiler.is_compiling() else x._version
+            self._version = x._version if versioned else -1
             self._served = set()
         self._served.add(i)
         y = self._y
