@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import inspect
 import time
 import warnings
 from typing import Any
@@ -80,6 +81,16 @@ def use_gqa_attention(model: torch.nn.Module) -> bool:
     AttentionMaskInterface.register(GQA_SDPA, sdpa_mask)
     cfg._attn_implementation = GQA_SDPA
     return True
+
+
+def cache_kwarg(model: torch.nn.Module) -> str:
+    """The keyword a transformers model's forward takes its KV cache by: ``cache`` (transformers 5.2x, where
+    ``past_key_values`` is deprecated and warns) or ``past_key_values`` (earlier releases)."""
+    fwd = getattr(getattr(model, "model", model), "forward", None)
+    try:
+        return "cache" if "cache" in inspect.signature(fwd).parameters else "past_key_values"
+    except (TypeError, ValueError):
+        return "past_key_values"
 
 
 class _GraphCapture:
@@ -161,19 +172,17 @@ class CompiledDecoder:
         key = (self._cache_len, mode)
         entry = self._steps.get(key)
         if entry is None:
-            model, cache = self.model, self._cache
+            model, cache, kw = self.model, self._cache, cache_kwarg(self.model)
             if self.compile_step and use_gqa_attention(model):
                 self.stats["attention"] = "sdpa on the grouped K/V heads (enable_gqa), no repeated cache"
 
             if mode == "greedy":
                 def step(tok: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
-                    out = model(input_ids=tok, past_key_values=cache, cache_position=pos, use_cache=True,
-                                logits_to_keep=1)
+                    out = model(input_ids=tok, cache_position=pos, use_cache=True, logits_to_keep=1, **{kw: cache})
                     return out.logits[:, -1].argmax(-1, keepdim=True)
             else:
                 def step(tok: torch.Tensor, pos: torch.Tensor, *sampler: torch.Tensor | None) -> torch.Tensor:
-                    out = model(input_ids=tok, past_key_values=cache, cache_position=pos, use_cache=True,
-                                logits_to_keep=1)
+                    out = model(input_ids=tok, cache_position=pos, use_cache=True, logits_to_keep=1, **{kw: cache})
                     return sample_tokens(out.logits[:, -1], *sampler)
 
             capture = _GraphCapture() if self.compile_step else None
@@ -257,8 +266,8 @@ class CompiledDecoder:
             sampler = batch_state(params, self.model.config.vocab_size, prompts=list(input_ids))
             mode = "sample+penalties" if sampler.penalties else "sample"
         cache = self._cache_for(B, P + max_new_tokens)
-        out = self.model(input_ids=input_ids, past_key_values=cache, cache_position=torch.arange(P), use_cache=True,
-                         logits_to_keep=1)
+        out = self.model(input_ids=input_ids, cache_position=torch.arange(P), use_cache=True, logits_to_keep=1,
+                         **{cache_kwarg(self.model): cache})
         if sampler is None:
             tok = out.logits[:, -1].argmax(-1, keepdim=True)
         else:
