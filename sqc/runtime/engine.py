@@ -195,11 +195,22 @@ class Engine:
         self._positions = torch.arange(ctx + 1)
         #: counters for /metrics and benchmarks
         self.stats: dict[str, Any] = {"steps": 0, "prefill_chunks": 0, "tokens_out": 0, "tokens_in": 0,
-                                      "compiles": 0, "step_seconds": []}
+                                      "compiles": 0}
+        #: called as ``on_step(seconds, rows)`` after every decode step (a server's latency histogram)
+        self.on_step: Callable[[float, int], None] | None = None
 
     # -- requests ------------------------------------------------------------------------------
     def add(self, seq: Sequence) -> Sequence:
-        """Queue ``seq``; it is admitted to a free slot at a later :meth:`step`. Checks its lengths first."""
+        """Queue ``seq``; it is admitted to a free slot at a later :meth:`step`. Checks it first (:meth:`check`)."""
+        self.check(seq)
+        seq.prompt = seq.prompt.reshape(-1).long()
+        seq.id = next(self._ids)
+        self.waiting.append(seq)
+        return seq
+
+    def check(self, seq: Sequence) -> None:
+        """Raise ValueError, naming the field, when ``seq`` cannot run here (an empty or too long prompt, a token
+        outside the vocabulary, no tokens asked for)."""
         n = int(seq.prompt.numel())
         if n == 0:
             raise ValueError("the prompt is empty; it needs at least one token")
@@ -210,10 +221,6 @@ class Engine:
             raise ValueError(f"max_tokens={seq.max_new_tokens} must be at least 1")
         if (bad := seq.prompt[(seq.prompt < 0) | (seq.prompt >= self.vocab)]).numel():
             raise ValueError(f"the prompt has token id {int(bad[0])}, outside the vocabulary of {self.vocab}")
-        seq.prompt = seq.prompt.reshape(-1).long()
-        seq.id = next(self._ids)
-        self.waiting.append(seq)
-        return seq
 
     def cancel(self, seq: Sequence) -> None:
         """Stop ``seq``: it leaves its slot (or the queue) at the next :meth:`step`."""
@@ -371,8 +378,9 @@ class Engine:
             out = fn(*args)
             self.stats["compiles"] += capture is not None
             entry[2] = capture is not None and capture.replayable(out)
-        self.stats["step_seconds"].append(time.perf_counter() - t0)
         self.stats["steps"] += 1
+        if self.on_step is not None:
+            self.on_step(time.perf_counter() - t0, len(rows))
         out = out.tolist()
         for s in rows:
             self._emit(s, out[s.slot][0])
