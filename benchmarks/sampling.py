@@ -1,8 +1,8 @@
-"""Sampling in the compiled decode step against greedy decoding, SmolLM2-135M at w3-s0.45, one run.
+"""Sampling in the compiled decode step against greedy decoding, SmolLM2-135M at w3-s0.45-g, one run.
 
     python benchmarks/sampling.py [--threads 2] [--new-tokens 128] [--prompt 512] [--rounds 5]
 
-The artifact is e2e.py's (``benchmarks/.e2e-artifacts/w3-s0.45``, compiled there when missing). Settings,
+The artifact is serve.py's (``benchmarks/.e2e-artifacts/w3-s0.45-g``, compiled by the CLI when missing). Settings,
 interleaved round by round, medians over ``--rounds``, each a 512-token prompt and 128 new tokens (decode time
 per token = (generate N - generate 1) / (N - 1), so the prefill cancels):
 
@@ -42,12 +42,11 @@ def run(args) -> dict:
     import torch
 
     import sqc
-    from e2e import ART, compile_artifacts
+    from serve import ensure_artifact
     from sqc.real import eval_windows
     from transformers import AutoTokenizer
 
-    compile_artifacts(8)
-    path = os.path.join(ART, "w3-s0.45")
+    path = ensure_artifact()
     model = sqc.load(path)
     tok = AutoTokenizer.from_pretrained(os.path.join(path, "tokenizer"))
     ids = eval_windows(tok, n_windows=1, seq_len=args.prompt)[0]

@@ -266,9 +266,15 @@ class CompiledModel(nn.Module):
             f"{nq} of {len(self.layers)} linear layers quantized; weights of quantized layers: "
             f"{wb['float_before'] / 2**20:.1f} MiB float -> {wb['packed_after'] / 2**20:.1f} MiB packed"
         )
+        kinds: dict[tuple, int] = {}  # one line per kind of group (members' leaf names, shape, kernel)
         for g in fused_groups(self.model):
-            lines.append(f"fused: {' + '.join(g.names)} -> one {g.layer.out_features}x{g.layer.in_features} layer, "
-                         f"one kernel call ({g.layer.kernel})")
+            key = (tuple(n.rpartition(".")[2] for n in g.names), g.layer.out_features, g.layer.in_features,
+                   g.layer.kernel)
+            kinds[key] = kinds.get(key, 0) + 1
+        for (leaves, rows, cols, kernel), count in kinds.items():
+            where = f" in {count} layers" if count > 1 else ""
+            lines.append(f"fused: {' + '.join(leaves)}{where} -> one {rows}x{cols} layer each, one kernel call "
+                         f"({kernel})")
         for note in self.notes:
             lines.append(f"note: {note}")
         if self.stage_seconds:

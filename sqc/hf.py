@@ -719,7 +719,7 @@ def save_pretrained(compiled, path: str | os.PathLike, tokenizer: Any = None) ->
     The folder is written under a temporary name next to ``path`` and renamed
     into place. An existing ``path`` is replaced only if it is a folder this
     function wrote (its ``config.json`` has ``quantization_config.quant_method
-    == "sqc"``); anything else raises :class:`FileExistsError`.
+    == "sqc"``) and an empty folder (as ``tempfile.mkdtemp()`` makes); anything else raises :class:`FileExistsError`.
 
     Parameters
     ----------
@@ -774,7 +774,8 @@ def save_pretrained(compiled, path: str | os.PathLike, tokenizer: Any = None) ->
     _validate_fields(qc)  # what is written must read back
 
     path = os.path.abspath(os.fspath(path))
-    if os.path.lexists(path) and not _written_here(path):
+    empty = os.path.isdir(path) and not os.path.islink(path) and not os.listdir(path)  # e.g. tempfile.mkdtemp()
+    if os.path.lexists(path) and not (empty or _written_here(path)):
         kind = "a folder" if os.path.isdir(path) else "a file"
         raise FileExistsError(
             f"{path} exists and is {kind} that sqc.hf.save_pretrained did not write (no {CONFIG} with "

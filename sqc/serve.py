@@ -9,7 +9,7 @@ sends server-sent events ending in ``data: [DONE]``; the chat template is the to
 One thread (:class:`EngineWorker`) runs :class:`sqc.runtime.engine.Engine`; the HTTP handlers hand it
 sequences and receive tokens through an asyncio queue each. Sampling settings: OpenAI's ``temperature``,
 ``top_p``, ``presence_penalty``, ``frequency_penalty``, ``seed``, ``stop``, ``max_tokens``, plus ``top_k``,
-``min_p`` and ``repetition_penalty`` (as llama.cpp's and vLLM's servers take them).
+``min_p``, ``repetition_penalty`` and ``ignore_eos`` (as llama.cpp's and vLLM's servers take them).
 
 Faults are answered as OpenAI answers them, with an ``error`` object: a malformed body, an unknown model, a
 prompt longer than the context, ``max_tokens`` out of range and sampling values out of range get a 400 naming the
@@ -285,7 +285,11 @@ class _App:
         if not isinstance(stream, bool):
             raise ServeError(400, f"'stream' must be true or false, got {stream!r}", "stream")
         opts = body.get("stream_options") or {}
-        seq = Sequence(torch.tensor(ids, dtype=torch.long), max_tokens, _sampling(body), self.stop_ids)
+        ignore_eos = body.get("ignore_eos", False)
+        if not isinstance(ignore_eos, bool):
+            raise ServeError(400, f"'ignore_eos' must be true or false, got {ignore_eos!r}", "ignore_eos")
+        seq = Sequence(torch.tensor(ids, dtype=torch.long), max_tokens, _sampling(body),
+                       frozenset() if ignore_eos else self.stop_ids)
         try:
             self.engine.check(seq)
         except ValueError as e:

@@ -214,6 +214,11 @@ def test_unfused_float_head_round_trips(tmp_path, tie):
 def test_resave_and_refuse_foreign_paths(saved, compiled, tmp_path):
     # a folder written by save_pretrained is replaced
     assert sqc.hf.save_pretrained(compiled[0], saved) == str(saved)
+    # an existing empty folder (tempfile.mkdtemp(), as Hugging Face tutorials do) is written into
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert sqc.hf.save_pretrained(compiled[0], empty) == str(empty)
+    assert (empty / "config.json").is_file()
     foreign = tmp_path / "notes"
     foreign.mkdir()
     (foreign / "keep.txt").write_text("mine")
