@@ -279,3 +279,28 @@ def test_sigterm_finishes_requests_in_flight(model, tok, tmp_path):
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+def test_load_served_reads_artifacts_and_hf_folders(model, tok, tmp_path):
+    from sqc.serve import load_served
+
+    ids = tok("abc", add_special_tokens=False, return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        want = model(ids).logits
+    art = tmp_path / "art"
+    sqc.save(model, art, tokenizer=tok)
+    m, t, name = load_served(str(art))
+    assert name == "art" and t("abc", add_special_tokens=False)["input_ids"] == ids[0].tolist()
+    with torch.no_grad():
+        assert torch.equal(m(ids).logits, want)
+    hf = tmp_path / "hf"
+    model.save_pretrained(hf, tokenizer=tok)
+    m, t, name = load_served(str(hf))
+    with torch.no_grad():
+        assert name == "hf" and torch.equal(m(ids).logits, want)
+    bare = tmp_path / "bare"
+    sqc.save(model, bare)
+    with pytest.raises(ValueError, match=r"sqc.save\(compiled, path, tokenizer=tokenizer\)"):
+        load_served(str(bare))
+    with pytest.raises(FileNotFoundError, match="neither manifest.json"):
+        load_served(str(tmp_path))
