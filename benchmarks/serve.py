@@ -7,10 +7,12 @@
 * The baseline: ``llama-cpp-python``'s server (``python -m llama_cpp.server``) on SmolLM2's own Q4_1 GGUF, with
   the same threads and context per sequence (``pip install -e ".[bench]"`` builds it from source; README).
 * Load: for each level ``c``, ``c`` clients start together, each streaming one completion of a 128-token prompt
-  (a window of the evaluation text, sent as token ids) and 128 new tokens (greedy, ``ignore_eos``). Measured per
+  (a window of the evaluation text, sent as its text) and 128 new tokens (greedy, ``ignore_eos``). Measured per
   level, median over ``--rounds`` rounds, the servers interleaved round by round: aggregate output tokens/s (all
-  tokens / wall time from the first request to the last end), p50 / p99 time to first token, p50 / p99
-  inter-token latency (gaps between streamed chunks).
+  tokens / wall time from the first request to the last end; tokens as the server's streamed ``usage`` counts
+  them, or one per streamed chunk where it sends none), p50 / p99 time to first token, p50 / p99 inter-token
+  latency (gaps between streamed chunks). llama-cpp-python's server runs with ``--interrupt_requests False``
+  (by default a new request cancels the running one, which returns a few tokens: throughput that is not there).
 * ``--mixed N``: N requests (16 at a time; 5 % malformed, 5 % dropped by the client mid-stream, the rest short
   completions) against sqc alone: no 5xx for a valid request, all slots free at the end, the server's resident
   memory after the first 100 requests and at the end.
@@ -29,6 +31,7 @@ import socket
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -68,12 +71,15 @@ class Server:
         self.name, self.port = name, free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         cmd = [c.replace("{port}", str(self.port)) for c in cmd]
-        self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+        # the server's log goes to a file: a pipe nobody reads fills up and stalls the server (llama.cpp logs a lot)
+        self.log = tempfile.NamedTemporaryFile("w+", prefix=f"serve-{name}-", suffix=".log")
+        self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, text=True,
                                      env={**os.environ, **(env or {})})
         deadline = time.time() + 600
         while True:
             if self.proc.poll() is not None:
-                raise SystemExit(f"{name} server exited:\n{self.proc.stderr.read()[-3000:]}")
+                self.log.seek(0)
+                raise SystemExit(f"{name} server exited:\n{self.log.read()[-3000:]}")
             try:
                 if httpx.get(self.url + "/v1/models", timeout=5).status_code == 200:
                     break
@@ -94,7 +100,9 @@ class Server:
 async def one_stream(client, url: str, body: dict) -> dict:
     t0 = time.perf_counter()
     marks = []
-    async with client.stream("POST", url + "/v1/completions", json={**body, "stream": True}) as r:
+    usage = None
+    body = {**body, "stream": True, "stream_options": {"include_usage": True}}
+    async with client.stream("POST", url + "/v1/completions", json=body) as r:
         if r.status_code != 200:
             return {"status": r.status_code}
         async for line in r.aiter_lines():
@@ -103,15 +111,18 @@ async def one_stream(client, url: str, body: dict) -> dict:
             chunk = json.loads(line[6:])
             if chunk.get("choices") and chunk["choices"][0].get("text"):
                 marks.append(time.perf_counter())
-    return {"status": 200, "t0": t0, "marks": marks, "end": time.perf_counter()}
+            usage = chunk.get("usage") or usage
+    # tokens: the server's usage count where it streams one (sqc), else one token per streamed chunk (llama.cpp)
+    tokens = usage["completion_tokens"] if usage else len(marks)
+    return {"status": 200, "t0": t0, "marks": marks, "end": time.perf_counter(), "tokens": tokens}
 
 
-async def level(url: str, prompts: list, n: int, new_tokens: int, model: str) -> dict:
+async def level(url: str, prompts: list, n: int, new_tokens: int, model: str, temperature: float = 0.0) -> dict:
     import httpx
 
     async with httpx.AsyncClient(timeout=600) as client:
-        bodies = [{"model": model, "prompt": prompts[i % len(prompts)], "max_tokens": new_tokens, "temperature": 0,
-                   "ignore_eos": True} for i in range(n)]
+        bodies = [{"model": model, "prompt": prompts[i % len(prompts)], "max_tokens": new_tokens,
+                   "temperature": temperature, "seed": i, "ignore_eos": True} for i in range(n)]
         t = time.perf_counter()
         res = await asyncio.gather(*(one_stream(client, url, b) for b in bodies))
         wall = time.perf_counter() - t
@@ -120,8 +131,8 @@ async def level(url: str, prompts: list, n: int, new_tokens: int, model: str) ->
         raise SystemExit(f"{url}: requests failed with {bad}")
     ttft = [r["marks"][0] - r["t0"] for r in res]
     itl = [b - a for r in res for a, b in zip(r["marks"], r["marks"][1:])]
-    tokens = n * new_tokens  # ignore_eos: every request produces max_tokens tokens
-    return {"wall_s": wall, "tokens_per_s": tokens / wall, "ttft_p50_s": _pct(ttft, 50), "ttft_p99_s": _pct(ttft, 99),
+    tokens = sum(r["tokens"] for r in res)
+    return {"wall_s": wall, "tokens": tokens, "tokens_per_s": tokens / wall, "ttft_p50_s": _pct(ttft, 50), "ttft_p99_s": _pct(ttft, 99),
             "itl_p50_s": _pct(itl, 50), "itl_p99_s": _pct(itl, 99), "chunks": sum(len(r["marks"]) for r in res)}
 
 
@@ -146,9 +157,9 @@ async def mixed(url: str, pid: int, prompts: list, total: int, model: str) -> di
     async def run(i: int, kind: str, client) -> None:
         nonlocal done
         async with sem:
-            p = prompts[i % len(prompts)][:32]
+            p = prompts[i % len(prompts)][:160]  # about 32 tokens
             if kind == "bad":
-                r = await client.post(url + "/v1/completions", content=b'{"prompt": [1, 2,',
+                r = await client.post(url + "/v1/completions", content=b'{"prompt": "an unfinished',
                                       headers={"content-type": "application/json"})
                 counts["bad_400" if r.status_code == 400 else "bad_other"] += 1
             elif kind == "drop":
@@ -188,7 +199,8 @@ def prompts_of(n: int, length: int) -> list[list[int]]:
 
     tok = AutoTokenizer.from_pretrained(os.path.join(ART, "tokenizer"))
     w = eval_windows(tok, n_windows=1, seq_len=length * n)[0][0].tolist()
-    return [w[i * length:(i + 1) * length] for i in range(n)]
+    # as text: llama-cpp-python's server takes no token ids (the text tokenizes back to about `length` tokens)
+    return [tok.decode(w[i * length:(i + 1) * length]) for i in range(n)]
 
 
 def llamacpp_gguf() -> str:
@@ -223,14 +235,17 @@ def main() -> None:
         servers["llama.cpp"] = Server("llama.cpp", [
             sys.executable, "-m", "llama_cpp.server", "--model", llamacpp_gguf(), "--model_alias", "smollm2",
             "--host", "127.0.0.1", "--port", "{port}", "--n_threads", str(args.threads), "--n_threads_batch",
-            str(args.threads), "--n_ctx", str(args.ctx), "--n_batch", "512"], env)
+            str(args.threads), "--n_ctx", str(args.ctx), "--n_batch", "512",
+            # by default a new request interrupts the one running: queue them instead, as a shared server must
+            "--interrupt_requests", "False"], env)
     prompts = prompts_of(16, args.prompt)
     out = {"threads": args.threads, "prompt_tokens": args.prompt, "new_tokens": args.new_tokens, "ctx": args.ctx,
            "rounds": args.rounds, "levels": levels, "results": {}}
     try:
-        for name, srv in servers.items():  # warm-up: every batch bucket compiles (or loads) its step once
+        for name, srv in servers.items():  # warm-up: every batch bucket compiles (or loads) its steps once
             for n in levels:
-                asyncio.run(level(srv.url, prompts, n, 8, "smollm2"))
+                for temperature in (0.0, 0.8):  # the greedy step and the sampling step
+                    asyncio.run(level(srv.url, prompts, n, 8, "smollm2", temperature))
         runs = {name: {n: [] for n in levels} for name in servers}
         for r in range(args.rounds):
             for n in levels:

@@ -489,9 +489,6 @@ def cmd_serve(args, progress: Progress) -> dict[str, Any]:
     if args.ctx < 2:
         raise UsageError("--ctx must be at least 2")
     progress.log(f"loading {args.dir} ...")
-    # uvicorn answers SIGTERM with a graceful shutdown, then raises the signal again under the handler that was
-    # there before it: a no-op one makes that a normal exit (status 0) once the requests in flight are done
-    signal.signal(signal.SIGTERM, lambda signum, frame: None)
     serve(args.dir, host=args.host, port=args.port, max_batch=args.max_batch, ctx=args.ctx,
           max_queue=args.max_queue, compile_step=args.compile_step, name=args.model_name,
           ready=lambda: progress.log(f"serving on http://{args.host}:{args.port}/v1"))
