@@ -29,6 +29,7 @@ import dataclasses
 import functools
 import inspect
 import time
+import types
 import warnings
 from typing import Any
 
@@ -91,6 +92,14 @@ def cache_kwarg(model: torch.nn.Module) -> str:
         return "cache" if "cache" in inspect.signature(fwd).parameters else "past_key_values"
     except (TypeError, ValueError):
         return "past_key_values"
+
+
+def own_code(fn, name: str):
+    """``fn`` with a code object of its own, named ``name``. TorchDynamo keeps its compiled entries on the code
+    object, at most ``recompile_limit`` (8) of them: every step made from one ``def`` (each model, cache length,
+    batch bucket, mode) would share that budget, and a process past eight would fail under ``fullgraph=True``."""
+    code = fn.__code__.replace(co_name=name, co_qualname=name)
+    return types.FunctionType(code, fn.__globals__, name, fn.__defaults__, fn.__closure__)
 
 
 class _GraphCapture:
@@ -186,6 +195,8 @@ class CompiledDecoder:
                     return sample_tokens(out.logits[:, -1], *sampler)
 
             capture = _GraphCapture() if self.compile_step else None
+            if capture is not None:
+                step = own_code(step, f"sqc_decode_{id(self):x}_{self._cache_len}_{mode.replace('+', '_')}")
             fn = step if capture is None else torch.compile(step, backend=capture, fullgraph=True, dynamic=False)
             entry = self._steps[key] = (fn, capture)
             self._first = True

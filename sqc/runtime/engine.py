@@ -23,13 +23,12 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import time
-import types
 from collections import deque
 from typing import Any, Callable
 
 import torch
 
-from .decode import _GraphCapture, cache_kwarg, use_gqa_attention
+from .decode import _GraphCapture, cache_kwarg, own_code, use_gqa_attention
 from .sampling import SamplingParams, SamplerState, sample_tokens
 
 __all__ = ["Engine", "Sequence", "SlotCache"]
@@ -342,12 +341,8 @@ class Engine:
                 return sample_tokens(logits, *sampler)
 
             capture = _GraphCapture() if self.compile_step else None
-            if capture is not None:
-                # TorchDynamo keeps its compiled entries on the code object, up to a limit of 8 per code object:
-                # each (engine, bucket, mode) step gets its own code object, so buckets never evict each other
-                name = f"sqc_step_{id(self):x}_b{B}_{mode.replace('+', '_')}"
-                code = step.__code__.replace(co_name=name, co_qualname=name)
-                step = types.FunctionType(code, step.__globals__, name, step.__defaults__, step.__closure__)
+            if capture is not None:  # each (engine, bucket, mode) step its own Dynamo cache (own_code says why)
+                step = own_code(step, f"sqc_step_{id(self):x}_b{B}_{mode.replace('+', '_')}")
             fn = step if capture is None else torch.compile(step, backend=capture, fullgraph=True, dynamic=False)
             entry = self._steps[(B, mode)] = [fn, capture, False]
         return entry

@@ -111,3 +111,15 @@ def test_replay_follows_a_new_prompt_and_a_changed_model(compiled_llama):
     finally:
         with torch.no_grad():
             norm.copy_(saved)
+
+
+def test_more_decoders_than_dynamos_recompile_limit(compiled_llama):
+    """Every decoder's step has its own code object, so TorchDynamo's limit of 8 compiled entries per code object
+    is never shared between models or decoders (the full suite once hit it on its ninth compiled model)."""
+    from sqc.runtime.decode import CompiledDecoder
+
+    compiled, ids = compiled_llama
+    want = compiled.generate(ids, max_new_tokens=3, min_new_tokens=3)
+    for _ in range(torch._dynamo.config.recompile_limit + 2):
+        dec = CompiledDecoder(compiled.model)
+        assert torch.equal(dec.generate(ids, max_new_tokens=3, min_new_tokens=3), want)
