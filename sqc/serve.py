@@ -31,7 +31,7 @@ from typing import Any, Callable
 import torch
 
 from .runtime.engine import Engine, Sequence
-from .runtime.sampling import SamplingParams
+from .runtime.sampling import SamplingError, SamplingParams
 
 __all__ = ["create_app", "load_served", "EngineWorker", "ServeError", "serve"]
 
@@ -239,9 +239,8 @@ def _sampling(body: dict) -> SamplingParams:
         raise ServeError(400, f"'temperature' must be between 0 and 2, got {fields['temperature']!r}", "temperature")
     try:
         return SamplingParams(**fields)
-    except ValueError as e:  # "sampling: top_p=1.5 is out of range; ..."
-        field = str(e).split(":", 1)[1].strip().split("=", 1)[0]
-        raise ServeError(400, str(e).replace("sampling: ", ""), field) from None
+    except SamplingError as e:
+        raise ServeError(400, str(e).replace("sampling: ", ""), e.field) from None
 
 
 def _stops(body: dict) -> list[str]:

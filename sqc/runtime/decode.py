@@ -185,14 +185,10 @@ class CompiledDecoder:
             if self.compile_step and use_gqa_attention(model):
                 self.stats["attention"] = "sdpa on the grouped K/V heads (enable_gqa), no repeated cache"
 
-            if mode == "greedy":
-                def step(tok: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
-                    out = model(input_ids=tok, cache_position=pos, use_cache=True, logits_to_keep=1, **{kw: cache})
-                    return out.logits[:, -1].argmax(-1, keepdim=True)
-            else:
-                def step(tok: torch.Tensor, pos: torch.Tensor, *sampler: torch.Tensor | None) -> torch.Tensor:
-                    out = model(input_ids=tok, cache_position=pos, use_cache=True, logits_to_keep=1, **{kw: cache})
-                    return sample_tokens(out.logits[:, -1], *sampler)
+            def step(tok: torch.Tensor, pos: torch.Tensor, *sampler: torch.Tensor | None) -> torch.Tensor:
+                logits = model(input_ids=tok, cache_position=pos, use_cache=True, logits_to_keep=1,
+                               **{kw: cache}).logits[:, -1]
+                return logits.argmax(-1, keepdim=True) if mode == "greedy" else sample_tokens(logits, *sampler)
 
             capture = _GraphCapture() if self.compile_step else None
             if capture is not None:

@@ -21,6 +21,7 @@ the rows around it; its logits are the same up to the kernels' rounding at anoth
 from __future__ import annotations
 
 import dataclasses
+import functools
 import itertools
 import time
 from collections import deque
@@ -34,12 +35,6 @@ from .sampling import SamplingParams, SamplerState, sample_tokens
 __all__ = ["Engine", "Sequence", "SlotCache"]
 
 
-def _layer_base():
-    from transformers.cache_utils import CacheLayerMixin
-
-    return CacheLayerMixin
-
-
 class _SlotLayer:
     """One decoder layer's keys and values for a range of slots, written at per-row positions.
 
@@ -51,7 +46,6 @@ class _SlotLayer:
     is_croppable = False
 
     def __init__(self, keys: torch.Tensor, values: torch.Tensor, rows: slice, pos: torch.Tensor) -> None:
-        self.keys_all, self.values_all = keys, values
         self.keys, self.values = keys[rows], values[rows]
         self.pos = pos
         self.rows = torch.arange(self.keys.shape[0])[:, None]
@@ -93,14 +87,11 @@ class SlotCache:
         shape = (slots, heads, ctx + 1, head_dim)
         self.keys = [torch.zeros(shape, dtype=dtype) for _ in range(config.num_hidden_layers)]
         self.values = [torch.zeros(shape, dtype=dtype) for _ in range(config.num_hidden_layers)]
-        self.slots, self.ctx = slots, ctx
+        self.ctx = ctx
 
     @property
     def scratch(self) -> int:
         return self.ctx
-
-    def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (*self.keys, *self.values))
 
     def view(self, rows: slice, pos: torch.Tensor):
         """A ``transformers`` ``Cache`` over slots ``rows`` whose updates write at ``pos [rows, tokens]``."""
@@ -111,15 +102,12 @@ class SlotCache:
         return Cache(layers=layers)
 
 
-_VIEW_LAYER = None
-
-
+@functools.cache
 def _view_layer_class():
     """:class:`_SlotLayer` as a subclass of transformers' ``CacheLayerMixin`` (imported on first use)."""
-    global _VIEW_LAYER
-    if _VIEW_LAYER is None:
-        _VIEW_LAYER = type("SlotLayer", (_SlotLayer, _layer_base()), {"__init__": _SlotLayer.__init__})
-    return _VIEW_LAYER
+    from transformers.cache_utils import CacheLayerMixin
+
+    return type("SlotLayer", (_SlotLayer, CacheLayerMixin), {"__init__": _SlotLayer.__init__})
 
 
 @dataclasses.dataclass(eq=False)
@@ -136,7 +124,6 @@ class Sequence:
     stop_ids: frozenset = frozenset()
     on_token: Callable[["Sequence", int], None] | None = None
     on_finish: Callable[["Sequence"], None] | None = None
-    tag: Any = None
     # state (the engine's)
     id: int = -1
     slot: int = -1
@@ -145,8 +132,6 @@ class Sequence:
     finish_reason: str | None = None
     error: BaseException | None = None
     cancelled: bool = False
-    t_admit: float = 0.0
-    t_first: float = 0.0
 
     @property
     def pos(self) -> int:
@@ -166,8 +151,6 @@ class Engine:
     >>> eng = Engine(compiled.model, max_batch=8, ctx=1024)              # doctest: +SKIP
     >>> outs = eng.generate([ids_a, ids_b], max_new_tokens=32)           # doctest: +SKIP
     """
-
-    MODES = ("greedy", "sample", "sample+penalties")
 
     def __init__(self, model: torch.nn.Module, max_batch: int = 8, ctx: int = 2048, prefill_chunk: int = 256,
                  compile_step: bool = True) -> None:
@@ -248,7 +231,6 @@ class Engine:
         while self.waiting and None in self.slots:
             s = self.waiting.popleft()
             s.slot = self.slots.index(None)
-            s.t_admit = time.perf_counter()
             self.slots[s.slot] = s
             self._guarded(s, lambda s: self.sampler.set_row(s.slot, s.params, s.prompt))
         filling = [s for s in self.active if s.filled < s.prompt.numel()]
@@ -287,9 +269,10 @@ class Engine:
             seq.error = e
             self._finish(seq, "error")
 
-    def _forward(self, ids, pos, mask, cache, logits_to_keep=1):
-        return self.model(input_ids=ids, position_ids=pos, attention_mask=mask, use_cache=True,
-                          logits_to_keep=logits_to_keep, **{self._cache_kw: cache}).logits[:, -1]
+    def _forward(self, ids, pos, mask, cache):
+        """The last position's logits of ``ids`` at positions ``pos`` under ``mask``, writing ``cache``."""
+        return self.model(input_ids=ids, position_ids=pos, attention_mask=mask, use_cache=True, logits_to_keep=1,
+                          **{self._cache_kw: cache}).logits[:, -1]
 
     def _prefill_chunk(self, seq: Sequence) -> None:
         n = int(seq.prompt.numel())
@@ -302,13 +285,9 @@ class Engine:
         self.stats["prefill_chunks"] += 1
         self.stats["tokens_in"] += b - a
         if b == n:  # the prompt is in: its last logits give the first new token
-            row = slice(seq.slot, seq.slot + 1)
-            st = self.sampler
             if not seq.params.greedy:
-                st.noise[seq.slot].uniform_(generator=st.generators[seq.slot])
-            args = [t[row] for t in st.tensors()]
-            tok = sample_tokens(logits, *args)
-            seq.t_first = time.perf_counter()
+                self.sampler.draw([seq.slot])
+            tok = sample_tokens(logits, *self.sampler.tensors(slice(seq.slot, seq.slot + 1)))
             self._emit(seq, int(tok))
 
     def _bucket(self) -> int:
@@ -324,7 +303,9 @@ class Engine:
             tok = torch.zeros(B, 1, dtype=torch.long)
             pos = torch.full((B, 1), self.cache.scratch, dtype=torch.long)
             cache = self.cache.view(slice(0, B), pos)
-            bufs = self._bufs[B] = (tok, pos, cache, tuple(t[:B] for t in self.sampler.tensors()))
+            views = {"greedy": (), "sample": self.sampler.tensors(slice(0, B), penalties=False),
+                     "sample+penalties": self.sampler.tensors(slice(0, B))}  # the step's arguments after (tok, pos)
+            bufs = self._bufs[B] = (tok, pos, cache, views)
         return bufs
 
     def _step_fn(self, B: int, mode: str):
@@ -349,21 +330,18 @@ class Engine:
 
     def _decode(self, rows: list[Sequence]) -> None:
         B = self._bucket()
-        tok, pos, _, sampler = self._buffers(B)
+        tok, pos, _, views = self._buffers(B)
         pos.fill_(self.cache.scratch)
         tok.zero_()
         for s in rows:
             tok[s.slot, 0] = s.tokens[-1]
             pos[s.slot, 0] = s.pos
         if all(s.params.greedy for s in rows):
-            mode, args = "greedy", (tok, pos)
+            mode = "greedy"
         else:
             mode = "sample+penalties" if any(s.params.penalized for s in rows) else "sample"
-            st = self.sampler
-            for s in rows:
-                st.noise[s.slot].uniform_(generator=st.generators[s.slot])
-            sargs = sampler if mode == "sample+penalties" else (*sampler[:7], None, None, sampler[9])
-            args = (tok, pos, *sargs)
+            self.sampler.draw([s.slot for s in rows])
+        args = (tok, pos, *views[mode])
         entry = self._step_fn(B, mode)
         fn, capture, replay = entry
         t0 = time.perf_counter()

@@ -34,10 +34,18 @@ from typing import Sequence
 
 import torch
 
-__all__ = ["SamplingParams", "SamplerState", "sample_tokens", "filter_logits", "as_params", "batch_state", "CANDIDATES"]
+__all__ = ["SamplingError", "SamplingParams", "SamplerState", "sample_tokens", "filter_logits", "as_params", "batch_state", "CANDIDATES"]
 
 #: how many of a row's largest logits the cheap threshold search looks at
 CANDIDATES = 256
+
+
+class SamplingError(ValueError):
+    """A sampling setting out of range; ``field`` names it."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(message)
+        self.field = field
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,7 +70,7 @@ class SamplingParams:
 
     def __post_init__(self) -> None:
         def bad(field: str, value, want: str):
-            raise ValueError(f"sampling: {field}={value!r} is out of range; it must be {want}")
+            raise SamplingError(field, f"sampling: {field}={value!r} is out of range; it must be {want}")
 
         if not (isinstance(self.temperature, (int, float)) and math.isfinite(self.temperature)
                 and self.temperature >= 0):
@@ -138,20 +146,24 @@ class SamplerState:
             if prompt is not None and prompt.numel():
                 self.seen[row].index_fill_(0, prompt.reshape(-1).long(), 1.0)
 
-    def draw(self) -> None:
-        """Fresh uniform noise for every row, each from its own generator (or torch's global one)."""
-        for row, g in enumerate(self.generators):
-            self.noise[row].uniform_(generator=g)
+    def draw(self, rows=None) -> None:
+        """Fresh uniform noise for ``rows`` (default: every row), each from its own generator (or torch's
+        global one)."""
+        for row in range(self.batch) if rows is None else rows:
+            self.noise[row].uniform_(generator=self.generators[row])
 
     def record(self, tok: torch.Tensor) -> None:
         """Count the chosen tokens ``[B, 1]`` (eager path; the compiled step counts inside the graph)."""
         if self.penalties:
             _count(self.seen, self.count, tok)
 
-    def tensors(self) -> tuple[torch.Tensor, ...]:
-        """The arguments :func:`sample_tokens` takes after the logits, in its order."""
-        return (self.temperature, self.top_k, self.top_p, self.min_p, self.repetition, self.presence,
-                self.frequency, self.seen, self.count, self.noise)
+    def tensors(self, rows: slice = slice(None), penalties: bool | None = None) -> tuple[torch.Tensor | None, ...]:
+        """The arguments :func:`sample_tokens` takes after the logits, in its order, as views of ``rows``;
+        ``penalties=False`` leaves the penalty buffers out (None), as a step without penalties takes them."""
+        pen = self.penalties if penalties is None else penalties and self.penalties
+        return (self.temperature[rows], self.top_k[rows], self.top_p[rows], self.min_p[rows],
+                self.repetition[rows], self.presence[rows], self.frequency[rows],
+                self.seen[rows] if pen else None, self.count[rows] if pen else None, self.noise[rows])
 
 
 def _count(seen: torch.Tensor, count: torch.Tensor, tok: torch.Tensor) -> None:
