@@ -114,7 +114,6 @@ class CpuLutKernels:
         self.name = name
         self.store = store
         self._canonical: torch.Tensor | None = None
-        self.handle = register_kernels(self)
         self._gemv, self._x_ok = None, False  # set by bind(): the search fills ``fns`` of a probe layer later
         self.rebind(packed)
 
@@ -123,15 +122,16 @@ class CpuLutKernels:
         return dict(self.__dict__, store=None)
 
     def __setstate__(self, state) -> None:
-        # a copy (deepcopy, pickle) is a new layer: it gets its own handle
+        # a copy (deepcopy, pickle) is a new layer: its kernels are bound to its own words
         self.__dict__.update(state)
-        self.handle = register_kernels(self)
+        register_kernels(self, self.words)
 
     def rebind(self, packed: PackedLinear, bias: torch.Tensor | None = None) -> None:
         """Take new codes (``load_state_dict``): the lane words, the codes under the sparse entries, the bias."""
         codes = packed.unpack(torch.uint8)
         words = to_lane_words(codes, packed.bits, self.lanes)
         self.words = words if self.store is None else self.store(words)
+        register_kernels(self, self.words)
         self._canonical = None if self.store is None else self.store(packed.codes)
         rows, cols = packed.sparse_coo()
         self.scode = codes[rows, cols].to(torch.uint8).contiguous()
@@ -139,14 +139,14 @@ class CpuLutKernels:
                      else bias.detach().to(torch.float32).contiguous())
 
     def bind(self, lut, crow, col, val, bias) -> tuple:
-        """The op's arguments after x: this layer's tensors and its kernel handle."""
+        """The op's arguments after x: this layer's tensors (its kernels are found through ``words``)."""
         if bias is not None:
             self.bias = bias.detach().to(torch.float32).contiguous()
         # the decode-step fast path of :meth:`run`: the batch-1 kernel, and whether it reads x as it comes
         # (K a multiple of the lanes: no padding copy)
         self._gemv = self.fns.get("1")
         self._x_ok = self._gemv is not None and self.layout.x_width == self.in_features
-        return (self.words, lut, crow, col, val, self.scode, self.bias, self.handle)
+        return (self.words, lut, crow, col, val, self.scode, self.bias)
 
     def canonical_codes(self) -> torch.Tensor:
         return self.canonical_rows(0, self.out_features)

@@ -51,11 +51,6 @@ class Int8Kernels:
         self.out_features = out_features
         self.in_features = in_features
         self.name = name
-        self.handle = register_kernels(self)
-
-    def __setstate__(self, state) -> None:
-        self.__dict__.update(state)
-        self.handle = register_kernels(self)
 
     def run(self, x, qweight, scale, bias) -> torch.Tensor:
         K = self.in_features
@@ -133,7 +128,9 @@ class Int8Linear(nn.Module):
             return
         b = self._buffers.get("bias")
         b = torch.zeros(self.out_features) if b is None else b.to(torch.float32).contiguous()
-        self.__dict__["_args"] = (self._buffers["qweight"], self._buffers["scale"], b, k.handle)
+        q = self._buffers["qweight"]
+        register_kernels(k, q)  # the op finds the kernels through the weights it is called with
+        self.__dict__["_args"] = (q, self._buffers["scale"], b)
 
     def __setstate__(self, state) -> None:
         super().__setstate__(state)

@@ -60,6 +60,27 @@ def test_two_bit_codes_use_the_same_kernels():
     torch.testing.assert_close(m(x).double(), reference(packed, x), rtol=1e-5, atol=1e-5)
 
 
+def test_kernels_are_found_through_the_codes_they_are_bound_to():
+    """The op finds a layer's kernels through its code tensor: a traced call holds no process-specific
+    constant, new codes (a reload) rebind the kernels, and codes no live kernels are bound to are refused."""
+    packed = random_packed(9, 64, 3, frac=0.05)
+    m, _ = module_with_kernels(packed, TARGETS[-1])
+    x = torch.randn(1, 64)
+    gm = torch.fx.experimental.proxy_tensor.make_fx(m)(x)
+    calls = [n for n in gm.graph.nodes if n.target is torch.ops.sqc.lut_linear_cpu.default]
+    assert len(calls) == 1 and all(isinstance(a, torch.fx.Node) for a in calls[0].args)  # no int constant
+    old = m._args
+    m._kernels.rebind(packed)  # new lane words, as load_state_dict makes
+    m._bind()
+    assert m._args[0].data_ptr() != old[0].data_ptr()
+    torch.testing.assert_close(m(x).double(), reference(packed, x), rtol=1e-5, atol=1e-5)
+    with pytest.raises(RuntimeError, match="no kernels are bound"):
+        torch.ops.sqc.lut_linear_cpu(x, *old)  # the old words: their kernels were rebound
+    stray = m._args[0].clone()
+    with pytest.raises(RuntimeError, match="no kernels are bound"):
+        torch.ops.sqc.lut_linear_cpu(x, stray, *m._args[1:])
+
+
 def _direct(k: CpuLutKernels, packed, x, y):
     """Call the compiled function itself, on caller-provided (possibly poisoned or misaligned) outputs."""
     if x.shape[0] == 1:
