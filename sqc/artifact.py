@@ -42,6 +42,7 @@ from torch import nn
 from .backends import backend, compiler_missing
 from .codegen.target import parse_target
 from .config import QuantConfig
+from .decode_steps import normalize_lengths, open_steps, store as decode_steps_store
 from .folders import clean_leftovers, swap_into_place, umask
 from .runtime.kernels import KernelFileError, KernelsUnusable
 from .runtime.layout import PackedLinear
@@ -49,6 +50,7 @@ from .runtime.memory import release_memory
 from .runtime.fused import fused_groups, refuse
 from .runtime.int8 import Int8Linear
 from .runtime.qlinear import SqcLinear
+from .runtime.stepstore import StepStoreError
 
 __all__ = ["save", "load", "ArtifactError", "FORMAT_NAME", "FORMAT_VERSION", "artifact_bits_per_weight",
            "tune_artifact"]
@@ -180,12 +182,19 @@ def save(
     overwrite: bool = False,
     tokenizer: Any = None,
     source: str | None = None,
+    decode_steps: Any = "default",
 ) -> str:
     """Write ``compiled`` to the folder ``path`` atomically. Returns the path.
 
     ``tokenizer`` (anything with ``save_pretrained``) is stored under
     ``tokenizer/``; ``source`` records where the float model came from (for
     baselines).
+
+    ``decode_steps``: the cache lengths to trace and store greedy batch-1 decode steps for
+    (:mod:`sqc.decode_steps`), so that ``generate`` in a fresh process restores them instead of tracing the
+    model (about 15 s on SmolLM2). ``"default"`` stores 512, 1024, 2048 and 4096 tokens for a causal LM
+    compiled for the CPU (nothing for other models); ``None`` stores none. Tracing runs in a child process
+    and takes 20-40 s per length on a small model.
     """
     path = os.path.abspath(os.fspath(path))
     if os.path.exists(path) and not overwrite:
@@ -194,6 +203,7 @@ def save(
     parent = os.path.dirname(path)
     os.makedirs(parent, exist_ok=True)
     model = compiled.model
+    lengths = _step_lengths(compiled, decode_steps)
     spill = getattr(compiled, "spill", None)  # the packed layers of a compile larger than memory, file-backed
     release = spill.evict if spill is not None else None
     tensors, aliases, state_keys = _collect_tensors(model)
@@ -235,6 +245,7 @@ def save(
         "float_weight_bytes": compiled.float_weight_bytes,
         "source": source,
         "kernels": None,
+        "steps": None,
     }
     clean_leftovers(parent)
     tmp = tempfile.mkdtemp(prefix=f".sqc-tmp-{os.getpid()}-", dir=parent)
@@ -256,15 +267,41 @@ def save(
         with open(os.path.join(tmp, "tuning.md"), "w") as fh:
             fh.write(compiled.tuning_report("markdown"))
         for fname, obj in ((MANIFEST, manifest), ("report.json", report), ("tuning.json", tuning)):
-            with open(os.path.join(tmp, fname), "w") as fh:
-                json.dump(obj, fh, indent=1, default=str)
-                fh.flush()
-                os.fsync(fh.fileno())
+            _write_json(os.path.join(tmp, fname), obj)
+        if lengths:  # traced from the artifact as written, in a child process (sqc.decode_steps)
+            manifest["steps"] = {**decode_steps_store(tmp, lengths), "lengths": list(lengths)}
+            manifest["manifest_sha256"] = _manifest_digest(manifest)
+            _write_json(os.path.join(tmp, MANIFEST), manifest)
         swap_into_place(tmp, path, ".sqc-old-")
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return path
+
+
+def _write_json(path: str, obj: Any) -> None:
+    with open(path, "w") as fh:
+        json.dump(obj, fh, indent=1, default=str)
+        fh.flush()
+        os.fsync(fh.fileno())
+
+
+def _step_lengths(compiled, decode_steps: Any) -> tuple[int, ...]:
+    """The cache lengths ``sqc.save`` stores decode steps for (see :func:`save`)."""
+    lengths = normalize_lengths(decode_steps)
+    if not lengths:
+        return ()
+    model = compiled.model
+    why = None
+    if compiled.target.kind != "llvm":
+        why = f"its target is {compiled.target.kind} (stored steps are made for CPU targets)"
+    elif not (hasattr(model, "generate") and hasattr(model, "config")) or not getattr(model, "_supports_static_cache", True):
+        why = f"{type(model).__name__} is not a causal LM with a static KV cache"
+    if why is None:
+        return lengths
+    if decode_steps == "default":
+        return ()
+    raise ValueError(f"sqc.save: decode_steps={decode_steps!r} cannot be stored: {why}; pass decode_steps=None")
 
 
 def _manifest_digest(manifest: dict[str, Any]) -> str:
@@ -379,7 +416,8 @@ def _set_tensor(model: nn.Module, name: str, t: torch.Tensor, persistent: bool) 
         raise ArtifactError(f"the model has no parameter or buffer {name}; is it the architecture that was compiled?")
 
 
-def load(path: str | os.PathLike, model: nn.Module | None = None, target: Any = None, tune: bool = False):
+def load(path: str | os.PathLike, model: nn.Module | None = None, target: Any = None, tune: bool = False,
+         decode_steps: bool = True):
     """Load an artifact written by :func:`save`; no re-quantization.
 
     A Hugging Face model is rebuilt from the config stored in the artifact. Any
@@ -397,6 +435,10 @@ def load(path: str | os.PathLike, model: nn.Module | None = None, target: Any = 
     ``target`` (default: the one it was compiled for) other than the artifact's
     own, or ``tune=True``, builds kernels for that target with the compiler
     (``tune=True`` searches knobs missing from the tuning database).
+
+    The decode steps the artifact carries (``steps/``, checked against their sha256 here) are restored by
+    ``generate`` instead of traced; they are pickled programs, so ``decode_steps=False`` leaves them unread
+    for an artifact you do not trust.
     """
     from .compiler import CompiledModel
     from .passes.base import LayerReport
@@ -499,6 +541,10 @@ def load(path: str | os.PathLike, model: nn.Module | None = None, target: Any = 
         manifest.get("float_weight_bytes", 0), kernels.records() if kernels is not None else [], kernels=kernels,
     )
     compiled.refresh_kernel_names()
+    try:
+        compiled.__dict__["stored_steps"] = open_steps(path, manifest.get("steps")) if decode_steps else None
+    except StepStoreError as e:
+        raise ArtifactError(f"{e}; or load it and save it again") from e
     release_memory()
     return compiled
 

@@ -13,6 +13,9 @@ import sys
 import time
 from typing import Any
 
+from .decode_steps import normalize_lengths
+from .runtime.stepstore import DEFAULT_CACHE_LENGTHS
+
 __all__ = ["main"]
 
 SMOLLM2 = "smollm2"
@@ -138,6 +141,15 @@ def _kernel_stats() -> dict[str, int]:
     return dict(STATS)
 
 
+def _step_lengths(text: str) -> list[int]:
+    if text.strip().lower() == "none":
+        return []
+    try:
+        return list(normalize_lengths([int(v) for v in text.split(",") if v.strip()]))
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(f"{e} (for example 512,1024, or none)") from None
+
+
 def cmd_compile(args, progress: Progress) -> dict[str, Any]:
     import sqc
     from .config import resolve_config
@@ -227,8 +239,15 @@ def cmd_compile(args, progress: Progress) -> dict[str, Any]:
         source.check_complete()
     compile_s = time.perf_counter() - t
     if group.rank == 0:
+        steps = "default" if args.decode_steps is None else args.decode_steps or None
+        n_steps = len(DEFAULT_CACHE_LENGTHS if args.decode_steps is None else args.decode_steps)
+        if n_steps:  # traced in a child process while the artifact is written (--decode-steps none skips it)
+            progress("writing the artifact and tracing its decode steps", 0, n_steps)
         sqc.save(compiled, out, overwrite=args.force, tokenizer=tok,
-                 source=os.path.abspath(args.model) if args.model != SMOLLM2 else SMOLLM2)
+                 source=os.path.abspath(args.model) if args.model != SMOLLM2 else SMOLLM2,
+                 decode_steps=steps)
+        if n_steps:
+            progress("writing the artifact and tracing its decode steps", n_steps, n_steps)
     group.barrier("writing the artifact")  # the other ranks return once rank 0's artifact is in place
     group.close()
     args.written = out
@@ -339,7 +358,9 @@ def cmd_generate(args, progress: Progress) -> dict[str, Any]:
     text = tok.decode(out[0], skip_special_tokens=True)
     if not args.json:
         print(text)
-    return {"prompt": args.prompt, "text": text, "new_tokens": int(out.shape[1] - ids.shape[1])}
+    st = compiled.decode_stats
+    return {"prompt": args.prompt, "text": text, "new_tokens": int(out.shape[1] - ids.shape[1]),
+            "decode": {k: st[k] for k in ("last_path", "stored_step", "first_step_s") if k in st}}
 
 
 # -- parser --------------------------------------------------------------------
@@ -392,6 +413,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="read the checkpoint one decoder layer at a time (default; memory: a layer, not the model)")
     c.add_argument("--no-lazy", dest="lazy", action="store_false",
                    help="load the whole float model first (models without a decoder-layer stack)")
+    c.add_argument("--decode-steps", type=_step_lengths, default=None, metavar="LENGTHS",
+                   help="cache lengths to store traced decode steps for, comma-separated (default "
+                        f"{','.join(map(str, DEFAULT_CACHE_LENGTHS))}), or 'none': a fresh process then "
+                        "generates without tracing the model")
     c.add_argument("--verbose", action="store_true", help="print the per-layer report")
     common(c)
 

@@ -123,6 +123,9 @@ class CompiledModel(nn.Module):
         #: the temporary file that holds the packed layers of a compile larger than memory
         #: (:class:`sqc.runtime.spill.Spill`), or None; ``sqc.save`` drops its pages as it writes them
         self.__dict__["spill"] = spill
+        #: the decode steps an artifact carries (:class:`sqc.runtime.stepstore.StoredSteps`, set by ``sqc.load``):
+        #: ``generate`` restores them instead of tracing the model; None when there are none
+        self.__dict__["stored_steps"] = None
 
     @property
     def cuda(self):
@@ -149,7 +152,7 @@ class CompiledModel(nn.Module):
             input_ids = kwargs.pop("inputs", None)
         dec = self.__dict__.get("_decoder")
         if dec is None:
-            dec = self.__dict__["_decoder"] = CompiledDecoder(self.model)
+            dec = self.__dict__["_decoder"] = CompiledDecoder(self.model, stored=self.__dict__.get("stored_steps"))
         return dec.generate(input_ids, **kwargs)
 
     @property

@@ -15,7 +15,7 @@ def saved_llama(tmp_path):
     model = tiny_llama()
     ids = torch.randint(0, 128, (1, 10))
     compiled = sqc.compile(model, (ids,), config="w3-s0.45", calibration=[(ids,)])
-    path = sqc.save(compiled, tmp_path / "art")
+    path = sqc.save(compiled, tmp_path / "art", decode_steps=None)
     return compiled, path, ids
 
 
@@ -44,7 +44,7 @@ def test_tied_weights_saved_once(tmp_path):
     twin.load_state_dict(model.state_dict())
     # a float head stays tied to the embedding, and is stored once
     compiled = sqc.compile(model, (ids,), config=sqc.QuantConfig(bits=4, head="float"))
-    path = sqc.save(compiled, tmp_path / "tied")
+    path = sqc.save(compiled, tmp_path / "tied", decode_steps=None)
     manifest = json.load(open(os.path.join(path, "manifest.json")))
     assert manifest["aliases"] == {"lm_head.weight": "model.embed_tokens.weight"}
     loaded = sqc.load(path)
@@ -53,7 +53,7 @@ def test_tied_weights_saved_once(tmp_path):
         assert torch.equal(loaded(ids).logits, compiled(ids).logits)
     # the default int8 head gets its own copy; the embedding keeps the float table
     compiled = sqc.compile(twin, (ids,), config="w4")
-    path = sqc.save(compiled, tmp_path / "tied-int8")
+    path = sqc.save(compiled, tmp_path / "tied-int8", decode_steps=None)
     manifest = json.load(open(os.path.join(path, "manifest.json")))
     assert manifest["aliases"] == {} and list(manifest["heads"]) == ["lm_head"]
     loaded = sqc.load(path)
@@ -66,7 +66,7 @@ def test_tied_weights_saved_once(tmp_path):
 def test_plain_module_needs_model_and_accepts_meta(tmp_path, mlp):
     x = torch.randn(3, 100)
     compiled = sqc.compile(mlp, (x,), config="w4")
-    path = sqc.save(compiled, tmp_path / "mlp")
+    path = sqc.save(compiled, tmp_path / "mlp", decode_steps=None)
     with pytest.raises(ArtifactError, match="pass model="):
         sqc.load(path)
     with torch.device("meta"):
@@ -90,7 +90,7 @@ def test_load_refuses_a_model_the_artifact_does_not_cover(tmp_path, mlp, case):
     if case == "extra_hf_layer":
         model = tiny_llama()
         ids = torch.randint(0, 128, (1, 10))
-        path = sqc.save(sqc.compile(model, (ids,), config="w4", kernels=False), tmp_path / "a")
+        path = sqc.save(sqc.compile(model, (ids,), config="w4", kernels=False), tmp_path / "a", decode_steps=None)
         bigger = tiny_llama()
         bigger.config.num_hidden_layers = 3
         from transformers import LlamaForCausalLM
@@ -100,7 +100,7 @@ def test_load_refuses_a_model_the_artifact_does_not_cover(tmp_path, mlp, case):
             sqc.load(path, model=other)
         return
     x = torch.randn(3, 100)
-    path = sqc.save(sqc.compile(mlp, (x,), config="w4", kernels=False), tmp_path / "mlp")
+    path = sqc.save(sqc.compile(mlp, (x,), config="w4", kernels=False), tmp_path / "mlp", decode_steps=None)
     model = _mlp(extra=True) if case == "extra_layer" else _mlp(hidden=60)
     match = "has no data for" if case == "extra_layer" else "compiled as 53x100, the model's is 60x100"
     with pytest.raises(ArtifactError, match=match):
@@ -124,7 +124,7 @@ def test_artifact_mode_follows_umask_and_killed_saves_are_cleaned(saved_llama, t
     assert os.stat(path).st_mode & 0o777 == 0o777 & ~_umask()
     dead = tmp_path / ".sqc-tmp-999999999-abc"  # a save whose process is gone
     dead.mkdir()
-    sqc.save(compiled, tmp_path / "again")
+    sqc.save(compiled, tmp_path / "again", decode_steps=None)
     assert not dead.exists()
 
 
@@ -150,8 +150,8 @@ def test_state_dict_round_trip_between_compiled_models(kernels):
 def test_refuses_existing_folder(saved_llama):
     compiled, path, _ = saved_llama
     with pytest.raises(FileExistsError, match="overwrite=True"):
-        sqc.save(compiled, path)
-    sqc.save(compiled, path, overwrite=True)
+        sqc.save(compiled, path, decode_steps=None)
+    sqc.save(compiled, path, overwrite=True, decode_steps=None)
     assert not [p for p in os.listdir(os.path.dirname(path)) if p.startswith(".sqc-")]
 
 
@@ -164,9 +164,9 @@ def test_overwrite_replaces_only_an_artifact(saved_llama, tmp_path):
     afile.write_text("keep me")
     for target in (src, afile):
         with pytest.raises(FileExistsError, match="not an sqc artifact"):
-            sqc.save(compiled, target, overwrite=True)
+            sqc.save(compiled, target, overwrite=True, decode_steps=None)
     assert (src / "weights.bin").read_bytes() == b"precious" and afile.read_text() == "keep me"
-    assert sqc.save(compiled, path, overwrite=True) == path  # an artifact is replaced
+    assert sqc.save(compiled, path, overwrite=True, decode_steps=None) == path  # an artifact is replaced
     assert not [p for p in os.listdir(tmp_path) if p.startswith(".sqc-")]
 
 
@@ -234,7 +234,7 @@ def _storage_check(tmp_path, rows_cap):
         compiled = sqc.compile(Par(), (torch.randn(1, 4096).half(), torch.randn(1, 11008).half()), config=preset,
                                kernels=False)
         assert all(m.kernel.startswith("reference") for m in compiled.quantized_modules().values())
-        path = sqc.save(compiled, tmp_path / preset)
+        path = sqc.save(compiled, tmp_path / preset, decode_steps=None)
         bpw = artifact_bits_per_weight(path)
         assert bpw["overall"] <= limit, (preset, bpw)
         for v in bpw["layers"].values():
@@ -281,7 +281,7 @@ def _meta_mlp():
 def saved_mlp(tmp_path, mlp):
     x = torch.randn(3, 100)
     compiled = sqc.compile(mlp, (x,), config="w3-s0.45", target="llvm")
-    return compiled, sqc.save(compiled, tmp_path / "mlp"), x
+    return compiled, sqc.save(compiled, tmp_path / "mlp", decode_steps=None), x
 
 
 @needs_avx2
@@ -393,7 +393,7 @@ def test_a_cpu_without_the_instruction_set_rebuilds_with_the_compiler_or_says_wh
 def test_a_format_1_artifact_still_loads(tmp_path, mlp):
     x = torch.randn(3, 100)
     compiled = sqc.compile(mlp, (x,), config="w4", kernels=False)
-    path = sqc.save(compiled, tmp_path / "v1")
+    path = sqc.save(compiled, tmp_path / "v1", decode_steps=None)
     mpath = os.path.join(path, "manifest.json")
     m = json.load(open(mpath))
     m["format_version"] = 1

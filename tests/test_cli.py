@@ -49,7 +49,7 @@ def compiled_dir(workspace):
     root, model_dir, text = workspace
     out = root / "art"
     proc = run("compile", str(model_dir), "--preset", "w4-s0.45", "--calib", str(text), "--calib-samples", "4",
-               "--seq-len", "32", "--tune-trials", "2", "--out", str(out), "--json", check_rc=0)  # 2: tuning curves
+               "--seq-len", "32", "--tune-trials", "2", "--decode-steps", "128", "--out", str(out), "--json", check_rc=0)  # 2: tuning curves
     return out, json.loads(proc.stdout)
 
 
@@ -73,6 +73,8 @@ def test_generate_and_bench(compiled_dir):
     res = json.loads(run("generate", str(out), "--prompt", "the quick", "--max-new-tokens", "5", "--json",
                          check_rc=0).stdout)
     assert res["new_tokens"] <= 5 and res["text"].startswith("the quick")
+    # the artifact carries a decode step for 128 cache slots: the fresh process restored it, traced nothing
+    assert "b1-c128-greedy.bin restored" in res["decode"]["stored_step"], res["decode"]
     res = json.loads(run("bench", str(out), "--prompt-len", "16", "--new-tokens", "4", "--json", check_rc=0).stdout)
     for k in ("sqc", "float"):
         assert res[k]["prefill_tok_s"] > 0 and res[k]["decode_tok_s"] > 0
@@ -81,12 +83,12 @@ def test_generate_and_bench(compiled_dir):
 def test_progress_lines_when_not_a_tty(workspace, tmp_path):
     _, model_dir, text = workspace
     proc = run("compile", str(model_dir), "--preset", "w3", "--calib", str(text), "--calib-samples", "3",
-               "--seq-len", "32", "--out", str(tmp_path / "a"), check_rc=0)
+               "--seq-len", "32", "--decode-steps", "none", "--out", str(tmp_path / "a"), check_rc=0)
     # the default is lazy loading: the layer-streamed pipeline reports per decoder layer
     assert "calibration forward: 2/2" in proc.stderr and "calibration backward + fit: 2/2" in proc.stderr
     assert "compiled 14/15 linear layers" in proc.stdout
     proc = run("compile", str(model_dir), "--preset", "w3", "--calib", str(text), "--calib-samples", "3",
-               "--seq-len", "32", "--out", str(tmp_path / "b"), "--no-lazy", check_rc=0)
+               "--seq-len", "32", "--decode-steps", "none", "--out", str(tmp_path / "b"), "--no-lazy", check_rc=0)
     assert "calibration backward + fit: 2/2" in proc.stderr  # streamed too: the model is a decoder stack
 
 
@@ -206,7 +208,7 @@ def test_ctrl_c_leaves_no_half_written_artifact(workspace, tmp_path):
 def test_flags_reach_the_config(workspace, tmp_path):
     _, model_dir, _ = workspace
     res = json.loads(run("compile", str(model_dir), "--no-calib", "--bits", "3", "--outlier-pct", "1.0",
-                         "--table-dtype", "float32", "--skip", "model.layers.1.*", "--out", str(tmp_path / "a"),
+                         "--table-dtype", "float32", "--skip", "model.layers.1.*", "--decode-steps", "none", "--out", str(tmp_path / "a"),
                          "--json", check_rc=0).stdout)
     assert res["config"]["bits"] == 3 and res["config"]["outlier_pct"] == 1.0
     assert res["config"]["table_dtype"] == "float32" and res["config"]["skip"] == ["model.layers.1.*"]
@@ -222,13 +224,13 @@ def test_smollm2_compile_eval_bench_generate_report(tmp_path):
     # demo's, so the session's kernel cache and tuning database serve both
     skip = [a for p in ("model.layers.[4-9].*", "model.layers.[12]?.*") for a in ("--skip", p)]
     res = json.loads(run("compile", "smollm2", "--preset", "w3-s0.45", "--calib-samples", "2", "--seq-len", "64",
-                         *skip, "--out", str(out), "--json", check_rc=0).stdout)
+                         *skip, "--decode-steps", "none", "--out", str(out), "--json", check_rc=0).stdout)
     assert res["quantized_layers"] == 28
     # every layer runs a generated kernel: its own, or its fused group's (q/k/v, gate/up)
     assert all(k.startswith(("tvm-lut-avx512", "tvm-lut-avx2")) for k in res["kernels"]), res["kernels"]
     assert any("(fused q_proj+k_proj+v_proj)" in k for k in res["kernels"])
     # a second compile of the same model finds every kernel in the tuning database and the kernel cache
-    again = json.loads(run("compile", "smollm2", "--preset", "w3-s0.45", "--no-calib", *skip, "--out",
+    again = json.loads(run("compile", "smollm2", "--preset", "w3-s0.45", "--no-calib", *skip, "--decode-steps", "none", "--out",
                            str(tmp_path / "again"), "--json", check_rc=0).stdout)
     assert again["tuning"] and all(k["from_db"] for k in again["tuning"])
     assert again["kernel_stats"]["builds"] == 0 and again["kernel_stats"]["searches"] == 0

@@ -36,7 +36,7 @@ def test_smollm2_few_layers_end_to_end(smollm2, tmp_path):
     ids = tok("def main():", return_tensors="pt", add_special_tokens=False)["input_ids"]
     out = compiled.generate(ids, max_new_tokens=8, do_sample=False)
     assert out.shape[1] == ids.shape[1] + 8
-    path = sqc.save(compiled, tmp_path / "smol")
+    path = sqc.save(compiled, tmp_path / "smol", decode_steps=None)
     loaded = sqc.load(path)
     with torch.no_grad():
         assert torch.equal(loaded(window[0]).logits, compiled(window[0]).logits)
@@ -116,7 +116,7 @@ def test_smollm2_from_pretrained_equals_sqc_load(tmp_path):
     skip = tuple(f"model.layers.{i}.*" for i in range(4, 30))  # four quantized decoder layers keep it quick
     compiled = sqc.compile(model, (ids,), config=sqc.QuantConfig(bits=3, skip=skip), tune=False)
     compiled.save_pretrained(tmp_path / "hf", tokenizer=tok)
-    sqc.save(compiled, tmp_path / "art")
+    sqc.save(compiled, tmp_path / "art", decode_steps=None)
     hf = AutoModelForCausalLM.from_pretrained(tmp_path / "hf")
     loaded = sqc.load(tmp_path / "art")
     with torch.no_grad():

@@ -16,8 +16,11 @@ recompiles); the later steps replay the captured Inductor graph on the same argu
 5 ms of a 25 ms SmolLM2 step). :attr:`CompiledDecoder.stats` says which path the steps took.
 
 The first call pays the compilation (reported in :attr:`CompiledDecoder.stats`);
-Inductor caches the compiled graph on disk (``TORCHINDUCTOR_CACHE_DIR``), so a
-second process with the same model and shapes loads it instead of compiling.
+Inductor caches the compiled graph on disk (``TORCHINDUCTOR_CACHE_DIR``), but TorchDynamo still traces the
+model in every process (about 10 s of SmolLM2's 15). An artifact therefore carries steps traced when it was
+written (:mod:`sqc.runtime.stepstore`): a generation whose batch and mode have a stored step with enough
+cache slots (at most :attr:`CompiledDecoder.STORED_SLACK` times what it needs) restores it instead of
+tracing, and ``stats["stored_step"]`` says which step ran or why none did.
 Greedy decoding and sampling (``do_sample=True``: temperature, top_k, top_p, min_p, repetition /
 presence / frequency penalties, per-row seeds; :mod:`sqc.runtime.sampling`) run in the step; beam search,
 padded batches or other ``generate`` options run Hugging Face's own ``generate`` (eager) and :attr:`stats`
@@ -36,6 +39,7 @@ from typing import Any
 import torch
 
 from .sampling import SamplingParams, as_params, batch_state, sample_tokens
+from .stepstore import StepStoreError, StoredSteps, fingerprint
 
 __all__ = ["CompiledDecoder", "CACHE_STEP", "use_gqa_attention"]
 
@@ -121,7 +125,10 @@ class _GraphCapture:
         self.out = None
 
     def __call__(self, gm, example_inputs):
-        compiled = torch._dynamo.lookup_backend("inductor")(gm, example_inputs)
+        return self.wrap(torch._dynamo.lookup_backend("inductor")(gm, example_inputs))
+
+    def wrap(self, compiled):
+        """``compiled`` (a compiled graph), recording each call's arguments and result."""
 
         def run(*args):
             out = compiled(*args)
@@ -143,13 +150,23 @@ class _GraphCapture:
 
 
 class CompiledDecoder:
-    def __init__(self, model: torch.nn.Module, compile_step: bool = True) -> None:
+    """Generation with one compiled decode step per (cache length, mode); ``stored`` (the artifact's
+    :class:`sqc.runtime.stepstore.StoredSteps`) holds steps traced when the artifact was written, which are
+    restored instead of traced when they fit the model."""
+
+    #: a stored step serves a generation that needs up to this many times fewer cache slots (its attention
+    #: reads every slot); shorter generations trace their own step
+    STORED_SLACK = 4
+
+    def __init__(self, model: torch.nn.Module, compile_step: bool = True, stored: StoredSteps | None = None) -> None:
         self.model = model
         self.compile_step = compile_step
+        self.stored = stored if compile_step else None
         self._cache = None
         self._cache_len = 0
+        self._batch = 0
         self._inference = False
-        self._steps: dict[int, tuple] = {}
+        self._steps: dict[tuple[int, str], tuple] = {}
         self._first = False
         #: set to a list to collect the wall time of every decode step (benchmarks; off by default)
         self.step_times: list[float] | None = None
@@ -157,13 +174,23 @@ class CompiledDecoder:
                                       if compile_step else "eager decode step", "compiles": 0}
 
     # -- the step ------------------------------------------------------------------------------
-    def _cache_for(self, batch: int, length: int):
+    def _cache_length(self, batch: int, length: int, mode: str) -> int:
+        """The cache length a generation of ``length`` tokens runs with: a stored step's when one fits (and
+        ``length`` is at least 1/:attr:`STORED_SLACK` of it), else ``length`` rounded up to :data:`CACHE_STEP`."""
+        need = -(-length // CACHE_STEP) * CACHE_STEP
+        if self.stored is not None:
+            e = self.stored.find(batch, need, mode)
+            if e is not None and e.cache_len <= need * self.STORED_SLACK:
+                return e.cache_len
+        return need
+
+    def _cache_for(self, batch: int, length: int, mode: str = "greedy", exact: bool = False):
         from transformers import StaticCache
 
-        need = -(-length // CACHE_STEP) * CACHE_STEP
+        need = length if exact else self._cache_length(batch, length, mode)
         inference = torch.is_inference_mode_enabled()  # a cache made under inference_mode is read-only outside it
         if (self._cache is None or self._cache_len < need or self._batch != batch
-                or self._inference != inference):
+                or self._inference != inference or (exact and self._cache_len != need)):
             cfg = self.model.config
             self._cache = StaticCache(config=cfg, max_cache_len=need, max_batch_size=batch) if batch > 1 else \
                 StaticCache(config=cfg, max_cache_len=need)
@@ -173,30 +200,98 @@ class CompiledDecoder:
             self._cache.reset()
         return self._cache
 
-    def _step_fn(self, mode: str = "greedy"):
-        """(the step for the current cache length and ``mode``, its :class:`_GraphCapture` or None when eager).
+    def _plain_step(self, mode: str):
+        """The decode step as a Python function of (token, position, sampler tensors...), over the current
+        cache: ``mode`` is ``"greedy"`` (argmax), ``"sample"`` or ``"sample+penalties"`` (:func:`sample_tokens`
+        on the logits, with or without the penalty buffers)."""
+        model, cache, kw = self.model, self._cache, cache_kwarg(self.model)
+        if self.compile_step and use_gqa_attention(model):
+            self.stats["attention"] = "sdpa on the grouped K/V heads (enable_gqa), no repeated cache"
 
-        ``mode`` is ``"greedy"`` (argmax), ``"sample"`` or ``"sample+penalties"`` (:func:`sample_tokens` on the
-        logits, with or without the penalty buffers): each compiles once per cache length."""
+        def step(tok: torch.Tensor, pos: torch.Tensor, *sampler: torch.Tensor | None) -> torch.Tensor:
+            logits = model(input_ids=tok, cache_position=pos, use_cache=True, logits_to_keep=1,
+                           **{kw: cache}).logits[:, -1]
+            return logits.argmax(-1, keepdim=True) if mode == "greedy" else sample_tokens(logits, *sampler)
+
+        return own_code(step, f"sqc_decode_{id(self):x}_{self._cache_len}_{mode.replace('+', '_')}")
+
+    def _restored(self, mode: str):
+        """The stored step for the current cache and ``mode`` with a :class:`_GraphCapture` around its graph, or
+        None (``stats["stored_step"]`` says why)."""
+        entry = self.stored.find(self._batch, self._cache_len, mode)
+        if entry is None or entry.cache_len != self._cache_len:
+            self.stats["stored_step"] = (f"none stored for batch {self._batch}, cache {self._cache_len}, {mode} "
+                                         f"(stored: {self.stored.lengths(self._batch, mode) or 'none'}); traced")
+            return None
+        if self.compile_step:
+            use_gqa_attention(self.model)  # the stored step was traced with it
+        why = self.stored.why_not(self.model)
+        if why is not None:
+            self.stats["stored_step"] = f"{entry.file} not used: {why}; traced"
+            return None
+        t0 = time.perf_counter()
+        try:
+            aot = self.stored.restore(entry, self.model, self._cache)
+        except StepStoreError as e:
+            self.stats["stored_step"] = f"{entry.file} not used: {e}; traced"
+            return None
+        capture = _GraphCapture()
+        fn = aot.fn  # the restored function, called without AOTCompiledFunction's (empty) guard check
+        backend_id = aot._artifacts.backend_id
+        fn.__globals__[backend_id] = capture.wrap(fn.__globals__[backend_id])  # its own globals dict
+        self.stats["stored_step"] = f"{entry.file} restored in {time.perf_counter() - t0:.2f} s (no tracing)"
+        return fn, capture
+
+    def _step_fn(self, mode: str = "greedy"):
+        """(the step for the current cache length and ``mode``, its :class:`_GraphCapture` or None when eager):
+        restored from the stored steps when one fits, else compiled (once per cache length and mode)."""
         key = (self._cache_len, mode)
         entry = self._steps.get(key)
         if entry is None:
-            model, cache, kw = self.model, self._cache, cache_kwarg(self.model)
-            if self.compile_step and use_gqa_attention(model):
-                self.stats["attention"] = "sdpa on the grouped K/V heads (enable_gqa), no repeated cache"
-
-            def step(tok: torch.Tensor, pos: torch.Tensor, *sampler: torch.Tensor | None) -> torch.Tensor:
-                logits = model(input_ids=tok, cache_position=pos, use_cache=True, logits_to_keep=1,
-                               **{kw: cache}).logits[:, -1]
-                return logits.argmax(-1, keepdim=True) if mode == "greedy" else sample_tokens(logits, *sampler)
-
-            capture = _GraphCapture() if self.compile_step else None
-            if capture is not None:
-                step = own_code(step, f"sqc_decode_{id(self):x}_{self._cache_len}_{mode.replace('+', '_')}")
-            fn = step if capture is None else torch.compile(step, backend=capture, fullgraph=True, dynamic=False)
-            entry = self._steps[key] = (fn, capture)
-            self._first = True
+            entry = self._restored(mode) if self.stored is not None else None
+            self._first = "compiles" if entry is None else "restores"  # what the step's first call counts as
+            if entry is None:
+                step = self._plain_step(mode)
+                if self.compile_step:
+                    capture = _GraphCapture()
+                    entry = (torch.compile(step, backend=capture, fullgraph=True, dynamic=False), capture)
+                else:
+                    entry = (step, None)
+            self._steps[key] = entry
         return entry
+
+    def example_args(self, mode: str) -> tuple:
+        """Arguments of the right shapes for the step of ``mode`` at the current batch (for tracing)."""
+        B = self._batch
+        tok, pos = torch.zeros((B, 1), dtype=torch.long), torch.zeros(1, dtype=torch.long)
+        if mode == "greedy":
+            return tok, pos
+        params = SamplingParams(repetition_penalty=1.1) if mode == "sample+penalties" else SamplingParams()
+        return (tok, pos) + batch_state([params] * B, self.model.config.vocab_size).tensors()
+
+    def trace_for_store(self, batch: int, cache_len: int, mode: str = "greedy") -> tuple[bytes, dict[str, Any]]:
+        """Trace the step for ``batch``, ``cache_len`` and ``mode`` ahead of time: (its serialized form, the
+        model's fingerprint) for :mod:`sqc.runtime.stepstore`. Dynamo's guards are dropped (the fingerprint
+        stands for them)."""
+        if mode not in ("greedy", "sample", "sample+penalties"):
+            raise ValueError(f"decode step mode must be 'greedy', 'sample' or 'sample+penalties', got {mode!r}")
+        if cache_len % CACHE_STEP:
+            raise ValueError(f"stored decode steps take cache lengths that are multiples of {CACHE_STEP}, "
+                             f"got {cache_len}")
+        with torch.no_grad():
+            cache = self._cache_for(batch, cache_len, mode, exact=True)
+            # transformers allocates a static cache's tensors on its first update: run that update eagerly, as
+            # generate's prefill does before every step, or the traced step would allocate a fresh cache each call
+            self.model(input_ids=torch.zeros((batch, 1), dtype=torch.long), cache_position=torch.arange(1),
+                       use_cache=True, logits_to_keep=1, **{cache_kwarg(self.model): cache})
+            cache.reset()
+            step = self._plain_step(mode)
+            fp = fingerprint(self.model)
+            compiled = torch.compile(step, fullgraph=True, dynamic=False,
+                                     options={"guard_filter_fn": lambda entries: [False] * len(entries)})
+            aot = compiled.aot_compile((self.example_args(mode), {}))
+        data = type(aot).serialize(aot, {"model": self.model, "cache": cache}).serialized_data
+        return data, fp
 
     # -- generation ----------------------------------------------------------------------------
     #: ``generate`` options the compiled path takes; anything else runs transformers' generate
@@ -272,7 +367,7 @@ class CompiledDecoder:
         else:
             sampler = batch_state(params, self.model.config.vocab_size, prompts=list(input_ids))
             mode = "sample+penalties" if sampler.penalties else "sample"
-        cache = self._cache_for(B, P + max_new_tokens)
+        cache = self._cache_for(B, P + max_new_tokens, mode)
         out = self.model(input_ids=input_ids, cache_position=torch.arange(P), use_cache=True, logits_to_keep=1,
                          **{cache_kwarg(self.model): cache})
         if sampler is None:
@@ -306,9 +401,9 @@ class CompiledDecoder:
                 t0 = time.perf_counter()
                 nxt = capture.replay() if replay else step(*args)
                 dt = time.perf_counter() - t0
-                if self._first:  # this step compiled (or loaded from Inductor's cache)
+                if self._first:  # this step was compiled (or loaded from Inductor's cache), or restored
                     self.stats["first_step_s"] = dt
-                    self.stats["compiles"] += 1
+                    self.stats[self._first] = self.stats.get(self._first, 0) + 1
                     self._first = False
                 if self.step_times is not None:
                     self.step_times.append(dt)
