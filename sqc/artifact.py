@@ -50,7 +50,7 @@ from .runtime.memory import release_memory
 from .runtime.fused import fused_groups, refuse
 from .runtime.int8 import Int8Linear
 from .runtime.qlinear import SqcLinear
-from .runtime.stepstore import StepStoreError
+from .runtime.stepstore import StepStoreError, warm_restore
 
 __all__ = ["save", "load", "ArtifactError", "FORMAT_NAME", "FORMAT_VERSION", "artifact_bits_per_weight",
            "tune_artifact"]
@@ -446,6 +446,8 @@ def load(path: str | os.PathLike, model: nn.Module | None = None, target: Any = 
 
     path = os.path.abspath(os.fspath(path))
     manifest = _read_manifest(path)
+    if decode_steps and manifest.get("steps"):
+        warm_restore()  # what restoring a step waits on, while the rest loads
     tensors = _read_tensors(path, manifest)
     try:
         config = QuantConfig.from_dict(manifest["config"])

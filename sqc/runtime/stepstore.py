@@ -44,6 +44,7 @@ import json
 import os
 import re
 import shutil
+import threading
 from typing import Any
 
 import torch
@@ -51,7 +52,7 @@ import torch
 from .kernels import file_sha256
 
 __all__ = ["STEP_FORMAT", "INDEX", "LIBRARIES", "DEFAULT_CACHE_LENGTHS", "StepEntry", "StoredSteps", "fingerprint",
-           "step_file_name", "write_index", "StepStoreError"]
+           "step_file_name", "write_index", "warm_restore", "StepStoreError"]
 
 #: bump when the step's code or the sqc ops' schemas change: older stored steps are then not used
 STEP_FORMAT = 1
@@ -113,6 +114,32 @@ def fingerprint(model: torch.nn.Module) -> dict[str, Any]:
         "config_sha256": hashlib.sha256(cfg_json.encode()).hexdigest(),
         "tensors_sha256": h.hexdigest(),
     }
+
+
+_WARMING: threading.Thread | None = None
+
+
+def _warm() -> None:
+    from torch._inductor.cpu_vec_isa import valid_vec_isa_list
+
+    valid_vec_isa_list()
+    # what a restored step's compiled module imports first thing (about 0.7 s of imports)
+    import torch._inductor.async_compile  # noqa: F401
+    import torch._inductor.select_algorithm  # noqa: F401
+
+
+def warm_restore() -> None:
+    """Start what restoring a stored step waits on, in a background thread: Inductor's probe of the CPU's
+    vector instruction sets (it builds and ``dlopen``s a test library per instruction set in child processes,
+    about 1 s even when its cache is warm) and the imports of Inductor's runtime. ``sqc.load`` calls this
+    first thing, so the work overlaps the load where the load waits on files and native code;
+    :meth:`StoredSteps.restore` waits for it."""
+    global _WARMING
+    if _WARMING is None:
+        import torch._inductor.cpu_vec_isa  # noqa: F401  (imported here: the package's import sets up state)
+
+        _WARMING = threading.Thread(target=_warm, name="sqc-restore-warmup", daemon=True)
+        _WARMING.start()
 
 
 def step_file_name(batch: int, cache_len: int, mode: str) -> str:
@@ -238,5 +265,7 @@ class StoredSteps:
         if hashlib.sha256(data).hexdigest() != entry.sha256:
             raise StepStoreError(f"{path}: its sha256 differs from {INDEX}; the file is damaged, re-save the artifact")
         self._install_libraries()
+        if _WARMING is not None:
+            _WARMING.join()
         return torch.compiler.load_compiled_function(io.BytesIO(data),
                                                      external_data={"model": model, "cache": cache})
