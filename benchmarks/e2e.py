@@ -287,7 +287,7 @@ def main() -> None:
     rss = {}
     for s in ("fp32", "w3-s0.45"):
         # twice: a first launch may compile the decode step in-process (Inductor's disk cache is cold for these
-        # shapes and kernel handles); the second loads it from the cache, as every later launch does
+        # shapes); the second loads it from the cache, as every later launch does
         runs = []
         for _ in range(2):
             cmd = [sys.executable, os.path.abspath(__file__), "--rss", s, "--threads", str(args.threads),

@@ -69,6 +69,9 @@ def test_kernels_are_found_through_the_codes_they_are_bound_to():
     gm = torch.fx.experimental.proxy_tensor.make_fx(m)(x)
     calls = [n for n in gm.graph.nodes if n.target is torch.ops.sqc.lut_linear_cpu.default]
     assert len(calls) == 1 and all(isinstance(a, torch.fx.Node) for a in calls[0].args)  # no int constant
+    ep = torch.export.export(m, (x,))  # torch.export sees the same single opaque op, and its program runs
+    assert [n.target for n in ep.graph.nodes if n.op == "call_function"] == [torch.ops.sqc.lut_linear_cpu.default]
+    torch.testing.assert_close(ep.module()(x), m(x))
     old = m._args
     m._kernels.rebind(packed)  # new lane words, as load_state_dict makes
     m._bind()
