@@ -62,7 +62,11 @@ def main(argv: list[str] | None = None) -> int:
     eval_s = time.perf_counter() - t
 
     out = args.out or os.path.join(tempfile.mkdtemp(prefix="sqc-demo-"), "smollm2-" + args.preset)
+    print("writing the artifact and tracing its decode steps for 512-4096 cache slots (a later process restores "
+          "them instead of tracing: about 2 minutes here)", flush=True)
+    t = time.perf_counter()
     sqc.save(compiled, out, overwrite=True, tokenizer=tok)
+    print(f"wrote {out} in {time.perf_counter() - t:.0f} s")
     bpw = artifact_bits_per_weight(out)["overall"]
     wb = compiled.weight_bytes()
 
