@@ -42,9 +42,9 @@ from torch import nn
 from .backends import backend, compiler_missing
 from .codegen.target import parse_target
 from .config import QuantConfig
-from .decode_steps import normalize_lengths, open_steps, store as decode_steps_store
+from .decode_steps import StepsNotStored, normalize_lengths, open_steps, store as decode_steps_store
 from .folders import clean_leftovers, swap_into_place, umask
-from .runtime.kernels import KernelFileError, KernelsUnusable
+from .runtime.kernels import KernelFileError, KernelsUnusable, write_synced
 from .runtime.layout import PackedLinear
 from .runtime.memory import release_memory
 from .runtime.fused import fused_groups, refuse
@@ -53,7 +53,7 @@ from .runtime.qlinear import SqcLinear
 from .runtime.stepstore import StepStoreError, warm_restore
 
 __all__ = ["save", "load", "ArtifactError", "FORMAT_NAME", "FORMAT_VERSION", "artifact_bits_per_weight",
-           "tune_artifact"]
+           "tune_artifact", "step_lengths"]
 
 FORMAT_NAME = "sqc-artifact"
 #: 2: the manifest's ``kernels`` entry, CPU kernel libraries and plan in ``kernels/cpu/``
@@ -203,7 +203,7 @@ def save(
     parent = os.path.dirname(path)
     os.makedirs(parent, exist_ok=True)
     model = compiled.model
-    lengths = _step_lengths(compiled, decode_steps)
+    lengths = step_lengths(compiled, decode_steps)
     spill = getattr(compiled, "spill", None)  # the packed layers of a compile larger than memory, file-backed
     release = spill.evict if spill is not None else None
     tensors, aliases, state_keys = _collect_tensors(model)
@@ -267,11 +267,14 @@ def save(
         with open(os.path.join(tmp, "tuning.md"), "w") as fh:
             fh.write(compiled.tuning_report("markdown"))
         for fname, obj in ((MANIFEST, manifest), ("report.json", report), ("tuning.json", tuning)):
-            _write_json(os.path.join(tmp, fname), obj)
+            write_synced(os.path.join(tmp, fname), json.dumps(obj, indent=1, default=str))
         if lengths:  # traced from the artifact as written, in a child process (sqc.decode_steps)
-            manifest["steps"] = {**decode_steps_store(tmp, lengths), "lengths": list(lengths)}
+            try:
+                manifest["steps"] = {**decode_steps_store(tmp, lengths), "lengths": list(lengths)}
+            except StepsNotStored as e:
+                raise ArtifactError(f"{path}: {e}") from e
             manifest["manifest_sha256"] = _manifest_digest(manifest)
-            _write_json(os.path.join(tmp, MANIFEST), manifest)
+            write_synced(os.path.join(tmp, MANIFEST), json.dumps(manifest, indent=1, default=str))
         swap_into_place(tmp, path, ".sqc-old-")
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -279,15 +282,9 @@ def save(
     return path
 
 
-def _write_json(path: str, obj: Any) -> None:
-    with open(path, "w") as fh:
-        json.dump(obj, fh, indent=1, default=str)
-        fh.flush()
-        os.fsync(fh.fileno())
-
-
-def _step_lengths(compiled, decode_steps: Any) -> tuple[int, ...]:
-    """The cache lengths ``sqc.save`` stores decode steps for (see :func:`save`)."""
+def step_lengths(compiled, decode_steps: Any) -> tuple[int, ...]:
+    """The cache lengths ``sqc.save(compiled, ..., decode_steps=...)`` stores decode steps for (see :func:`save`):
+    ``"default"`` gives none for a model that is not a CPU causal LM; lengths it cannot store raise."""
     lengths = normalize_lengths(decode_steps)
     if not lengths:
         return ()

@@ -143,7 +143,7 @@ def _kernel_stats() -> dict[str, int]:
     return dict(STATS)
 
 
-def _step_lengths(text: str) -> list[int]:
+def _lengths_arg(text: str) -> list[int]:
     if text.strip().lower() == "none":
         return []
     try:
@@ -241,15 +241,16 @@ def cmd_compile(args, progress: Progress) -> dict[str, Any]:
         source.check_complete()
     compile_s = time.perf_counter() - t
     if group.rank == 0:
-        steps = "default" if args.decode_steps is None else args.decode_steps or None
-        n_steps = len(DEFAULT_CACHE_LENGTHS if args.decode_steps is None else args.decode_steps)
-        if n_steps:  # traced in a child process while the artifact is written (--decode-steps none skips it)
-            progress("writing the artifact and tracing its decode steps", 0, n_steps)
+        from .artifact import step_lengths
+
+        lengths = step_lengths(compiled, "default" if args.decode_steps is None else args.decode_steps or None)
+        if lengths:  # traced in a child process while the artifact is written (--decode-steps none skips it)
+            progress("writing the artifact and tracing its decode steps", 0, len(lengths))
         sqc.save(compiled, out, overwrite=args.force, tokenizer=tok,
                  source=os.path.abspath(args.model) if args.model != SMOLLM2 else SMOLLM2,
-                 decode_steps=steps)
-        if n_steps:
-            progress("writing the artifact and tracing its decode steps", n_steps, n_steps)
+                 decode_steps=lengths or None)
+        if lengths:
+            progress("writing the artifact and tracing its decode steps", len(lengths), len(lengths))
     group.barrier("writing the artifact")  # the other ranks return once rank 0's artifact is in place
     group.close()
     args.written = out
@@ -415,7 +416,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="read the checkpoint one decoder layer at a time (default; memory: a layer, not the model)")
     c.add_argument("--no-lazy", dest="lazy", action="store_false",
                    help="load the whole float model first (models without a decoder-layer stack)")
-    c.add_argument("--decode-steps", type=_step_lengths, default=None, metavar="LENGTHS",
+    c.add_argument("--decode-steps", type=_lengths_arg, default=None, metavar="LENGTHS",
                    help="cache lengths to store traced decode steps for, comma-separated (default "
                         f"{','.join(map(str, DEFAULT_CACHE_LENGTHS))}), or 'none': a fresh process then "
                         "generates without tracing the model")

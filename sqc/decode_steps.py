@@ -20,13 +20,13 @@ import sys
 import tempfile
 from typing import Any, Sequence
 
+from .runtime.decode import CACHE_STEP, MODES
 from .runtime.stepstore import DEFAULT_CACHE_LENGTHS, INDEX, StepStoreError, StoredSteps
 
 __all__ = ["store", "open_steps", "normalize_lengths", "FOLDER", "StepsNotStored"]
 
 #: the artifact's folder for its stored decode steps
 FOLDER = "steps"
-MODES = ("greedy", "sample", "sample+penalties")
 
 
 class StepsNotStored(RuntimeError):
@@ -36,13 +36,11 @@ class StepsNotStored(RuntimeError):
 def normalize_lengths(lengths: Sequence[int] | None | str) -> tuple[int, ...]:
     """The cache lengths to store steps for: ``"default"`` gives :data:`DEFAULT_CACHE_LENGTHS`, ``None`` or
     ``()`` none; each must be a positive multiple of 128."""
-    from .runtime.decode import CACHE_STEP
-
     if lengths == "default":
         return DEFAULT_CACHE_LENGTHS
-    if lengths is None or isinstance(lengths, str):
-        if lengths is None:
-            return ()
+    if lengths is None:
+        return ()
+    if isinstance(lengths, str):
         raise ValueError(f"decode_steps must be 'default', None or cache lengths, got {lengths!r}")
     out = []
     for n in lengths:
@@ -69,8 +67,9 @@ def store(folder: str, lengths: Sequence[int], modes: Sequence[str] = ("greedy",
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
         if proc.returncode != 0:
             shutil.rmtree(out, ignore_errors=True)
-            raise StepsNotStored(f"tracing the decode steps of {folder} failed (exit {proc.returncode}):\n"
-                                 f"{proc.stderr[-4000:]}")
+            raise StepsNotStored(f"tracing the decode steps of {folder} failed (exit {proc.returncode}); save with "
+                                 f"decode_steps=None (sqc compile --decode-steps none) to write the artifact "
+                                 f"without them. The tracer's output:\n{proc.stderr[-4000:]}")
     finally:
         shutil.rmtree(inductor, ignore_errors=True)
     with open(os.path.join(out, INDEX), "rb") as fh:

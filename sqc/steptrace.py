@@ -18,7 +18,8 @@ from typing import Sequence
 from .artifact import load
 from .decode_steps import FOLDER
 from .runtime.decode import CompiledDecoder
-from .runtime.stepstore import LIBRARIES, StepEntry, StepStoreError, step_file_name, write_index
+from .runtime.kernels import write_synced
+from .runtime.stepstore import LIBRARIES, StepEntry, step_file_name, write_index
 
 __all__ = ["trace_steps", "main"]
 
@@ -32,18 +33,13 @@ def trace_steps(folder: str, lengths: Sequence[int], modes: Sequence[str], batch
     dec = CompiledDecoder(compiled.model)
     out = os.path.join(folder, FOLDER)
     os.makedirs(out, exist_ok=True)
-    entries, fp = [], None
+    entries: list[StepEntry] = []
+    fp = None
     for mode in modes:
         for n in lengths:
-            data, f = dec.trace_for_store(batch, n, mode)
-            if fp is not None and f != fp:  # pragma: no cover - the model does not change between traces
-                raise StepStoreError("the model's fingerprint changed between traces")
-            fp = f
+            data, fp = dec.trace_for_store(batch, n, mode)
             name = step_file_name(batch, n, mode)
-            with open(os.path.join(out, name), "wb") as fh:
-                fh.write(data)
-                fh.flush()
-                os.fsync(fh.fileno())
+            write_synced(os.path.join(out, name), data)
             entries.append(StepEntry(batch, n, mode, name, hashlib.sha256(data).hexdigest()))
             torch._dynamo.reset()
     src = cache_dir()

@@ -78,6 +78,15 @@ def test_fresh_process_restores_the_stored_step_without_tracing_or_compiling(sto
 
 
 @pytest.mark.slow
+def test_a_restored_step_runs_under_inference_mode(stored):
+    _, eager, path = stored
+    c = sqc.load(path)
+    with torch.inference_mode():
+        got = c.generate(torch.tensor(PROMPT), max_new_tokens=NEW, min_new_tokens=NEW)
+    assert torch.equal(got, eager) and c.decode_stats.get("restores") == 1, c.decode_stats
+
+
+@pytest.mark.slow
 def test_a_step_that_does_not_fit_is_traced_and_says_why(stored):
     _, eager, path = stored
     c = sqc.load(path)
@@ -117,6 +126,17 @@ def test_damaged_step_files_are_refused_at_load(stored, tmp_path):
     os.remove(copy / "steps" / "inductor" / lib)
     with pytest.raises(ArtifactError, match="is missing"):
         sqc.load(copy)
+
+
+@pytest.mark.slow
+def test_a_failed_trace_writes_nothing_and_names_the_way_out(stored, tmp_path, monkeypatch):
+    import sqc.decode_steps
+
+    compiled, _, _ = stored
+    monkeypatch.setattr(sqc.decode_steps.sys, "executable", "/bin/false")  # the tracer's process fails
+    with pytest.raises(ArtifactError, match=r"decode_steps=None \(sqc compile --decode-steps none\)"):
+        sqc.save(compiled, tmp_path / "a", decode_steps=[128])
+    assert os.listdir(tmp_path) == []  # no artifact, no temporary folder
 
 
 def test_step_lengths_are_checked(mlp, tmp_path):

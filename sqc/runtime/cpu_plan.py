@@ -33,7 +33,7 @@ from typing import Any
 
 from .cpu import CpuLutKernels, cpu_flags, host_lanes, kernel_key
 from .threads import use_torch_threads
-from .kernels import BUCKETS, KernelFileError, KernelsUnusable, file_sha256, set_tvm_threads
+from .kernels import BUCKETS, KernelFileError, KernelsUnusable, file_sha256, set_tvm_threads, write_synced
 from .lanes import KernelKey
 from .fused import kernel_layers
 from .int8 import Int8Kernels, Int8Linear
@@ -149,10 +149,7 @@ class CpuKernelPlan:
         plan = {"format": PLAN_FORMAT, "lanes": self.lanes, "isa": list(self.isa), "target": self.target,
                 "mcpu": self.mcpu, "tvm": self.tvm, "kernels": entries, "tuning": self.tuning}
         ppath = os.path.join(folder, PLAN_FILE)
-        with open(ppath, "w") as fh:
-            json.dump(plan, fh, indent=1, default=str)
-            fh.flush()
-            os.fsync(fh.fileno())
+        write_synced(ppath, json.dumps(plan, indent=1, default=str))
         return {"plan_sha256": file_sha256(ppath), "lanes": self.lanes, "isa": list(self.isa)}
 
     @staticmethod

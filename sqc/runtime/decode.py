@@ -41,7 +41,10 @@ import torch
 from .sampling import SamplingParams, as_params, batch_state, sample_tokens
 from .stepstore import StepStoreError, StoredSteps, fingerprint
 
-__all__ = ["CompiledDecoder", "CACHE_STEP", "use_gqa_attention"]
+__all__ = ["CompiledDecoder", "CACHE_STEP", "MODES", "use_gqa_attention"]
+
+#: the decode step's modes: argmax, sampling, sampling with the repetition / presence / frequency penalties
+MODES = ("greedy", "sample", "sample+penalties")
 
 #: cache lengths are rounded up to a multiple of this, so nearby lengths share one compiled step. The step's
 #: attention reads every slot of the static cache, so the rounding costs time on every token (SmolLM2, 512 + 128
@@ -260,7 +263,7 @@ class CompiledDecoder:
             self._steps[key] = entry
         return entry
 
-    def example_args(self, mode: str) -> tuple:
+    def _example_args(self, mode: str) -> tuple:
         """Arguments of the right shapes for the step of ``mode`` at the current batch (for tracing)."""
         B = self._batch
         tok, pos = torch.zeros((B, 1), dtype=torch.long), torch.zeros(1, dtype=torch.long)
@@ -273,8 +276,8 @@ class CompiledDecoder:
         """Trace the step for ``batch``, ``cache_len`` and ``mode`` ahead of time: (its serialized form, the
         model's fingerprint) for :mod:`sqc.runtime.stepstore`. Dynamo's guards are dropped (the fingerprint
         stands for them)."""
-        if mode not in ("greedy", "sample", "sample+penalties"):
-            raise ValueError(f"decode step mode must be 'greedy', 'sample' or 'sample+penalties', got {mode!r}")
+        if mode not in MODES:
+            raise ValueError(f"decode step mode must be one of {MODES}, got {mode!r}")
         if cache_len % CACHE_STEP:
             raise ValueError(f"stored decode steps take cache lengths that are multiples of {CACHE_STEP}, "
                              f"got {cache_len}")
@@ -289,7 +292,7 @@ class CompiledDecoder:
             fp = fingerprint(self.model)
             compiled = torch.compile(step, fullgraph=True, dynamic=False,
                                      options={"guard_filter_fn": lambda entries: [False] * len(entries)})
-            aot = compiled.aot_compile((self.example_args(mode), {}))
+            aot = compiled.aot_compile((self._example_args(mode), {}))
         data = type(aot).serialize(aot, {"model": self.model, "cache": cache}).serialized_data
         return data, fp
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 import hashlib
 import os
 
-__all__ = ["BUCKETS", "bucket_of", "file_sha256", "set_tvm_threads", "KernelFileError", "KernelsUnusable"]
+__all__ = ["BUCKETS", "bucket_of", "file_sha256", "write_synced", "set_tvm_threads", "KernelFileError", "KernelsUnusable"]
 
 #: batch buckets: each gets its own tuned kernel (gemv for 1, gemm knobs for the others)
 BUCKETS = {"1": (1, 1), "2-16": (2, 16), "17+": (17, 1 << 31)}
@@ -27,6 +27,14 @@ def file_sha256(path: str) -> str:
         for block in iter(lambda: fh.read(1 << 20), b""):
             h.update(block)
     return h.hexdigest()
+
+
+def write_synced(path: str, data: bytes | str) -> None:
+    """Write ``data`` to ``path`` and fsync it (the file is complete on disk before anything refers to it)."""
+    with open(path, "wb" if isinstance(data, bytes) else "w") as fh:
+        fh.write(data)
+        fh.flush()
+        os.fsync(fh.fileno())
 
 
 def set_tvm_threads() -> None:

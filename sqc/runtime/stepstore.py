@@ -49,7 +49,7 @@ from typing import Any
 
 import torch
 
-from .kernels import file_sha256
+from .kernels import file_sha256, write_synced
 
 __all__ = ["STEP_FORMAT", "INDEX", "LIBRARIES", "DEFAULT_CACHE_LENGTHS", "StepEntry", "StoredSteps", "fingerprint",
            "step_file_name", "write_index", "warm_restore", "StepStoreError"]
@@ -155,8 +155,8 @@ class StepEntry:
     sha256: str
 
 
-def write_index(folder: str, fp: dict[str, Any], entries: list[StepEntry]) -> dict[str, Any]:
-    """Write ``index.json`` for the steps and libraries in ``folder``; returns it."""
+def write_index(folder: str, fp: dict[str, Any], entries: list[StepEntry]) -> None:
+    """Write ``index.json`` for the steps and libraries in ``folder``."""
     libs = {}
     lib_root = os.path.join(folder, LIBRARIES)
     for root, _dirs, files in os.walk(lib_root):
@@ -164,11 +164,7 @@ def write_index(folder: str, fp: dict[str, Any], entries: list[StepEntry]) -> di
             p = os.path.join(root, f)
             libs[os.path.relpath(p, lib_root)] = file_sha256(p)
     index = {"fingerprint": fp, "steps": [dataclasses.asdict(e) for e in entries], "libraries": libs}
-    with open(os.path.join(folder, INDEX), "w") as fh:
-        json.dump(index, fh, indent=1, sort_keys=True)
-        fh.flush()
-        os.fsync(fh.fileno())
-    return index
+    write_synced(os.path.join(folder, INDEX), json.dumps(index, indent=1, sort_keys=True))
 
 
 class StoredSteps:
@@ -190,18 +186,6 @@ class StoredSteps:
             if os.path.isabs(rel) or os.path.normpath(rel).startswith(".."):
                 raise StepStoreError(f"{os.path.join(folder, INDEX)}: bad file name {rel!r}")
         self._installed = False
-
-    @classmethod
-    def open(cls, folder: str) -> "StoredSteps | None":
-        path = os.path.join(folder, INDEX)
-        if not os.path.exists(path):
-            return None
-        try:
-            with open(path) as fh:
-                index = json.load(fh)
-        except (OSError, ValueError) as e:
-            raise StepStoreError(f"{path}: unreadable ({e})") from e
-        return cls(folder, index)
 
     def verify(self) -> None:
         """Check every step file and library against its sha256 in the index (raises :class:`StepStoreError`
@@ -234,20 +218,19 @@ class StoredSteps:
         return f"{k} differs (stored {self.fp.get(k)!r}, here {now.get(k)!r})"
 
     def _install_libraries(self) -> None:
-        """Copy the stored compiled kernels into Inductor's cache (those absent there), checking each."""
+        """Copy the stored compiled kernels into Inductor's cache (those absent there; :meth:`verify` checked
+        them when the artifact was loaded)."""
         if self._installed:
             return
         from torch._inductor.runtime.cache_dir_utils import cache_dir
 
         dest_root = cache_dir()
         src_root = os.path.join(self.folder, LIBRARIES)
-        for rel, digest in sorted(self.libraries.items()):
+        for rel in sorted(self.libraries):
             dest = os.path.join(dest_root, rel)
             if os.path.exists(dest):
                 continue
             src = os.path.join(src_root, rel)
-            if file_sha256(src) != digest:
-                raise StepStoreError(f"{src}: its sha256 differs from {INDEX} (the file is damaged)")
             os.makedirs(os.path.dirname(dest), exist_ok=True)
             tmp = f"{dest}.sqc-{os.getpid()}.tmp"
             shutil.copyfile(src, tmp)
