@@ -184,7 +184,7 @@ def knobs_from_dict(op: str, d: dict[str, Any]):
     return GemvKnobs(**d) if op == "gemv" else GemmKnobs(**d)
 
 
-def db_knobs(op: str, rec: dict[str, Any] | None, bucket: str = "17+"):
+def db_knobs(op: str, rec: dict[str, Any] | None, bucket: str = "17+", lanes: int = 16):
     """The knobs of a database record, or None when there is none, it is from another sqc version, or its
     knobs are not among this version's candidates (an edited or foreign entry is not trusted)."""
     if rec is None:
@@ -193,7 +193,7 @@ def db_knobs(op: str, rec: dict[str, Any] | None, bucket: str = "17+"):
         knobs = knobs_from_dict(op, rec["knobs"])
     except (KeyError, TypeError, ValueError):
         return None
-    allowed = gemv_candidates() + [GemvKnobs()] if op == "gemv" else gemm_candidates(bucket)
+    allowed = gemv_candidates(lanes) + [GemvKnobs()] if op == "gemv" else gemm_candidates(bucket, lanes)
     return knobs if knobs in allowed else None
 
 

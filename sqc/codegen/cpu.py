@@ -48,20 +48,35 @@ Knobs are searched by :mod:`sqc.codegen.tune`.
 from __future__ import annotations
 
 
+from ..runtime.bytelanes import BYTE_LANES
 from ..runtime.lanes import ROW_PAD, SUPPORTED_BITS, GemmKnobs, GemvKnobs, KernelKey, LaneLayout, padded_rows
 
 __all__ = ["ROW_PAD", "padded_rows", "LaneLayout", "GemvKnobs", "GemmKnobs", "KernelKey", "build_gemv", "build_gemm",
-           "cpu_lanes", "SUPPORTED_BITS", "gemv_candidates", "gemm_candidates", "default_gemm_knobs",
+           "cpu_lanes", "SUPPORTED_BITS", "gemv_candidates", "gemm_candidates", "default_gemv_knobs",
+           "default_gemm_knobs",
            "build_int8_gemv"]
 
 
+#: the environment variable that opts into the byte kernels (``SQC_CPU_KERNELS=vnni``): they are correct and
+#: tested, but not yet faster end to end on small layers (their per-call activation quantization), see
+#: :mod:`sqc.codegen.cpu_vnni`
+KERNELS_ENV = "SQC_CPU_KERNELS"
+
+
 def cpu_lanes(tvm_target) -> int:
-    """16 with AVX-512F, 8 with AVX2, 0 when the target has neither (no LUT kernel)."""
+    """64 with AVX-512 VBMI and VNNI when ``SQC_CPU_KERNELS=vnni`` (the byte kernels of
+    :mod:`sqc.codegen.cpu_vnni`), 16 with AVX-512F, 8 with AVX2, 0 when the target has none of them (no LUT
+    kernel)."""
+    import os
+
     from tvm.target import codegen
 
     if tvm_target.kind.name != "llvm":
         return 0
     try:
+        if os.environ.get(KERNELS_ENV) == "vnni" and all(
+                codegen.target_has_features(f, tvm_target) for f in ("avx512bw", "avx512vbmi", "avx512vnni")):
+            return 64
         if codegen.target_has_features("avx512f", tvm_target):
             return 16
         if codegen.target_has_features("avx2", tvm_target):
@@ -152,6 +167,10 @@ def build_gemv(key: KernelKey, knobs: GemvKnobs):
     val [nnz] (exact W), scode uint8 [nnz] (the dense code under each sparse entry), bias fp32 [R]
     (zeros for a layer without one), y fp32 [R].
     """
+    if key.lanes == BYTE_LANES:
+        from .cpu_vnni import build_vnni
+
+        return build_vnni(key, knobs)
     from tvm.script import tirx as T
 
     lay, L, P, BLK, b, E, R, RP = _geometry(key)
@@ -240,6 +259,10 @@ def build_gemm(key: KernelKey, knobs: GemmKnobs):
 
     Arguments as :func:`build_gemv`, with x fp32 [n, KX] and y fp32 [n, R].
     """
+    if key.lanes == BYTE_LANES:
+        from .cpu_vnni import build_vnni
+
+        return build_vnni(key, knobs)
     if knobs.decode == "reg":
         return _build_gemm_reg(key, knobs)
     if knobs.decode != "tile":
@@ -391,18 +414,30 @@ def _build_gemm_tile(key: KernelKey, knobs: GemmKnobs):
     return gemm
 
 
-def gemv_candidates() -> list[GemvKnobs]:
+def gemv_candidates(lanes: int = 16) -> list[GemvKnobs]:
+    if lanes == BYTE_LANES:
+        from .cpu_vnni import vnni_gemv_candidates
+
+        return vnni_gemv_candidates()
     return [GemvKnobs(rt, u) for rt in (1, 2, 4) for u in (1, 2)]
 
 
-def gemm_candidates(bucket: str = "17+") -> list[GemmKnobs]:
+def gemm_candidates(bucket: str = "17+", lanes: int = 16) -> list[GemmKnobs]:
+    if lanes == BYTE_LANES:
+        from .cpu_vnni import vnni_gemm_candidates
+
+        return vnni_gemm_candidates(bucket)
     reg = [GemmKnobs(rt, bt, "reg") for rt, bt in ((2, 8), (1, 8), (2, 4), (4, 4), (4, 2))]
     tile = [GemmKnobs(rt, bt, "tile") for rt, bt in ((4, 4), (8, 2), (2, 8), (4, 3))]
     return reg + tile if bucket == "2-16" else tile + reg
 
 
-def default_gemm_knobs(bucket: str) -> GemmKnobs:
-    return gemm_candidates(bucket)[0]
+def default_gemv_knobs(lanes: int = 16) -> GemvKnobs:
+    return gemv_candidates(lanes)[0] if lanes == BYTE_LANES else GemvKnobs()
+
+
+def default_gemm_knobs(bucket: str, lanes: int = 16) -> GemmKnobs:
+    return gemm_candidates(bucket, lanes)[0]
 
 
 def build_int8_gemv(key: KernelKey, knobs: GemvKnobs):

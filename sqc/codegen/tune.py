@@ -25,18 +25,22 @@ from ..runtime.latency import median_ms
 from ..runtime.fused import kernel_layers
 from ..runtime.int8 import Int8Kernels, Int8Linear
 from . import build as B
-from .cpu import cpu_lanes, default_gemm_knobs, gemm_candidates, gemv_candidates
+from .cpu import cpu_lanes, default_gemm_knobs, default_gemv_knobs, gemm_candidates, gemv_candidates
 
 __all__ = ["build_cpu_kernels", "attach_cpu_kernels"]
+
+#: the kernel family in a layer's kernel name, by lane count
+LANES_NAME = {64: "vnni", 16: "avx512", 8: "avx2"}
 
 
 def _bench(fn, k: CpuLutKernels, m, batch: int, repeats: int, budget_s: float = 0.03) -> float:
     """Median ms of ``repeats`` calls, more for fast kernels (about ``budget_s`` of calls, at most 1000):
     a 60 µs kernel's median over 20 calls is too noisy to rank schedules by."""
-    shape = (k.layout.x_width,) if batch == 1 else (batch, k.layout.x_width)
-    x = torch.randn(shape)
-    y = torch.empty(shape[:-1] + (k.out_features,))
-    call = lambda: fn(x, k.words, m.lut, m.crow, m.col, m.val, k.scode, k.bias, y)  # noqa: E731
+    x = torch.randn((batch, k.layout.x_width))
+    y = torch.empty((batch, k.out_features))
+    x, y = k.kernel_views(x, y)
+    args = k.kernel_args(m.lut, m.crow, m.col, m.val)
+    call = lambda: fn(x, *args, y)  # noqa: E731
     call()
     t = time.perf_counter()
     call()
@@ -48,11 +52,13 @@ def _search(lib, okey: KernelKey, bucket: str, probe: CpuLutKernels, m, tune: bo
     """Time the candidate knobs of one kernel; return (function, record without layers)."""
     op = okey.op
     batch = B.BUCKET_TUNE_BATCH[bucket]
-    default = GemvKnobs() if op == "gemv" else default_gemm_knobs(bucket)
+    lanes = okey.lanes
+    default = default_gemv_knobs(lanes) if op == "gemv" else default_gemm_knobs(bucket, lanes)
     cands = [default]
     if tune:
         B.STATS["searches"] += 1
-        cands += [c for c in (gemv_candidates() if op == "gemv" else gemm_candidates(bucket)) if c != default]
+        cands += [c for c in (gemv_candidates(lanes) if op == "gemv" else gemm_candidates(bucket, lanes))
+                  if c != default]
         if trials is not None:
             cands = cands[: max(1, trials)]
     tried, best = [], None
@@ -136,7 +142,7 @@ def build_cpu_kernels(
                 why = "no AVX2/AVX-512 on this target"
             elif lanes > host:
                 # kernels for a wider CPU than this one would die on an illegal instruction
-                why = f"target {lib.target.attrs.get('mcpu', '')} needs {'AVX-512' if lanes == 16 else 'AVX2'}, which this CPU lacks"
+                why = f"target {lib.target.attrs.get('mcpu', '')} needs {', '.join(LANES_ISA[lanes])}, which this CPU lacks"
             else:
                 why = f"no LUT kernel for {m.bits}-bit codes"
             m.set_kernel(None, f"reference ({why})")
@@ -145,7 +151,8 @@ def build_cpu_kernels(
     records: list[dict[str, Any]] = []
     kernels: list[dict[str, Any]] = []  # the plan: which library runs which layers in which bucket
     # progress counts tuning trials (a kernel found in the database counts as all its trials)
-    n_trials = {"1": len(gemv_candidates()), "2-16": len(gemm_candidates("2-16")), "17+": len(gemm_candidates("17+"))}
+    n_trials = {"1": len(gemv_candidates(lanes)), "2-16": len(gemm_candidates("2-16", lanes)),
+                "17+": len(gemm_candidates("17+", lanes))}
     if trials is not None:
         n_trials = {b: min(n, max(1, trials)) for b, n in n_trials.items()}
     if not tune:
@@ -159,7 +166,7 @@ def build_cpu_kernels(
         if progress is not None:
             progress("tune", done, total)
 
-    kname = f"tvm-lut-{'avx512' if lanes == 16 else 'avx2'}"
+    kname = f"tvm-lut-{LANES_NAME.get(lanes, 'none')}"
     for key, names in groups.items():
         first = mods[names[0]]
         fns: dict[str, Callable] = {}
@@ -169,7 +176,7 @@ def build_cpu_kernels(
         for bucket in B.BUCKETS:
             okey = dataclasses.replace(key, op="gemv" if bucket == "1" else "gemm")
             rec = db.lookup(okey, bucket)
-            knobs = B.db_knobs(okey.op, rec, bucket)
+            knobs = B.db_knobs(okey.op, rec, bucket, lanes)
             before = done
             try:
                 if knobs is not None:
@@ -199,8 +206,8 @@ def build_cpu_kernels(
                 m.set_kernel(None, failed)
             else:
                 m.set_kernel(probe if name == names[0] else CpuLutKernels(m.packed, lanes, fns, name, store), kname)
-    kernels += _attach_heads(lib, heads, lanes, host)
-    return CpuKernelPlan(lanes=lanes, isa=[LANES_ISA[lanes]] if lanes in LANES_ISA else [], target=str(target_spec),
+    kernels += _attach_heads(lib, heads, min(lanes, 16), min(host, 16))
+    return CpuKernelPlan(lanes=lanes, isa=list(LANES_ISA.get(lanes, ())), target=str(target_spec),
                          mcpu=str(lib.target.attrs.get("mcpu", "")), tvm=lib.tvm.__version__, kernels=kernels,
                          tuning=records)
 
@@ -216,7 +223,7 @@ def head_key(m, lanes: int) -> KernelKey:
 def _attach_heads(lib, heads: dict, lanes: int, host: int) -> list[dict[str, Any]]:
     """Build and attach the batch-1 kernel of every :class:`Int8Linear`; return their plan entries."""
     planned = []
-    kname = f"tvm-int8-{'avx512' if lanes == 16 else 'avx2'}"
+    kname = f"tvm-int8-{LANES_NAME.get(lanes, 'none')}"
     for name, m in heads.items():
         if lanes == 0 or lanes > host:
             m.set_kernel(None, "reference (no AVX2/AVX-512 kernel for this target on this CPU)")

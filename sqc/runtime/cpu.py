@@ -19,7 +19,8 @@ from typing import Callable
 import numpy as np
 import torch
 
-from .lanes import KernelKey, LaneLayout, padded_rows
+from .bytelanes import BYTE_LANES, ByteLayout, byte_tables, from_byte_words, to_byte_words
+from .lanes import LANES_ISA, KernelKey, LaneLayout, padded_rows
 from .layout import PackedLinear, codes_as_numpy, pack_codes, row_chunks
 from .ops import lut_linear_cpu, register_kernels
 
@@ -78,9 +79,13 @@ def cpu_flags(cpuinfo: str = "/proc/cpuinfo") -> frozenset[str]:
 
 
 def host_lanes(flags: frozenset[str] | None = None) -> int:
-    """Vector lanes this machine's CPU runs (16 AVX-512, 8 AVX2, 0 neither)."""
+    """The widest kernel family this machine's CPU runs: 64 (AVX-512 VBMI and VNNI: the byte kernels), 16
+    (AVX-512F), 8 (AVX2) or 0 (none)."""
     flags = cpu_flags() if flags is None else flags
-    return 16 if "avx512f" in flags else 8 if "avx2" in flags else 0
+    for lanes in (BYTE_LANES, 16, 8):
+        if all(f in flags for f in LANES_ISA[lanes]):
+            return lanes
+    return 0
 
 
 def kernel_key(op: str, m, lanes: int) -> KernelKey:
@@ -107,7 +112,9 @@ class CpuLutKernels:
                  store: Callable[[torch.Tensor], torch.Tensor] | None = None) -> None:
         self.lanes = lanes
         self.bits = packed.bits
-        self.layout = LaneLayout(packed.in_features, packed.bits, lanes)
+        self.layout = (ByteLayout(packed.in_features, packed.bits) if lanes == BYTE_LANES
+                       else LaneLayout(packed.in_features, packed.bits, lanes))
+        self._tables: tuple = ()  # the byte kernels' tables (bytes, step, minimum), made from the lut by bind()
         self.fns = fns  # bucket -> compiled function
         self.out_features = packed.out_features
         self.in_features = packed.in_features
@@ -129,7 +136,8 @@ class CpuLutKernels:
     def rebind(self, packed: PackedLinear, bias: torch.Tensor | None = None) -> None:
         """Take new codes (``load_state_dict``): the lane words, the codes under the sparse entries, the bias."""
         codes = packed.unpack(torch.uint8)
-        words = to_lane_words(codes, packed.bits, self.lanes)
+        words = (to_byte_words(codes, packed.bits) if self.lanes == BYTE_LANES
+                 else to_lane_words(codes, packed.bits, self.lanes))
         self.words = words if self.store is None else self.store(words)
         register_kernels(self, self.words)
         self._canonical = None if self.store is None else self.store(packed.codes)
@@ -146,7 +154,21 @@ class CpuLutKernels:
         # (K a multiple of the lanes: no padding copy)
         self._gemv = self.fns.get("1")
         self._x_ok = self._gemv is not None and self.layout.x_width == self.in_features
+        if self.lanes == BYTE_LANES:
+            self._tables = byte_tables(lut)
         return (self.words, lut, crow, col, val, self.scode, self.bias)
+
+    def kernel_args(self, lut, crow, col, val) -> tuple:
+        """The compiled functions' arguments between x and y (the byte kernels also take the tables as bytes)."""
+        tables = () if self.lanes != BYTE_LANES else self._tables or byte_tables(lut)
+        return (self.words, *tables, lut, crow, col, val, self.scode, self.bias)
+
+    def kernel_views(self, x2: torch.Tensor, y2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x ``[n, KX]`` and y ``[n, R]`` as the functions take them: the byte kernels take matrices at every
+        batch; the others a vector at batch 1."""
+        if x2.shape[0] == 1 and self.lanes != BYTE_LANES:
+            return x2[0], y2[0]
+        return x2, y2
 
     def canonical_codes(self) -> torch.Tensor:
         return self.canonical_rows(0, self.out_features)
@@ -155,12 +177,16 @@ class CpuLutKernels:
         """Rows ``start:stop`` of the codes in the canonical layout (a fused member's part)."""
         if self._canonical is not None:  # kept in the store: a view (no copy, nothing resident)
             return self._canonical[start:stop]
-        codes = from_lane_words(self.words[start:stop], self.bits, self.lanes, stop - start, self.in_features,
-                                torch.uint8)
+        if self.lanes == BYTE_LANES:
+            codes = from_byte_words(self.words[start:stop], self.bits, stop - start, self.in_features, torch.uint8)
+        else:
+            codes = from_lane_words(self.words[start:stop], self.bits, self.lanes, stop - start, self.in_features,
+                                    torch.uint8)
         return pack_codes(codes, self.bits)
 
     def nbytes(self) -> int:
-        return self.words.numel() * 4 + self.scode.numel()
+        tables = sum(t.numel() * t.element_size() for t in self._tables)
+        return self.words.numel() * self.words.element_size() + self.scode.numel() + tables
 
     def _x(self, x2: torch.Tensor) -> torch.Tensor:
         kx = self.layout.x_width
@@ -178,7 +204,11 @@ class CpuLutKernels:
         if x.dtype is torch.float32 and x.numel() == K and x.shape[-1] == K and x.stride(-1) == 1 and self._x_ok:
             # a decode step's call (one row of x, as it comes): no reshape, no checks beyond these, one output
             y = torch.empty((*x.shape[:-1], self.out_features), dtype=torch.float32)
-            self._gemv(x.view(K), words, lut, crow, col, val, scode, bias, y.view(self.out_features))
+            if self._tables:
+                self._gemv(x.view(1, K), words, *self._tables, lut, crow, col, val, scode, bias,
+                           y.view(1, self.out_features))
+            else:
+                self._gemv(x.view(K), words, lut, crow, col, val, scode, bias, y.view(self.out_features))
             return y
         if x.shape[-1] != self.in_features:
             # the padded layout would silently accept widths up to k_pad
@@ -192,10 +222,10 @@ class CpuLutKernels:
         x2 = x.reshape(-1, self.in_features)
         n = x2.shape[0]
         y = torch.empty((n, self.out_features), dtype=torch.float32)
-        if n == 1:
-            self.fns["1"](self._x(x2)[0], words, lut, crow, col, val, scode, bias, y[0])
-        elif n:
-            self.fns["2-16" if n <= 16 else "17+"](self._x(x2), words, lut, crow, col, val, scode, bias, y)
+        if n:
+            xk, yk = self.kernel_views(self._x(x2), y)
+            self.fns["1" if n == 1 else "2-16" if n <= 16 else "17+"](xk, words, *self._tables, lut, crow, col, val,
+                                                                      scode, bias, yk)
         y = y.view(*lead, self.out_features)
         return y if x.dtype == torch.float32 else y.to(x.dtype)
 

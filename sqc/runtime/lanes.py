@@ -39,8 +39,9 @@ __all__ = ["SUPPORTED_BITS", "ROW_PAD", "padded_rows", "LaneLayout", "GemvKnobs"
 SUPPORTED_BITS = (2, 3, 4)
 #: rows of the lane layout are padded to a multiple of this (every rt knob divides it)
 ROW_PAD = 8
-#: the instruction set a lane count needs (the CPU flag in /proc/cpuinfo)
-LANES_ISA = {16: "avx512f", 8: "avx2"}
+#: the instruction sets a lane count needs (flags of /proc/cpuinfo); 64 names the byte kernels of
+#: :mod:`sqc.runtime.bytelanes` (64 bytes per vector: VBMI byte lookups, VNNI int8 dot products)
+LANES_ISA = {64: ("avx512f", "avx512bw", "avx512vbmi", "avx512_vnni"), 16: ("avx512f",), 8: ("avx2",)}
 
 
 def padded_rows(out_features: int) -> int:

@@ -22,7 +22,7 @@ from sqc.runtime.ops import lut_linear_reference  # noqa: E402
 from sqc.runtime.qlinear import SqcLinear  # noqa: E402
 from tests.conftest import module_with_kernels, random_packed  # noqa: E402
 
-AVX512 = "llvm -mcpu=znver4"
+AVX512 = "llvm -mcpu=skylake-avx512"  # AVX-512F without VBMI: the fp32 lane kernels (the byte kernels: test_vnni_kernels)
 AVX2 = "llvm -mcpu=haswell"
 HOST = tvm.get_global_func("target.llvm_get_system_cpu")()
 HOST_HAS_AVX512 = "avx512f" in open("/proc/cpuinfo").read() if os.path.exists("/proc/cpuinfo") else False
@@ -333,7 +333,12 @@ def test_target_wider_than_this_cpu_runs_the_reference_op(monkeypatch):
     packed = random_packed(5, 40, 3)
     m = SqcLinear(packed, None)
     attach_cpu_kernels(torch.nn.Sequential(m), parse_target(AVX512), tune=False)
-    assert m._kernels is None and m.kernel == "reference (target znver4 needs AVX-512, which this CPU lacks)"
+    assert m._kernels is None and m.kernel == "reference (target skylake-avx512 needs avx512f, which this CPU lacks)"
+    m3 = SqcLinear(packed, None)
+    monkeypatch.setenv("SQC_CPU_KERNELS", "vnni")  # the byte kernels name every flag they need
+    attach_cpu_kernels(torch.nn.Sequential(m3), parse_target("llvm -mcpu=znver4"), tune=False)
+    assert m3._kernels is None and m3.kernel == ("reference (target znver4 needs avx512f, avx512bw, avx512vbmi, "
+                                                 "avx512_vnni, which this CPU lacks)")
     m2 = SqcLinear(packed, None)
     attach_cpu_kernels(torch.nn.Sequential(m2), parse_target(AVX2), tune=False)
     assert m2.kernel == "tvm-lut-avx2"
@@ -343,7 +348,11 @@ def test_host_lanes_reads_the_cpu_flags_without_tvm():
     from sqc.codegen.cpu import cpu_lanes
 
     assert host_lanes(frozenset({"sse2", "avx2", "avx512f"})) == 16
+    # the byte kernels need VBMI and VNNI as well: a CPU without them keeps the fp32 lane kernels
+    assert host_lanes(frozenset({"avx2", "avx512f", "avx512bw", "avx512vbmi", "avx512_vnni"})) == 64
+    assert host_lanes(frozenset({"avx2", "avx512f", "avx512bw", "avx512_vnni"})) == 16
     assert host_lanes(frozenset({"sse2", "avx2"})) == 8
     assert host_lanes(frozenset({"sse2"})) == 0
     # /proc/cpuinfo agrees with what TVM's LLVM makes of this machine's CPU
-    assert host_lanes() == cpu_lanes(tvm.target.Target({"kind": "llvm", "mcpu": HOST}))
+    # the byte kernels (64) are opt-in: without SQC_CPU_KERNELS=vnni the target gets the fp32 lane kernels
+    assert min(host_lanes(), 16) == cpu_lanes(tvm.target.Target({"kind": "llvm", "mcpu": HOST}))

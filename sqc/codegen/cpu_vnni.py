@@ -1,0 +1,178 @@
+"""LUT kernels for CPUs with AVX-512 VBMI and VNNI: byte lookups multiplied with int8 activations.
+
+The layout and the numerics are defined (and stated as a reference) in
+:mod:`sqc.runtime.bytelanes`. Per 64 weights the inner loop is
+
+* ``vpmultishiftqb``: byte ``8q + j`` takes the 8 bits at offset ``bits * (8p + j)`` of qword ``q``
+  (the code of slot ``8p + j``, with the next codes' bits above it);
+* ``vpermb``: looks the byte up in the row's 64-byte table (the row's entries repeated, so the bits
+  above the code do not matter);
+* ``vpdpbusd``: 64 products of the table bytes (unsigned) with the pass's int8 activations, summed in
+  groups of 4 into 16 int32 lanes;
+* one int32 -> fp32 conversion and one FMA with the groups' activation scales (lanes ``2q``, ``2q + 1``
+  hold qword ``q``'s group).
+
+Each call first quantizes x (per batch row, :func:`sqc.runtime.bytelanes.quantize_x`) into a
+workspace: the int8 values in pass order, the scales per lane, and the sum ``sum_g s_g * sum xq``
+that the tables' minimum multiplies. Then each parallel task runs row tiles of ``rt`` rows:
+
+* ``gemv`` (batch 1): ``rt`` rows share each pass's activation vector and scales;
+* ``gemm`` (any batch, ``decode="reg"``): each looked-up vector feeds ``bt`` rows of x, so codes are
+  unpacked and looked up once per ``bt`` batch rows.
+
+The sparse part is fused as in the fp32 kernels, in fp32 with the exact x and table:
+``(val - lut[scode]) * x[col]`` per non-zero, after the dense part; then the bias.
+
+Status: opt-in (``SQC_CPU_KERNELS=vnni``). Measured on an AMD EPYC (Zen 4), 2 threads: the inner loop
+runs about 2x the fp32 kernels' weights per cycle with data in cache, but from DRAM a 4096x4096
+stack reads at 7.9 GB/s of 30.7, and on SmolLM2's small layers the per-call quantization of x
+(scalar, K values) and the fixed call cost make decode slower than the fp32 kernels (about 22
+against 15 ms per token). What remains: a vectorized quantization prologue (or one shared by the
+layers that read the same x), software prefetch of the codes, and per-call overhead.
+"""
+from __future__ import annotations
+
+from ..runtime.bytelanes import ByteLayout
+from ..runtime.lanes import GemmKnobs, GemvKnobs, KernelKey, padded_rows
+
+__all__ = ["build_vnni", "vnni_gemv_candidates", "vnni_gemm_candidates"]
+
+MAX_TASKS = 16
+
+
+def _chunks(tiles: int) -> tuple[int, int]:
+    nc = min(tiles, MAX_TASKS)
+    per = -(-tiles // nc)
+    return -(-tiles // per), per
+
+
+def vnni_gemv_candidates() -> list[GemvKnobs]:
+    return [GemvKnobs(rt, 1) for rt in (2, 1, 4)]
+
+
+def vnni_gemm_candidates(bucket: str = "17+") -> list[GemmKnobs]:
+    return [GemmKnobs(rt, bt, "reg") for rt, bt in ((2, 4), (4, 4), (2, 8), (4, 2), (1, 8))]
+
+
+def build_vnni(key: KernelKey, knobs):
+    """TVMScript prim_func for ``key.op`` ``"gemv"`` (x fp32 [1, K]) or ``"gemm"`` (x fp32 [n, K]); y fp32
+    [n, R]. Arguments: x, words uint8 [RP, NZ*64] (byte layout), table bytes uint8 [R, 64], table
+    step fp32 [R], table minimum fp32 [R], lut [R, 2**bits], crow int32 [R+1], col [nnz], val [nnz],
+    scode uint8 [nnz], bias fp32 [R], y."""
+    from tvm.script import tirx as T
+
+    batched = key.op == "gemm"
+    if batched and knobs.decode != "reg":
+        raise ValueError(f"the VNNI gemm decodes in registers (decode='reg'), not {knobs.decode!r}")
+    lay = ByteLayout(key.in_features, key.bits)
+    K, R, b = key.in_features, key.out_features, key.bits
+    RP = padded_rows(R)
+    NQ, PZ, BLK, NZ = lay.per_qword, lay.passes, lay.block, lay.n_blocks
+    G = NZ * PZ  # pass vectors per row of x
+    RT = knobs.rt
+    BT = knobs.bt if batched else 1
+    sparse = key.sparse
+    lut_dt, col_dt, val_dt = key.lut_dtype, key.col_dtype, key.val_dtype
+    NC, PER = _chunks(RP // RT)
+    E = 1 << b
+
+    def lookup(tab, ct, word):
+        idx = T.call_llvm_pure_intrin("uint8x64", "llvm.x86.avx512.pmultishift.qb.512", ct, word)
+        return T.call_llvm_pure_intrin("uint8x64", "llvm.x86.avx512.permvar.qi.512", tab, idx)
+
+    def dot(lk, xq):
+        return T.call_llvm_pure_intrin("int32x16", "llvm.x86.avx512.vpdpbusd.512", T.Broadcast(T.int32(0), 16),
+                                       lk, xq)
+
+    @T.prim_func
+    def kernel(x: T.handle, w: T.handle, qt: T.handle, ts: T.handle, tm: T.handle, lut: T.handle,
+               crow: T.handle, col: T.handle, val: T.handle, scode: T.handle, bias: T.handle, y: T.handle):
+        T.func_attr({"global_symbol": key.op, "tirx.noalias": True})
+        n = T.int32()
+        nnz = T.int32()
+        X = T.match_buffer(x, (n, K), "float32", align=4, offset_factor=1)
+        W = T.match_buffer(w, (RP, NZ * 64), "uint8", align=1, offset_factor=1)
+        QT = T.match_buffer(qt, (R, 64), "uint8", align=1, offset_factor=1)
+        TS = T.match_buffer(ts, (R,), "float32", align=4, offset_factor=1)
+        TM = T.match_buffer(tm, (R,), "float32", align=4, offset_factor=1)
+        LUT = T.match_buffer(lut, (R, E), lut_dt, align=2, offset_factor=1)
+        CROW = T.match_buffer(crow, (R + 1,), "int32", align=4, offset_factor=1)
+        COL = T.match_buffer(col, (nnz,), col_dt, align=1, offset_factor=1)
+        VAL = T.match_buffer(val, (nnz,), val_dt, align=2, offset_factor=1)
+        SC = T.match_buffer(scode, (nnz,), "uint8", align=1, offset_factor=1)
+        BIAS = T.match_buffer(bias, (R,), "float32", align=4, offset_factor=1)
+        Y = T.match_buffer(y, (n, R), "float32", align=4, offset_factor=1)
+        XQ = T.decl_buffer((n * G * 64,), "int8", scope="global")
+        XS = T.decl_buffer((n * G * 16,), "float32", scope="global")
+        SS = T.decl_buffer((n,), "float32", scope="global")
+        # quantize x: per batch row, per group (the W_p columns of one qword in one pass)
+        for bq in T.parallel(n) if batched else T.serial(n):
+            am = T.decl_buffer((2,), "float32", scope="local")
+            acc = T.decl_buffer((1,), "float32", scope="local")
+            acc[0] = T.float32(0)
+            for z in range(NZ):
+                for p in range(PZ):
+                    for q in range(8):
+                        am[0] = T.float32(0)
+                        for j in range(T.min(8, NQ - 8 * p)):
+                            if z * BLK + 64 * p + q * T.min(8, NQ - 8 * p) + j < K:
+                                am[0] = T.max(am[0], T.fabs(X[bq, z * BLK + 64 * p + q * T.min(8, NQ - 8 * p) + j]))
+                        am[1] = T.if_then_else(am[0] > T.float32(0), T.float32(127) / am[0], T.float32(0))
+                        am[0] = am[0] / T.float32(127)
+                        XS[(bq * G + z * PZ + p) * 16 + 2 * q] = am[0]
+                        XS[(bq * G + z * PZ + p) * 16 + 2 * q + 1] = am[0]
+                        for j in range(8):
+                            XQ[(bq * G + z * PZ + p) * 64 + 8 * q + j] = T.int8(0)
+                        for j in range(T.min(8, NQ - 8 * p)):
+                            if z * BLK + 64 * p + q * T.min(8, NQ - 8 * p) + j < K:
+                                XQ[(bq * G + z * PZ + p) * 64 + 8 * q + j] = T.Cast("int8", T.nearbyint(
+                                    X[bq, z * BLK + 64 * p + q * T.min(8, NQ - 8 * p) + j] * am[1]))
+                                acc[0] = acc[0] + am[0] * T.Cast(
+                                    "float32", XQ[(bq * G + z * PZ + p) * 64 + 8 * q + j])
+            SS[bq] = acc[0]
+        for c in T.parallel(NC):
+            ct = T.decl_buffer((PZ, 64), "uint8", scope="local")
+            tab = T.decl_buffer((RT, 64), "uint8", scope="local")
+            lk = T.decl_buffer((RT, 64), "uint8", scope="local")
+            f = T.decl_buffer((BT, RT, 16), "float32", scope="local")
+            h = T.decl_buffer((16,), "float32", scope="local")
+            s = T.decl_buffer((2,), "float32", scope="local")
+            for p in T.unroll(PZ):
+                for q in T.unroll(8):
+                    for j in T.unroll(8):
+                        ct[p, 8 * q + j] = T.Cast("uint8", b * T.min(8 * p + j, NQ - 1))
+            for rr in range(T.min(PER, RP // RT - c * PER)):
+                rt = c * PER + rr
+                for i in T.unroll(RT):
+                    tab[i, T.Ramp(0, 1, 64)] = QT[T.min(rt * RT + i, R - 1), T.Ramp(0, 1, 64)]
+                for bo in range((n + BT - 1) // BT):
+                    for bi in T.unroll(BT):
+                        for i in T.unroll(RT):
+                            f[bi, i, T.Ramp(0, 1, 16)] = T.Broadcast(T.float32(0), 16)
+                    for z in range(NZ):
+                        for p in T.unroll(PZ):
+                            for i in T.unroll(RT):
+                                lk[i, T.Ramp(0, 1, 64)] = lookup(tab[i, T.Ramp(0, 1, 64)], ct[p, T.Ramp(0, 1, 64)],
+                                                                 W[rt * RT + i, T.Ramp(z * 64, 1, 64)])
+                            for bi in T.unroll(BT):
+                                for i in T.unroll(RT):
+                                    f[bi, i, T.Ramp(0, 1, 16)] = f[bi, i, T.Ramp(0, 1, 16)] + T.Cast(
+                                        "float32x16", dot(lk[i, T.Ramp(0, 1, 64)], XQ[T.Ramp(
+                                            (T.min(bo * BT + bi, n - 1) * G + z * PZ + p) * 64, 1, 64)])
+                                    ) * XS[T.Ramp((T.min(bo * BT + bi, n - 1) * G + z * PZ + p) * 16, 1, 16)]
+                    for bi in range(BT):
+                        for i in range(RT):
+                            if bo * BT + bi < n and rt * RT + i < R:
+                                h[T.Ramp(0, 1, 16)] = f[bi, i, T.Ramp(0, 1, 16)]
+                                h[T.Ramp(0, 1, 8)] = h[T.Ramp(0, 1, 8)] + h[T.Ramp(8, 1, 8)]
+                                h[T.Ramp(0, 1, 4)] = h[T.Ramp(0, 1, 4)] + h[T.Ramp(4, 1, 4)]
+                                h[T.Ramp(0, 1, 2)] = h[T.Ramp(0, 1, 2)] + h[T.Ramp(2, 1, 2)]
+                                s[0] = TS[rt * RT + i] * (h[0] + h[1]) + TM[rt * RT + i] * SS[bo * BT + bi]
+                                if sparse:
+                                    for e in range(CROW[rt * RT + i], CROW[rt * RT + i + 1]):
+                                        s[0] = s[0] + (T.Cast("float32", VAL[e]) - T.Cast(
+                                            "float32", LUT[rt * RT + i, T.Cast("int32", SC[e])])) * X[
+                                                bo * BT + bi, T.Cast("int32", COL[e])]
+                                Y[bo * BT + bi, rt * RT + i] = s[0] + BIAS[rt * RT + i]
+
+    return kernel
