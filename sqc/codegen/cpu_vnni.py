@@ -32,7 +32,7 @@ layers that read the same x), software prefetch of the codes, and per-call overh
 """
 from __future__ import annotations
 
-from ..runtime.bytelanes import ByteLayout
+from ..runtime.bytelanes import PANEL, ByteLayout
 from ..runtime.lanes import GemmKnobs, GemvKnobs, KernelKey, padded_rows
 
 __all__ = ["build_vnni", "vnni_gemv_candidates", "vnni_gemm_candidates"]
@@ -47,16 +47,17 @@ def _chunks(tiles: int) -> tuple[int, int]:
 
 
 def vnni_gemv_candidates() -> list[GemvKnobs]:
-    return [GemvKnobs(rt, 1) for rt in (2, 1, 4)]
+    """Rows per tile: whole panels, so a task reads one sequential stream of codes per panel."""
+    return [GemvKnobs(rt, 1) for rt in (PANEL, 2 * PANEL)]
 
 
 def vnni_gemm_candidates(bucket: str = "17+") -> list[GemmKnobs]:
-    return [GemmKnobs(rt, bt, "reg") for rt, bt in ((2, 4), (4, 4), (2, 8), (4, 2), (1, 8))]
+    return [GemmKnobs(rt, bt, "reg") for rt, bt in ((PANEL, 4), (PANEL, 2), (2 * PANEL, 2), (PANEL, 6))]
 
 
 def build_vnni(key: KernelKey, knobs):
     """TVMScript prim_func for ``key.op`` ``"gemv"`` (x fp32 [1, K]) or ``"gemm"`` (x fp32 [n, K]); y fp32
-    [n, R]. Arguments: x, words uint8 [RP, NZ*64] (byte layout), table bytes uint8 [R, 64], table
+    [n, R]. Arguments: x, words uint8 [RP / PANEL, NZ * PANEL * 64] (byte layout, rows in panels), table bytes uint8 [R, 64], table
     step fp32 [R], table minimum fp32 [R], lut [R, 2**bits], crow int32 [R+1], col [nnz], val [nnz],
     scode uint8 [nnz], bias fp32 [R], y."""
     from tvm.script import tirx as T
@@ -91,7 +92,7 @@ def build_vnni(key: KernelKey, knobs):
         n = T.int32()
         nnz = T.int32()
         X = T.match_buffer(x, (n, K), "float32", align=4, offset_factor=1)
-        W = T.match_buffer(w, (RP, NZ * 64), "uint8", align=1, offset_factor=1)
+        W = T.match_buffer(w, (RP // PANEL, NZ * PANEL * 64), "uint8", align=1, offset_factor=1)
         QT = T.match_buffer(qt, (R, 64), "uint8", align=1, offset_factor=1)
         TS = T.match_buffer(ts, (R,), "float32", align=4, offset_factor=1)
         TM = T.match_buffer(tm, (R,), "float32", align=4, offset_factor=1)
@@ -105,30 +106,49 @@ def build_vnni(key: KernelKey, knobs):
         XQ = T.decl_buffer((n * G * 64,), "int8", scope="global")
         XS = T.decl_buffer((n * G * 16,), "float32", scope="global")
         SS = T.decl_buffer((n,), "float32", scope="global")
-        # quantize x: per batch row, per group (the W_p columns of one qword in one pass)
+        # quantize x: per batch row, per group (the W_p columns of one qword in one pass); a whole pass of 8-column
+        # groups inside x in 8-lane vectors, the rest (the 5-column 3-bit pass, the last block's tail) one by one
         for bq in T.parallel(n) if batched else T.serial(n):
             am = T.decl_buffer((2,), "float32", scope="local")
             acc = T.decl_buffer((1,), "float32", scope="local")
+            v = T.decl_buffer((8,), "float32", scope="local")
+            h = T.decl_buffer((8,), "float32", scope="local")
             acc[0] = T.float32(0)
             for z in range(NZ):
                 for p in range(PZ):
-                    for q in range(8):
-                        am[0] = T.float32(0)
-                        for j in range(T.min(8, NQ - 8 * p)):
-                            if z * BLK + 64 * p + q * T.min(8, NQ - 8 * p) + j < K:
-                                am[0] = T.max(am[0], T.fabs(X[bq, z * BLK + 64 * p + q * T.min(8, NQ - 8 * p) + j]))
-                        am[1] = T.if_then_else(am[0] > T.float32(0), T.float32(127) / am[0], T.float32(0))
-                        am[0] = am[0] / T.float32(127)
-                        XS[(bq * G + z * PZ + p) * 16 + 2 * q] = am[0]
-                        XS[(bq * G + z * PZ + p) * 16 + 2 * q + 1] = am[0]
-                        for j in range(8):
-                            XQ[(bq * G + z * PZ + p) * 64 + 8 * q + j] = T.int8(0)
-                        for j in range(T.min(8, NQ - 8 * p)):
-                            if z * BLK + 64 * p + q * T.min(8, NQ - 8 * p) + j < K:
-                                XQ[(bq * G + z * PZ + p) * 64 + 8 * q + j] = T.Cast("int8", T.nearbyint(
-                                    X[bq, z * BLK + 64 * p + q * T.min(8, NQ - 8 * p) + j] * am[1]))
-                                acc[0] = acc[0] + am[0] * T.Cast(
-                                    "float32", XQ[(bq * G + z * PZ + p) * 64 + 8 * q + j])
+                    if NQ - 8 * p >= 8 and z * BLK + 64 * p + 64 <= K:
+                        for q in range(8):
+                            v[T.Ramp(0, 1, 8)] = X[bq, T.Ramp(z * BLK + 64 * p + 8 * q, 1, 8)]
+                            h[T.Ramp(0, 1, 8)] = T.fabs(v[T.Ramp(0, 1, 8)])
+                            h[T.Ramp(0, 1, 4)] = T.max(h[T.Ramp(0, 1, 4)], h[T.Ramp(4, 1, 4)])
+                            h[T.Ramp(0, 1, 2)] = T.max(h[T.Ramp(0, 1, 2)], h[T.Ramp(2, 1, 2)])
+                            am[0] = T.max(h[0], h[1])
+                            am[1] = T.if_then_else(am[0] > T.float32(0), T.float32(127) / am[0], T.float32(0))
+                            am[0] = am[0] / T.float32(127)
+                            XS[T.Ramp((bq * G + z * PZ + p) * 16 + 2 * q, 1, 2)] = T.Broadcast(am[0], 2)
+                            v[T.Ramp(0, 1, 8)] = T.nearbyint(v[T.Ramp(0, 1, 8)] * T.Broadcast(am[1], 8))
+                            XQ[T.Ramp((bq * G + z * PZ + p) * 64 + 8 * q, 1, 8)] = T.Cast("int8x8", v[T.Ramp(0, 1, 8)])
+                            v[T.Ramp(0, 1, 4)] = v[T.Ramp(0, 1, 4)] + v[T.Ramp(4, 1, 4)]
+                            v[T.Ramp(0, 1, 2)] = v[T.Ramp(0, 1, 2)] + v[T.Ramp(2, 1, 2)]
+                            acc[0] = acc[0] + am[0] * (v[0] + v[1])
+                    else:
+                        for q in range(8):
+                            am[0] = T.float32(0)
+                            for j in range(T.min(8, NQ - 8 * p)):
+                                if z * BLK + 64 * p + q * T.min(8, NQ - 8 * p) + j < K:
+                                    am[0] = T.max(am[0], T.fabs(X[bq, z * BLK + 64 * p + q * T.min(8, NQ - 8 * p) + j]))
+                            am[1] = T.if_then_else(am[0] > T.float32(0), T.float32(127) / am[0], T.float32(0))
+                            am[0] = am[0] / T.float32(127)
+                            XS[(bq * G + z * PZ + p) * 16 + 2 * q] = am[0]
+                            XS[(bq * G + z * PZ + p) * 16 + 2 * q + 1] = am[0]
+                            for j in range(8):
+                                XQ[(bq * G + z * PZ + p) * 64 + 8 * q + j] = T.int8(0)
+                            for j in range(T.min(8, NQ - 8 * p)):
+                                if z * BLK + 64 * p + q * T.min(8, NQ - 8 * p) + j < K:
+                                    XQ[(bq * G + z * PZ + p) * 64 + 8 * q + j] = T.Cast("int8", T.nearbyint(
+                                        X[bq, z * BLK + 64 * p + q * T.min(8, NQ - 8 * p) + j] * am[1]))
+                                    acc[0] = acc[0] + am[0] * T.Cast(
+                                        "float32", XQ[(bq * G + z * PZ + p) * 64 + 8 * q + j])
             SS[bq] = acc[0]
         for c in T.parallel(NC):
             ct = T.decl_buffer((PZ, 64), "uint8", scope="local")
@@ -153,7 +173,8 @@ def build_vnni(key: KernelKey, knobs):
                         for p in T.unroll(PZ):
                             for i in T.unroll(RT):
                                 lk[i, T.Ramp(0, 1, 64)] = lookup(tab[i, T.Ramp(0, 1, 64)], ct[p, T.Ramp(0, 1, 64)],
-                                                                 W[rt * RT + i, T.Ramp(z * 64, 1, 64)])
+                                                                 W[(rt * RT + i) // PANEL, T.Ramp(
+                                                                     (z * PANEL + (rt * RT + i) % PANEL) * 64, 1, 64)])
                             for bi in T.unroll(BT):
                                 for i in T.unroll(RT):
                                     f[bi, i, T.Ramp(0, 1, 16)] = f[bi, i, T.Ramp(0, 1, 16)] + T.Cast(

@@ -177,8 +177,8 @@ class CpuLutKernels:
         """Rows ``start:stop`` of the codes in the canonical layout (a fused member's part)."""
         if self._canonical is not None:  # kept in the store: a view (no copy, nothing resident)
             return self._canonical[start:stop]
-        if self.lanes == BYTE_LANES:
-            codes = from_byte_words(self.words[start:stop], self.bits, stop - start, self.in_features, torch.uint8)
+        if self.lanes == BYTE_LANES:  # rows are interleaved in panels: unpack them all, keep the range
+            codes = from_byte_words(self.words, self.bits, self.out_features, self.in_features, torch.uint8)[start:stop]
         else:
             codes = from_lane_words(self.words[start:stop], self.bits, self.lanes, stop - start, self.in_features,
                                     torch.uint8)

@@ -108,7 +108,7 @@ def test_misaligned_views_and_half_precision():
 def test_saved_codes_are_canonical_and_reload_rebinds():
     packed = random_packed(21, 200, 3, frac=0.05)
     m, _ = module_with_kernels(packed, VNNI)
-    assert m._kernels.words.dtype == torch.uint8 and m._kernels.words.shape == (24, 64 * ByteLayout(200, 3).n_blocks)
+    assert m._kernels.words.dtype == torch.uint8 and m._kernels.words.shape == (6, 4 * 64 * ByteLayout(200, 3).n_blocks)
     assert torch.equal(m.state_dict()["codes"], packed.codes)
     other = random_packed(21, 200, 3, frac=0.05, seed=7)
     m.load_state_dict({**m.state_dict(), **{k: v for k, v in SqcLinear(other, None).state_dict().items()}})
@@ -137,7 +137,7 @@ def test_the_int8_numerics_stay_close_to_the_exact_op():
 def test_byte_layout_round_trip(R, K, bits, seed):
     codes = torch.randint(0, 1 << bits, (R, K), generator=torch.Generator().manual_seed(seed))
     words = to_byte_words(codes, bits)
-    assert words.dtype == torch.uint8 and words.shape == (-(-R // 8) * 8, ByteLayout(K, bits).row_bytes)
+    assert words.dtype == torch.uint8 and words.shape == (-(-R // 8) * 2, 4 * ByteLayout(K, bits).row_bytes)
     assert torch.equal(from_byte_words(words, bits, R, K), codes)
 
 
