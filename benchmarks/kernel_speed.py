@@ -7,13 +7,15 @@ For LLaMA-7B's and SmolLM2's linear shapes, 3 and 4 bits, dense and with
 (the whole module call: the op dispatch, kernel, output) and of ``F.linear`` on
 the de-quantized weight in fp32 and bf16. Every setting rotates over enough
 distinct copies of the layer (different weights) that one pass reads more than
-twice this CPU's 32 MiB L3, so the weights come from DRAM as in a model's
+twice this CPU's L3, so the weights come from DRAM as in a model's
 decode step, not from a cache that holds a 3-bit layer but not its fp32 twin.
 
-The stack: 8 distinct 4096x4096 layers called in sequence at batch 1 (3-bit
-with 0.45 % sparse, and 4-bit), against the fp32 and bf16 stacks of the same
-weights, with the achieved GB/s against the read bandwidth measured in the
-same run (the sum of a 256 MiB tensor). Batch-1 rows also give the achieved
+The stack: distinct 4096x4096 layers called in sequence at batch 1, as many as
+read more than twice the L3 (its size read from sysfs) per pass, for each CPU
+kernel family this CPU runs (the fp32 lane kernels; the byte kernels with
+AVX-512 VBMI/VNNI), 3 and 4 bits, dense and 0.45 % sparse, against fp32 and
+bf16 stacks, with the achieved GB/s against the read bandwidth measured in the
+same run (the sum of a tensor four times the L3). Batch-1 rows also give the achieved
 bandwidth (bytes of codes + tables + sparse part + x + y per call / time) and
 its ratio to the measured copy bandwidth. Kernels are tuned on first use and
 come from the tuning database after that. Writes ``benchmarks/results/kernels.json``.
@@ -56,11 +58,27 @@ def random_layer(R: int, K: int, bits: int, sparse_pct: float, seed: int = 0) ->
     return PackedLinear(bits, K, R, pack_codes(codes, bits), lut, crow, cols.to(col_dtype_for(K)), val)
 
 
-L3_BYTES = 32 << 20
+def l3_bytes() -> int:
+    """This CPU's last-level cache, read from sysfs (the largest cache index of cpu0); 32 MiB where unreadable."""
+    best = 0
+    base = "/sys/devices/system/cpu/cpu0/cache"
+    for d in (os.listdir(base) if os.path.isdir(base) else []):
+        try:
+            with open(os.path.join(base, d, "size")) as fh:
+                txt = fh.read().strip()
+        except OSError:
+            continue
+        mult = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(txt[-1:], 1)
+        best = max(best, int(txt.rstrip("KMG")) * mult)
+    return best or 32 << 20
 
 
-def read_bandwidth_gbps(mib: int = 256, repeats: int = 7) -> float:
-    """Bytes read per second by a ``sum`` over a tensor far larger than the caches."""
+L3_BYTES = l3_bytes()
+
+
+def read_bandwidth_gbps(mib: int = 0, repeats: int = 7) -> float:
+    """Bytes read per second by a ``sum`` over a tensor four times the L3 (at least 256 MiB)."""
+    mib = mib or max(256, 4 * L3_BYTES >> 20)
     a = torch.ones(mib << 18)  # fp32: mib MiB
     return a.numel() * 4 / (B.median_ms(lambda: a.sum(), repeats, warmup=2) * 1e-3) / 1e9
 
@@ -78,39 +96,89 @@ def rotation(layers: list) -> callable:
     return run
 
 
-def stack_rows(spec, copy_gbps: float, read_gbps: float, repeats: int) -> list[dict]:
-    """8 distinct 4096x4096 layers in sequence at batch 1: sqc against fp32 and bf16 stacks."""
+def kernel_families() -> list[tuple[str, str | None]]:
+    """(name, SQC_CPU_KERNELS) of the CPU kernel families this CPU runs: the fp32 lane kernels, and the byte
+    kernels where it has AVX-512 VBMI and VNNI."""
+    from sqc.runtime.bytelanes import BYTE_LANES
+    from sqc.runtime.cpu import host_lanes
+
+    return [("fp32-lanes", None)] + ([("bytes", "vnni")] if host_lanes() == BYTE_LANES else [])
+
+
+def layer_calls(m, copies: int, x) -> list:
+    """``copies`` distinct layers with ``m``'s kernels, each called as a compiled decode step calls a layer
+    (the ``sqc::lut_linear_cpu`` op on its own tensors): ``m`` itself and copies whose codes are random bytes
+    (the kernels' speed does not depend on the values; building and converting each copy from a packed layer
+    would dominate the run on a CPU with a large L3)."""
+    from sqc.runtime.ops import lut_linear_cpu, register_kernels
+
+    calls = [lambda: lut_linear_cpu(x, *m._args)]
+    for i in range(copies - 1):
+        k = object.__new__(type(m._kernels))  # not copy.copy: unpickling a copy binds it to m's codes
+        k.__dict__.update(m._kernels.__dict__)
+        k.words = m._kernels.words.clone()
+        k.words.view(torch.uint8).random_(generator=torch.Generator().manual_seed(i))
+        register_kernels(k, k.words)
+        # the call holds its kernels (the registry holds them weakly)
+        calls.append(lambda a=(k.words, *m._args[1:]), k=k: lut_linear_cpu(x, *a))
+    return calls
+
+
+def stack_rows(spec, copy_gbps: float, repeats: int) -> list[dict]:
+    """Distinct 4096x4096 layers in sequence at batch 1, as many as read more than twice the L3 per pass, per
+    kernel family, 3 and 4 bits, dense and 0.45 % sparse: GB/s against the read bandwidth timed in the same
+    interleaved rounds (the sum of a tensor four times the L3), and
+    against fp32 and bf16 ``F.linear`` stacks (also beyond twice the L3)."""
     rows = []
-    for bits, sp in ((3, 0.45), (4, 0.0)):
-        mods, w32s = [], []
-        for i in range(8):
-            packed = random_layer(4096, 4096, bits, sp, seed=100 + i)
-            m = SqcLinear(packed, None)
+    x = torch.randn(1, 4096)
+    x16 = x.to(torch.bfloat16)
+    w32 = [torch.randn(4096, 4096) * 0.02 for _ in range(copies_for(4096 * 4096 * 4))]
+    w16 = [w.to(torch.bfloat16) for w in w32[: copies_for(4096 * 4096 * 2)]]
+    big = torch.ones(max(256 << 20, 4 * L3_BYTES) // 4)
+    # the read bandwidth is timed in the same interleaved rounds as the stacks: on a shared host it drifts
+    base = {"fp32": (rotation([lambda w=w: torch.nn.functional.linear(x, w) for w in w32]), len(w32)),
+            "bf16": (rotation([lambda w=w: torch.nn.functional.linear(x16, w) for w in w16]), len(w16)),
+            "read": (lambda: big.sum(), 1)}
+    for bits, sp in ((3, 0.45), (3, 0.0), (4, 0.0), (4, 0.45)):
+        fns = dict(base)
+        nbytes = {}
+        stacks = []
+        for fam, env in kernel_families():
+            if env is None:
+                os.environ.pop("SQC_CPU_KERNELS", None)
+            else:
+                os.environ["SQC_CPU_KERNELS"] = env
+            m = SqcLinear(random_layer(4096, 4096, bits, sp, seed=100), None)
             attach_cpu_kernels(torch.nn.Sequential(m), spec, tune=True)
-            mods.append(m)
-            w32s.append(packed.dequantize(torch.float32))
-        w16s = [w.to(torch.bfloat16) for w in w32s]
-        x = torch.randn(1, 4096)
-        x16 = x.to(torch.bfloat16)
+            n = copies_for(m.resident_bytes())
+            calls = layer_calls(m, n, x)
+            stacks.append((m, calls))
+            fns[fam] = (rotation(calls), n)
+            nbytes[fam] = (m.resident_bytes(), m.kernel)
+        os.environ.pop("SQC_CPU_KERNELS", None)
         with torch.no_grad():
-            med = interleaved_medians({
-                "sqc": rotation([lambda m=m: m(x) for m in mods]),
-                "fp32": rotation([lambda w=w: torch.nn.functional.linear(x, w) for w in w32s]),
-                "bf16": rotation([lambda w=w: torch.nn.functional.linear(x16, w) for w in w16s]),
-            }, max(10, repeats // 2))
-        nbytes = sum(m.resident_bytes() for m in mods)
-        gbps = nbytes / (med["sqc"] * 1e-3) / 1e9
-        row = {"layers": 8, "shape": [4096, 4096], "bits": bits, "sparse_pct": sp, "sqc_bytes": nbytes,
-               "sqc_ms_per_layer": med["sqc"] / 8, "fp32_ms_per_layer": med["fp32"] / 8, "bf16_ms_per_layer": med["bf16"] / 8,
-               "speedup_vs_fp32": med["fp32"] / med["sqc"], "speedup_vs_bf16": med["bf16"] / med["sqc"],
-               "gbps": gbps, "read_gbps": read_gbps, "of_read_bandwidth": gbps / read_gbps, "copy_gbps": copy_gbps,
-               "fp32_gbps": 8 * 4096 * 4096 * 4 / (med["fp32"] * 1e-3) / 1e9}
-        rows.append(row)
-        print(f"stack 8x4096x4096 {bits}-bit sp {sp}: sqc {row['sqc_ms_per_layer']:.3f} ms/layer, fp32 "
-              f"{row['fp32_ms_per_layer']:.3f}, bf16 {row['bf16_ms_per_layer']:.3f}: x{row['speedup_vs_fp32']:.2f} fp32, "
-              f"x{row['speedup_vs_bf16']:.2f} bf16; {gbps:.1f} GB/s = {100 * row['of_read_bandwidth']:.0f} % of the "
-              f"{read_gbps:.1f} GB/s read bandwidth", flush=True)
-        del mods, w32s, w16s
+            med = interleaved_medians({k: f for k, (f, _) in fns.items()}, max(10, repeats // 2))
+        per = {k: med[k] / n for k, (_, n) in fns.items()}  # ms per layer
+        read_gbps = big.numel() * 4 / (med["read"] * 1e-3) / 1e9
+        for fam, (nb, kname) in nbytes.items():
+            gbps = nb / (per[fam] * 1e-3) / 1e9
+            row = {"family": fam, "kernel": kname, "layers": fns[fam][1], "shape": [4096, 4096], "bits": bits,
+                   "sparse_pct": sp, "layer_bytes": nb, "stack_bytes": nb * fns[fam][1], "l3_bytes": L3_BYTES,
+                   "sqc_ms_per_layer": per[fam], "fp32_ms_per_layer": per["fp32"], "bf16_ms_per_layer": per["bf16"],
+                   "speedup_vs_fp32": per["fp32"] / per[fam], "speedup_vs_bf16": per["bf16"] / per[fam],
+                   "gbps": gbps, "read_gbps": read_gbps, "of_read_bandwidth": gbps / read_gbps,
+                   "copy_gbps": copy_gbps, "fp32_gbps": 4096 * 4096 * 4 / (per["fp32"] * 1e-3) / 1e9}
+            rows.append(row)
+            print(f"stack {row['layers']}x4096x4096 ({row['stack_bytes'] / 2**20:.0f} MiB) {fam} {bits}-bit sp {sp}: "
+                  f"{per[fam]:.3f} ms/layer, fp32 {per['fp32']:.3f}, bf16 {per['bf16']:.3f}: "
+                  f"x{row['speedup_vs_fp32']:.2f} fp32; {gbps:.1f} GB/s = {100 * row['of_read_bandwidth']:.0f} % of the "
+                  f"{read_gbps:.1f} GB/s read bandwidth", flush=True)
+        del stacks
+    for fam, _ in kernel_families():
+        by = {(r["bits"], r["sparse_pct"]): r for r in rows if r["family"] == fam}
+        for sp in (0.0, 0.45):
+            r3, r4 = by[(3, sp)], by[(4, sp)]
+            print(f"{fam} sp {sp}: 3-bit x{r4['sqc_ms_per_layer'] / r3['sqc_ms_per_layer']:.2f} faster than 4-bit")
     return rows
 
 
@@ -135,7 +203,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=40)
     ap.add_argument("--target", default="llvm")
     ap.add_argument("--quick", action="store_true", help="SmolLM2 shapes only")
-    ap.add_argument("--stack-only", action="store_true", help="only the 8-layer 4096x4096 stack")
+    ap.add_argument("--stack-only", action="store_true", help="only the 4096x4096 stack")
     ap.add_argument("--out", default=None, help="default: results/kernels.json (cpu), results/kernels_cuda.json (cuda)")
     ap.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     ap.add_argument("--prepare", metavar="DIR", help="cuda: generate and build the kernels into DIR (needs TVM, nvcc)")
@@ -160,8 +228,8 @@ def main() -> None:
     spec = parse_target(args.target)
     copy_gbps = B.copy_bandwidth_gbps(mib=1024, repeats=5)
     read_gbps = read_bandwidth_gbps()
-    print(f"read bandwidth {read_gbps:.1f} GB/s (sum of 256 MiB)")
-    stack = stack_rows(spec, copy_gbps, read_gbps, args.repeats)
+    print(f"read bandwidth {read_gbps:.1f} GB/s (sum over four times the {L3_BYTES >> 20} MiB L3)")
+    stack = stack_rows(spec, copy_gbps, args.repeats)
     if args.stack_only:
         shapes = []
     else:

@@ -21,7 +21,8 @@ that the tables' minimum multiplies. Then each parallel task runs row tiles of `
   unpacked and looked up once per ``bt`` batch rows.
 
 The sparse part is fused as in the fp32 kernels, in fp32 with the exact x and table:
-``(val - lut[scode]) * x[col]`` per non-zero, after the dense part; then the bias.
+``(val - lut[scode]) * x[col]`` per non-zero (the differences made once, when the layer binds),
+after the dense part, on four accumulators; then the bias.
 
 Status: opt-in (``SQC_CPU_KERNELS=vnni``). Measured on an AMD EPYC (Zen 4), 2 threads: the inner loop
 runs about 2x the fp32 kernels' weights per cycle with data in cache, but from DRAM a 4096x4096
@@ -38,6 +39,8 @@ from ..runtime.lanes import GemmKnobs, GemvKnobs, KernelKey, padded_rows
 __all__ = ["build_vnni", "vnni_gemv_candidates", "vnni_gemm_candidates"]
 
 MAX_TASKS = 16
+#: bytes of codes prefetched ahead of the loads
+PREFETCH = 2048
 
 
 def _chunks(tiles: int) -> tuple[int, int]:
@@ -57,9 +60,9 @@ def vnni_gemm_candidates(bucket: str = "17+") -> list[GemmKnobs]:
 
 def build_vnni(key: KernelKey, knobs):
     """TVMScript prim_func for ``key.op`` ``"gemv"`` (x fp32 [1, K]) or ``"gemm"`` (x fp32 [n, K]); y fp32
-    [n, R]. Arguments: x, words uint8 [RP / PANEL, NZ * PANEL * 64] (byte layout, rows in panels), table bytes uint8 [R, 64], table
-    step fp32 [R], table minimum fp32 [R], lut [R, 2**bits], crow int32 [R+1], col [nnz], val [nnz],
-    scode uint8 [nnz], bias fp32 [R], y."""
+    [n, R]. Arguments: x, words uint8 [RP / PANEL, NZ * PANEL * 64] (byte layout, rows in panels), table bytes
+    uint8 [R, 64], table step fp32 [R], table minimum fp32 [R], crow int32 [R+1], col [nnz], the sparse
+    corrections ``val - lut[scode]`` fp32 [nnz] (made once, when the layer binds), bias fp32 [R], y."""
     from tvm.script import tirx as T
 
     batched = key.op == "gemm"
@@ -73,9 +76,8 @@ def build_vnni(key: KernelKey, knobs):
     RT = knobs.rt
     BT = knobs.bt if batched else 1
     sparse = key.sparse
-    lut_dt, col_dt, val_dt = key.lut_dtype, key.col_dtype, key.val_dtype
+    col_dt = key.col_dtype
     NC, PER = _chunks(RP // RT)
-    E = 1 << b
 
     def lookup(tab, ct, word):
         idx = T.call_llvm_pure_intrin("uint8x64", "llvm.x86.avx512.pmultishift.qb.512", ct, word)
@@ -86,8 +88,8 @@ def build_vnni(key: KernelKey, knobs):
                                        lk, xq)
 
     @T.prim_func
-    def kernel(x: T.handle, w: T.handle, qt: T.handle, ts: T.handle, tm: T.handle, lut: T.handle,
-               crow: T.handle, col: T.handle, val: T.handle, scode: T.handle, bias: T.handle, y: T.handle):
+    def kernel(x: T.handle, w: T.handle, qt: T.handle, ts: T.handle, tm: T.handle, crow: T.handle, col: T.handle,
+               delta: T.handle, bias: T.handle, y: T.handle):
         T.func_attr({"global_symbol": key.op, "tirx.noalias": True})
         n = T.int32()
         nnz = T.int32()
@@ -96,11 +98,9 @@ def build_vnni(key: KernelKey, knobs):
         QT = T.match_buffer(qt, (R, 64), "uint8", align=1, offset_factor=1)
         TS = T.match_buffer(ts, (R,), "float32", align=4, offset_factor=1)
         TM = T.match_buffer(tm, (R,), "float32", align=4, offset_factor=1)
-        LUT = T.match_buffer(lut, (R, E), lut_dt, align=2, offset_factor=1)
         CROW = T.match_buffer(crow, (R + 1,), "int32", align=4, offset_factor=1)
         COL = T.match_buffer(col, (nnz,), col_dt, align=1, offset_factor=1)
-        VAL = T.match_buffer(val, (nnz,), val_dt, align=2, offset_factor=1)
-        SC = T.match_buffer(scode, (nnz,), "uint8", align=1, offset_factor=1)
+        D = T.match_buffer(delta, (nnz,), "float32", align=4, offset_factor=1)
         BIAS = T.match_buffer(bias, (R,), "float32", align=4, offset_factor=1)
         Y = T.match_buffer(y, (n, R), "float32", align=4, offset_factor=1)
         XQ = T.decl_buffer((n * G * 64,), "int8", scope="global")
@@ -156,7 +156,7 @@ def build_vnni(key: KernelKey, knobs):
             lk = T.decl_buffer((RT, 64), "uint8", scope="local")
             f = T.decl_buffer((BT, RT, 16), "float32", scope="local")
             h = T.decl_buffer((16,), "float32", scope="local")
-            s = T.decl_buffer((2,), "float32", scope="local")
+            s = T.decl_buffer((4,), "float32", scope="local")
             for p in T.unroll(PZ):
                 for q in T.unroll(8):
                     for j in T.unroll(8):
@@ -170,6 +170,14 @@ def build_vnni(key: KernelKey, knobs):
                         for i in T.unroll(RT):
                             f[bi, i, T.Ramp(0, 1, 16)] = T.Broadcast(T.float32(0), 16)
                     for z in range(NZ):
+                        # software prefetch PREFETCH bytes ahead in each panel's stream (into the next panel at the
+                        # end of a row tile, so the sparse corrections' scalar work does not leave memory idle)
+                        for pi in T.unroll(RT // PANEL):
+                            for ln in T.unroll(PANEL):
+                                T.evaluate(T.call_llvm_intrin(
+                                    "void", "llvm.prefetch.p0",
+                                    T.address_of(W[rt * RT // PANEL + pi, (z * PANEL + ln) * 64 + PREFETCH]),
+                                    T.int32(0), T.int32(3), T.int32(1)))
                         for p in T.unroll(PZ):
                             for i in T.unroll(RT):
                                 lk[i, T.Ramp(0, 1, 64)] = lookup(tab[i, T.Ramp(0, 1, 64)], ct[p, T.Ramp(0, 1, 64)],
@@ -190,10 +198,21 @@ def build_vnni(key: KernelKey, knobs):
                                 h[T.Ramp(0, 1, 2)] = h[T.Ramp(0, 1, 2)] + h[T.Ramp(2, 1, 2)]
                                 s[0] = TS[rt * RT + i] * (h[0] + h[1]) + TM[rt * RT + i] * SS[bo * BT + bi]
                                 if sparse:
-                                    for e in range(CROW[rt * RT + i], CROW[rt * RT + i + 1]):
-                                        s[0] = s[0] + (T.Cast("float32", VAL[e]) - T.Cast(
-                                            "float32", LUT[rt * RT + i, T.Cast("int32", SC[e])])) * X[
-                                                bo * BT + bi, T.Cast("int32", COL[e])]
+                                    # three more accumulators: the corrections' FMA chain is what a sparse row
+                                    # waits on
+                                    e0 = CROW[rt * RT + i]
+                                    ne = CROW[rt * RT + i + 1] - e0
+                                    s[1] = T.float32(0)
+                                    s[2] = T.float32(0)
+                                    s[3] = T.float32(0)
+                                    for e4 in range(ne // 4):
+                                        for u in T.unroll(4):
+                                            s[u] = s[u] + D[e0 + 4 * e4 + u] * X[
+                                                bo * BT + bi, T.Cast("int32", COL[e0 + 4 * e4 + u])]
+                                    for e in range(ne % 4):
+                                        s[0] = s[0] + D[e0 + ne - ne % 4 + e] * X[
+                                            bo * BT + bi, T.Cast("int32", COL[e0 + ne - ne % 4 + e])]
+                                    s[0] = (s[0] + s[1]) + (s[2] + s[3])
                                 Y[bo * BT + bi, rt * RT + i] = s[0] + BIAS[rt * RT + i]
 
     return kernel

@@ -48,7 +48,8 @@ import torch
 from .lanes import padded_rows
 from .layout import codes_as_numpy, row_chunks
 
-__all__ = ["BYTE_LANES", "PANEL", "ByteLayout", "to_byte_words", "from_byte_words", "byte_tables", "quantize_x",
+__all__ = ["BYTE_LANES", "PANEL", "ByteLayout", "to_byte_words", "from_byte_words", "byte_tables", "sparse_deltas",
+           "quantize_x",
            "reference"]
 
 #: the lane count that names the byte kernels in a :class:`~sqc.runtime.lanes.KernelKey` (64 bytes per vector)
@@ -149,6 +150,12 @@ def byte_tables(lut: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Te
     u = torch.clamp(torch.round((lf - m[:, None]) / t[:, None]), 0, 255).to(torch.uint8)
     reps = 64 // lf.shape[1]
     return u.repeat(1, reps).contiguous(), t.contiguous(), m.contiguous()
+
+
+def sparse_deltas(lut: torch.Tensor, crow: torch.Tensor, val: torch.Tensor, scode: torch.Tensor) -> torch.Tensor:
+    """The sparse part as the kernels add it: ``val - lut[row, scode]`` in fp32, one per non-zero."""
+    rows = torch.repeat_interleave(torch.arange(lut.shape[0]), (crow[1:] - crow[:-1]).long())
+    return (val.to(torch.float32) - lut.to(torch.float32)[rows, scode.long()]).contiguous()
 
 
 def quantize_x(x: torch.Tensor, lay: ByteLayout) -> torch.Tensor:

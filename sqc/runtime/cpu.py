@@ -19,7 +19,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from .bytelanes import BYTE_LANES, ByteLayout, byte_tables, from_byte_words, to_byte_words
+from .bytelanes import BYTE_LANES, ByteLayout, byte_tables, from_byte_words, sparse_deltas, to_byte_words
 from .lanes import LANES_ISA, KernelKey, LaneLayout, padded_rows
 from .layout import PackedLinear, codes_as_numpy, pack_codes, row_chunks
 from .ops import lut_linear_cpu, register_kernels
@@ -114,7 +114,9 @@ class CpuLutKernels:
         self.bits = packed.bits
         self.layout = (ByteLayout(packed.in_features, packed.bits) if lanes == BYTE_LANES
                        else LaneLayout(packed.in_features, packed.bits, lanes))
-        self._tables: tuple = ()  # the byte kernels' tables (bytes, step, minimum), made from the lut by bind()
+        # the byte kernels' tables (bytes, step, minimum) and sparse corrections (val - lut[scode]), made by bind()
+        self._tables: tuple = ()
+        self._delta: torch.Tensor | None = None
         self.fns = fns  # bucket -> compiled function
         self.out_features = packed.out_features
         self.in_features = packed.in_features
@@ -156,12 +158,17 @@ class CpuLutKernels:
         self._x_ok = self._gemv is not None and self.layout.x_width == self.in_features
         if self.lanes == BYTE_LANES:
             self._tables = byte_tables(lut)
+            self._delta = sparse_deltas(lut, crow, val, self.scode)
         return (self.words, lut, crow, col, val, self.scode, self.bias)
 
     def kernel_args(self, lut, crow, col, val) -> tuple:
-        """The compiled functions' arguments between x and y (the byte kernels also take the tables as bytes)."""
-        tables = () if self.lanes != BYTE_LANES else self._tables or byte_tables(lut)
-        return (self.words, *tables, lut, crow, col, val, self.scode, self.bias)
+        """The compiled functions' arguments between x and y (the byte kernels take the tables as bytes and the
+        sparse part as corrections; before :meth:`bind` they are made here)."""
+        if self.lanes != BYTE_LANES:
+            return (self.words, lut, crow, col, val, self.scode, self.bias)
+        tables = self._tables or byte_tables(lut)
+        delta = self._delta if self._delta is not None else sparse_deltas(lut, crow, val, self.scode)
+        return (self.words, *tables, crow, col, delta, self.bias)
 
     def kernel_views(self, x2: torch.Tensor, y2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x ``[n, KX]`` and y ``[n, R]`` as the functions take them: the byte kernels take matrices at every
@@ -185,7 +192,8 @@ class CpuLutKernels:
         return pack_codes(codes, self.bits)
 
     def nbytes(self) -> int:
-        tables = sum(t.numel() * t.element_size() for t in self._tables)
+        extra = (*self._tables, self._delta) if self._delta is not None else self._tables
+        tables = sum(t.numel() * t.element_size() for t in extra)
         return self.words.numel() * self.words.element_size() + self.scode.numel() + tables
 
     def _x(self, x2: torch.Tensor) -> torch.Tensor:
@@ -205,8 +213,7 @@ class CpuLutKernels:
             # a decode step's call (one row of x, as it comes): no reshape, no checks beyond these, one output
             y = torch.empty((*x.shape[:-1], self.out_features), dtype=torch.float32)
             if self._tables:
-                self._gemv(x.view(1, K), words, *self._tables, lut, crow, col, val, scode, bias,
-                           y.view(1, self.out_features))
+                self._gemv(x.view(1, K), words, *self._tables, crow, col, self._delta, bias, y.view(1, self.out_features))
             else:
                 self._gemv(x.view(K), words, lut, crow, col, val, scode, bias, y.view(self.out_features))
             return y
@@ -224,8 +231,11 @@ class CpuLutKernels:
         y = torch.empty((n, self.out_features), dtype=torch.float32)
         if n:
             xk, yk = self.kernel_views(self._x(x2), y)
-            self.fns["1" if n == 1 else "2-16" if n <= 16 else "17+"](xk, words, *self._tables, lut, crow, col, val,
-                                                                      scode, bias, yk)
+            fn = self.fns["1" if n == 1 else "2-16" if n <= 16 else "17+"]
+            if self._tables:
+                fn(xk, words, *self._tables, crow, col, self._delta, bias, yk)
+            else:
+                fn(xk, words, lut, crow, col, val, scode, bias, yk)
         y = y.view(*lead, self.out_features)
         return y if x.dtype == torch.float32 else y.to(x.dtype)
 

@@ -42,8 +42,11 @@ def exact(packed, x, bias=None):
 
 
 def tol(packed, x):
-    """fp32 summation-order error of the kernels against the reference (same int8 numerics, other order)."""
-    return 2e-6 * (1 + x.abs().sum(1, keepdim=True) * packed.dequantize().abs().max())
+    """The kernels against the reference: fp32 summation order, plus two activations rounded the other way (the
+    kernels' ``127 / max`` may differ from torch's in the last bit, which moves a value at a rounding tie by one
+    step of its group, at most ``max|x| / 127``)."""
+    wmax = packed.dequantize().abs().max()
+    return 2e-6 * (1 + x.abs().sum(1, keepdim=True) * wmax) + 2 * x.abs().amax(1, keepdim=True) / 127 * wmax
 
 
 def test_the_target_picks_the_byte_kernels():
