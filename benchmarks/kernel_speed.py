@@ -139,10 +139,11 @@ def stack_rows(spec, copy_gbps: float, repeats: int) -> list[dict]:
     base = {"fp32": (rotation([lambda w=w: torch.nn.functional.linear(x, w) for w in w32]), len(w32)),
             "bf16": (rotation([lambda w=w: torch.nn.functional.linear(x16, w) for w in w16]), len(w16)),
             "read": (lambda: big.sum(), 1)}
+    # every setting's stack is built first and all are timed in the same interleaved rounds, so a ratio between
+    # settings (3- against 4-bit, one family against the other) is not a drift between their time windows
+    fns = dict(base)
+    settings = {}
     for bits, sp in ((3, 0.45), (3, 0.0), (4, 0.0), (4, 0.45)):
-        fns = dict(base)
-        nbytes = {}
-        stacks = []
         for fam, env in kernel_families():
             if env is None:
                 os.environ.pop("SQC_CPU_KERNELS", None)
@@ -151,29 +152,28 @@ def stack_rows(spec, copy_gbps: float, repeats: int) -> list[dict]:
             m = SqcLinear(random_layer(4096, 4096, bits, sp, seed=100), None)
             attach_cpu_kernels(torch.nn.Sequential(m), spec, tune=True)
             n = copies_for(m.resident_bytes())
-            calls = layer_calls(m, n, x)
-            stacks.append((m, calls))
-            fns[fam] = (rotation(calls), n)
-            nbytes[fam] = (m.resident_bytes(), m.kernel)
-        os.environ.pop("SQC_CPU_KERNELS", None)
-        with torch.no_grad():
-            med = interleaved_medians({k: f for k, (f, _) in fns.items()}, max(10, repeats // 2))
-        per = {k: med[k] / n for k, (_, n) in fns.items()}  # ms per layer
-        read_gbps = big.numel() * 4 / (med["read"] * 1e-3) / 1e9
-        for fam, (nb, kname) in nbytes.items():
-            gbps = nb / (per[fam] * 1e-3) / 1e9
-            row = {"family": fam, "kernel": kname, "layers": fns[fam][1], "shape": [4096, 4096], "bits": bits,
-                   "sparse_pct": sp, "layer_bytes": nb, "stack_bytes": nb * fns[fam][1], "l3_bytes": L3_BYTES,
-                   "sqc_ms_per_layer": per[fam], "fp32_ms_per_layer": per["fp32"], "bf16_ms_per_layer": per["bf16"],
-                   "speedup_vs_fp32": per["fp32"] / per[fam], "speedup_vs_bf16": per["bf16"] / per[fam],
-                   "gbps": gbps, "read_gbps": read_gbps, "of_read_bandwidth": gbps / read_gbps,
-                   "copy_gbps": copy_gbps, "fp32_gbps": 4096 * 4096 * 4 / (per["fp32"] * 1e-3) / 1e9}
-            rows.append(row)
-            print(f"stack {row['layers']}x4096x4096 ({row['stack_bytes'] / 2**20:.0f} MiB) {fam} {bits}-bit sp {sp}: "
-                  f"{per[fam]:.3f} ms/layer, fp32 {per['fp32']:.3f}, bf16 {per['bf16']:.3f}: "
-                  f"x{row['speedup_vs_fp32']:.2f} fp32; {gbps:.1f} GB/s = {100 * row['of_read_bandwidth']:.0f} % of the "
-                  f"{read_gbps:.1f} GB/s read bandwidth", flush=True)
-        del stacks
+            fns[(fam, bits, sp)] = (rotation(layer_calls(m, n, x)), n)
+            settings[(fam, bits, sp)] = (m.resident_bytes(), m.kernel)
+    os.environ.pop("SQC_CPU_KERNELS", None)
+    with torch.no_grad():
+        med = interleaved_medians({k: f for k, (f, _) in fns.items()}, max(10, repeats // 2), rounds=10)
+    per = {k: med[k] / n for k, (_, n) in fns.items()}  # ms per layer
+    read_gbps = big.numel() * 4 / (med["read"] * 1e-3) / 1e9
+    for (fam, bits, sp), (nb, kname) in settings.items():
+        t = per[(fam, bits, sp)]
+        n = fns[(fam, bits, sp)][1]
+        gbps = nb / (t * 1e-3) / 1e9
+        row = {"family": fam, "kernel": kname, "layers": n, "shape": [4096, 4096], "bits": bits,
+               "sparse_pct": sp, "layer_bytes": nb, "stack_bytes": nb * n, "l3_bytes": L3_BYTES,
+               "sqc_ms_per_layer": t, "fp32_ms_per_layer": per["fp32"], "bf16_ms_per_layer": per["bf16"],
+               "speedup_vs_fp32": per["fp32"] / t, "speedup_vs_bf16": per["bf16"] / t,
+               "gbps": gbps, "read_gbps": read_gbps, "of_read_bandwidth": gbps / read_gbps,
+               "copy_gbps": copy_gbps, "fp32_gbps": 4096 * 4096 * 4 / (per["fp32"] * 1e-3) / 1e9}
+        rows.append(row)
+        print(f"stack {n}x4096x4096 ({row['stack_bytes'] / 2**20:.0f} MiB) {fam} {bits}-bit sp {sp}: "
+              f"{t:.3f} ms/layer, fp32 {per['fp32']:.3f}, bf16 {per['bf16']:.3f}: "
+              f"x{row['speedup_vs_fp32']:.2f} fp32; {gbps:.1f} GB/s = {100 * row['of_read_bandwidth']:.0f} % of the "
+              f"{read_gbps:.1f} GB/s read bandwidth", flush=True)
     for fam, _ in kernel_families():
         by = {(r["bits"], r["sparse_pct"]): r for r in rows if r["family"] == fam}
         for sp in (0.0, 0.45):
