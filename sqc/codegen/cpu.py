@@ -47,6 +47,7 @@ Knobs are searched by :mod:`sqc.codegen.tune`.
 """
 from __future__ import annotations
 
+import os
 
 from ..runtime.bytelanes import BYTE_LANES
 from ..runtime.lanes import ROW_PAD, SUPPORTED_BITS, GemmKnobs, GemvKnobs, KernelKey, LaneLayout, padded_rows
@@ -67,8 +68,6 @@ def cpu_lanes(tvm_target) -> int:
     """64 with AVX-512 VBMI and VNNI when ``SQC_CPU_KERNELS=vnni`` (the byte kernels of
     :mod:`sqc.codegen.cpu_vnni`), 16 with AVX-512F, 8 with AVX2, 0 when the target has none of them (no LUT
     kernel)."""
-    import os
-
     from tvm.target import codegen
 
     if tvm_target.kind.name != "llvm":

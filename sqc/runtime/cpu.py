@@ -114,9 +114,10 @@ class CpuLutKernels:
         self.bits = packed.bits
         self.layout = (ByteLayout(packed.in_features, packed.bits) if lanes == BYTE_LANES
                        else LaneLayout(packed.in_features, packed.bits, lanes))
-        # the byte kernels' tables (bytes, step, minimum) and sparse corrections (val - lut[scode]), made by bind()
-        self._tables: tuple = ()
-        self._delta: torch.Tensor | None = None
+        # what bind() makes once: the byte kernels' tables (bytes, step, minimum) and sparse corrections
+        # (val - lut[scode]), and the compiled functions' arguments between x and y
+        self._derived: tuple = ()
+        self._bound: tuple = ()
         self.fns = fns  # bucket -> compiled function
         self.out_features = packed.out_features
         self.in_features = packed.in_features
@@ -156,19 +157,22 @@ class CpuLutKernels:
         # (K a multiple of the lanes: no padding copy)
         self._gemv = self.fns.get("1")
         self._x_ok = self._gemv is not None and self.layout.x_width == self.in_features
-        if self.lanes == BYTE_LANES:
-            self._tables = byte_tables(lut)
-            self._delta = sparse_deltas(lut, crow, val, self.scode)
+        # the batch-1 function takes vectors, except the byte kernels' (matrices at every batch)
+        self._vec_shapes = ((1, self.in_features), (1, self.out_features)) if self.lanes == BYTE_LANES else (
+            (self.in_features,), (self.out_features,))
+        self._derived = ()
+        self._bound = self.kernel_args(lut, crow, col, val)
         return (self.words, lut, crow, col, val, self.scode, self.bias)
 
     def kernel_args(self, lut, crow, col, val) -> tuple:
-        """The compiled functions' arguments between x and y (the byte kernels take the tables as bytes and the
-        sparse part as corrections; before :meth:`bind` they are made here)."""
+        """The compiled functions' arguments between x and y: the layer's tensors, and for the byte kernels the
+        tables as bytes and the sparse part as corrections (made once: kept for the calls after this one)."""
         if self.lanes != BYTE_LANES:
             return (self.words, lut, crow, col, val, self.scode, self.bias)
-        tables = self._tables or byte_tables(lut)
-        delta = self._delta if self._delta is not None else sparse_deltas(lut, crow, val, self.scode)
-        return (self.words, *tables, crow, col, delta, self.bias)
+        if not self._derived:
+            self._derived = (*byte_tables(lut), sparse_deltas(lut, crow, val, self.scode))
+        tab, step, low, delta = self._derived
+        return (self.words, tab, step, low, crow, col, delta, self.bias)
 
     def kernel_views(self, x2: torch.Tensor, y2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x ``[n, KX]`` and y ``[n, R]`` as the functions take them: the byte kernels take matrices at every
@@ -192,8 +196,7 @@ class CpuLutKernels:
         return pack_codes(codes, self.bits)
 
     def nbytes(self) -> int:
-        extra = (*self._tables, self._delta) if self._delta is not None else self._tables
-        tables = sum(t.numel() * t.element_size() for t in extra)
+        tables = sum(t.numel() * t.element_size() for t in self._derived)
         return self.words.numel() * self.words.element_size() + self.scode.numel() + tables
 
     def _x(self, x2: torch.Tensor) -> torch.Tensor:
@@ -212,10 +215,8 @@ class CpuLutKernels:
         if x.dtype is torch.float32 and x.numel() == K and x.shape[-1] == K and x.stride(-1) == 1 and self._x_ok:
             # a decode step's call (one row of x, as it comes): no reshape, no checks beyond these, one output
             y = torch.empty((*x.shape[:-1], self.out_features), dtype=torch.float32)
-            if self._tables:
-                self._gemv(x.view(1, K), words, *self._tables, crow, col, self._delta, bias, y.view(1, self.out_features))
-            else:
-                self._gemv(x.view(K), words, lut, crow, col, val, scode, bias, y.view(self.out_features))
+            xs, ys = self._vec_shapes
+            self._gemv(x.view(xs), *self._bound, y.view(ys))
             return y
         if x.shape[-1] != self.in_features:
             # the padded layout would silently accept widths up to k_pad
@@ -231,11 +232,8 @@ class CpuLutKernels:
         y = torch.empty((n, self.out_features), dtype=torch.float32)
         if n:
             xk, yk = self.kernel_views(self._x(x2), y)
-            fn = self.fns["1" if n == 1 else "2-16" if n <= 16 else "17+"]
-            if self._tables:
-                fn(xk, words, *self._tables, crow, col, self._delta, bias, yk)
-            else:
-                fn(xk, words, lut, crow, col, val, scode, bias, yk)
+            self.fns["1" if n == 1 else "2-16" if n <= 16 else "17+"](
+                xk, *(self._bound or self.kernel_args(lut, crow, col, val)), yk)
         y = y.view(*lead, self.out_features)
         return y if x.dtype == torch.float32 else y.to(x.dtype)
 

@@ -6,7 +6,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from sqc.codegen import build as B
-from sqc.codegen.cpu import cpu_lanes, gemm_candidates, gemv_candidates
+from sqc.codegen.cpu import KERNELS_ENV, cpu_lanes, gemm_candidates, gemv_candidates
 from sqc.codegen.target import parse_target
 from sqc.runtime import bytelanes
 from sqc.runtime.bytelanes import BYTE_LANES, ByteLayout, byte_tables, from_byte_words, quantize_x, to_byte_words
@@ -21,13 +21,13 @@ needs_vnni = pytest.mark.skipif(host_lanes() != BYTE_LANES, reason="this CPU lac
 
 @pytest.fixture(autouse=True)
 def _opt_in(monkeypatch):
-    monkeypatch.setenv("SQC_CPU_KERNELS", "vnni")
+    monkeypatch.setenv(KERNELS_ENV, "vnni")
 
 
 def test_the_byte_kernels_are_opt_in(monkeypatch):
     import tvm
 
-    monkeypatch.delenv("SQC_CPU_KERNELS")
+    monkeypatch.delenv(KERNELS_ENV)
     assert cpu_lanes(tvm.target.Target({"kind": "llvm", "mcpu": "znver4"})) == 16
 
 
@@ -105,6 +105,8 @@ def test_misaligned_views_and_half_precision():
         x = base[1:].view(n, 256)  # 4 bytes past a 64-byte boundary
         assert ((m(x).double() - byte_reference(packed, x)).abs() <= tol(packed, x)).all()
         assert m(x.to(torch.bfloat16)).dtype == torch.bfloat16
+        with torch.inference_mode():  # as under no_grad
+            assert torch.equal(m(x), m(x.clone()))
 
 
 @needs_vnni
