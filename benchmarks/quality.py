@@ -2,7 +2,9 @@
 
 Writes ``benchmarks/results/quality.json`` and prints a table:
 
-* perplexity (tutorial text, 16 x 512) for FP32, per-row RTN 4/3-bit, sqc
+* perplexity on the tutorial text (16 x 512, the first windows) and on the
+  held-out Debian Reference (16 x 512, evenly spaced; another domain, see
+  ``sqc.real``) for FP32, per-row RTN 4/3-bit, sqc
   4/3-bit dense and + 0.45 % (0.40 outliers + 0.05 sensitive), each with the
   k-means fit and with the guided fit (``-g`` presets), with the mean
   Fisher-weighted error sum F (W - W_hat)^2 / N of the quantized layers and
@@ -33,10 +35,10 @@ sys.path.insert(0, ROOT)
 
 import sqc  # noqa: E402
 from sqc.passes.annotate_sensitivity import calibration_statistics, fisher_information  # noqa: E402
-from sqc.quant.guided import damped  # noqa: E402
+from sqc.quant.guided import objective_matrix  # noqa: E402
 from sqc.runtime.layout import dequantize  # noqa: E402
 from sqc.quant.rtn import rtn_quantize  # noqa: E402
-from sqc.real import calibration_windows, eval_windows, load_smollm2, perplexity  # noqa: E402
+from sqc.real import calibration_windows, eval_windows, heldout_windows, load_smollm2, perplexity  # noqa: E402
 from sqc.artifact import artifact_bits_per_weight  # noqa: E402
 from sqc.trace import trace  # noqa: E402
 
@@ -98,15 +100,15 @@ def storage_7b_shapes() -> dict:
     return out
 
 
-def layer_output_objective(compiled, params: dict, hessian: dict, damp: float) -> float:
-    """sum over quantized layers of sum_r e_r^T H e_r (e = W - W_hat), per weight."""
+def layer_output_objective(compiled, params: dict, hessian: dict, cfg) -> float:
+    """sum over quantized layers of sum_r e_r^T H e_r (e = W - W_hat; H the guided objective's matrix), per weight."""
     total, n = 0.0, 0
     for name, m in compiled.quantized_modules().items():
         wname = name + ".weight"
         w = params[wname].detach().double()
         p = m.packed
         e = w - dequantize(p.codes, p.lut, p.crow, p.col, p.val, p.bits, p.in_features, dtype=torch.float64)
-        h = damped(hessian[wname], damp)
+        h = objective_matrix(hessian[wname], cfg.guided_damp, cfg.guided_shrink)
         total += float(((e @ h) * e).sum())
         n += w.numel()
     return total / n
@@ -116,8 +118,8 @@ def markdown_table(results: dict) -> str:
     """The README's quality table, generated from quality.json."""
     label = {"fp32": "FP32", "rtn-w4": "per-row RTN 4-bit", "rtn-w3": "per-row RTN 3-bit"}
     f = lambda v, fmt: (fmt.format(v) if v is not None else "–")  # noqa: E731
-    rows = ["| setting | ppl | SqueezeLLM reference ppl | sqc k-means before | Σ F·(W−Ŵ)²/N | Σ eᵀHe/N | "
-            "bits/weight (artifact) | fit s |", "|---|---|---|---|---|---|---|---|"]
+    rows = ["| setting | ppl, tutorial | ppl, held-out | SqueezeLLM reference ppl (tutorial) | sqc k-means before | "
+            "Σ F·(W−Ŵ)²/N | Σ eᵀHe/N | bits/weight (artifact) | fit s |", "|---|---|---|---|---|---|---|---|---|"]
     for name, r in results["settings"].items():
         base = name.removesuffix("-g")
         ppl = f"{r['ppl']:.3f}" if name in label else f"**{r['ppl']:.3f}**"
@@ -127,7 +129,7 @@ def markdown_table(results: dict) -> str:
         else:
             ref_s = f(ref, "{:.3f}")
         rows.append(
-            f"| {label.get(name, 'sqc ' + name)} | {ppl} | {ref_s} | {f(r.get('kmeans_before_ppl'), '{:.3f}')} | "
+            f"| {label.get(name, 'sqc ' + name)} | {ppl} | {f(r.get('heldout_ppl'), '{:.3f}')} | {ref_s} | {f(r.get('kmeans_before_ppl'), '{:.3f}')} | "
             f"{f(r.get('weighted_error'), '{:.2e}')} | {f(r.get('layer_objective'), '{:.2e}')} | "
             f"{f(r.get('bits_per_weight'), '{:.3f}') if name != 'fp32' else '32'} | {f(r.get('fit_s'), '{:.1f}')} |"
         )
@@ -156,6 +158,7 @@ def main(argv=None) -> int:
     base, tok = load_smollm2()
     load_s = time.perf_counter() - t
     windows = eval_windows(tok, n_eval)
+    heldout = heldout_windows(tok, n_eval)
     calib = calibration_windows(tok, n_calib)
     results: dict = {
         "protocol": {"eval_windows": n_eval, "calib_samples": n_calib, "seq_len": 512, "threads": torch.get_num_threads()},
@@ -165,8 +168,9 @@ def main(argv=None) -> int:
 
     t = time.perf_counter()
     ppl_fp = perplexity(base, windows)
-    results["settings"]["fp32"] = {"ppl": ppl_fp, "eval_s": time.perf_counter() - t}
-    print(f"fp32 ppl {ppl_fp:.3f}", flush=True)
+    results["settings"]["fp32"] = {"ppl": ppl_fp, "eval_s": time.perf_counter() - t,
+                                   "heldout_ppl": perplexity(base, heldout)}
+    print(f"fp32 ppl {ppl_fp:.3f}, held-out {results['settings']['fp32']['heldout_ppl']:.3f}", flush=True)
 
     t = time.perf_counter()
     traced = trace(base, (calib[0],))
@@ -198,7 +202,8 @@ def main(argv=None) -> int:
                 werr += float((fisher[n].double() * (q.double() - w.double()) ** 2).sum())
                 w.copy_(q)
         ppl = perplexity(model, windows)
-        results["settings"][f"rtn-w{bits}"] = {"ppl": ppl, "weighted_error": werr / n_total}
+        results["settings"][f"rtn-w{bits}"] = {"ppl": ppl, "heldout_ppl": perplexity(model, heldout),
+                                                "weighted_error": werr / n_total}
         print(f"rtn-w{bits} ppl {ppl:.3f}", flush=True)
         del model, mp
 
@@ -214,13 +219,15 @@ def main(argv=None) -> int:
         t = time.perf_counter()
         ppl = perplexity(compiled, windows)
         eval_s = time.perf_counter() - t
+        heldout_ppl = perplexity(compiled, heldout)
         with tempfile.TemporaryDirectory() as d:
             bpw = artifact_bits_per_weight(sqc.save(compiled, os.path.join(d, "a")))["overall"]
         st = compiled.stage_seconds
-        objective = layer_output_objective(compiled, params, sens.hessian, compiled.quant_config.guided_damp)
+        objective = layer_output_objective(compiled, params, sens.hessian, compiled.quant_config)
         base_name = preset.removesuffix("-g")
         results["settings"][preset] = {
             "ppl": ppl,
+            "heldout_ppl": heldout_ppl,
             "weighted_error": werr,
             "layer_objective": objective,
             "bits_per_weight": bpw,
@@ -238,7 +245,7 @@ def main(argv=None) -> int:
             "kmeans_before_ppl": KMEANS_BEFORE[base_name],
         }
         fit_s = results["settings"][preset]["fit_s"]
-        print(f"sqc {preset}: ppl {ppl:.3f} (reference {REFERENCE[base_name]}, k-means before {KMEANS_BEFORE[base_name]}), "
+        print(f"sqc {preset}: ppl {ppl:.3f}, held-out {heldout_ppl:.3f} (reference {REFERENCE[base_name]}, k-means before {KMEANS_BEFORE[base_name]}), "
               f"fit {fit_s:.1f} s, layer objective {objective:.3e}, {bpw:.3f} bits/weight", flush=True)
         del compiled, model
 
@@ -248,13 +255,13 @@ def main(argv=None) -> int:
     write_json(args.out, results)
 
     print()
-    print(f"{'setting':<11} {'ppl':>9} {'ref ppl':>9} {'w.err':>10} {'layer obj':>10} {'bits/w':>7} {'split s':>8} "
+    print(f"{'setting':<11} {'ppl':>9} {'held-out':>9} {'ref ppl':>9} {'w.err':>10} {'layer obj':>10} {'bits/w':>7} {'split s':>8} "
           f"{'fit s':>6} {'pack s':>7}")
     for name, r in results["settings"].items():
         ref = REFERENCE.get(name.removesuffix("-g"))
         f = lambda v, fmt: (fmt.format(v) if v is not None else "-")  # noqa: E731
         print(
-            f"{name:<11} {r['ppl']:>9.3f} {f(ref, '{:.3f}'):>9} {f(r.get('weighted_error'), '{:.3e}'):>10} "
+            f"{name:<11} {r['ppl']:>9.3f} {f(r.get('heldout_ppl'), '{:.3f}'):>9} {f(ref, '{:.3f}'):>9} {f(r.get('weighted_error'), '{:.3e}'):>10} "
             f"{f(r.get('layer_objective'), '{:.3e}'):>10} "
             f"{f(r.get('bits_per_weight'), '{:.3f}'):>7} {f(r.get('split_s'), '{:.2f}'):>8} "
             f"{f(r.get('fit_s'), '{:.2f}'):>6} {f(r.get('pack_s'), '{:.2f}'):>7}"

@@ -4,9 +4,11 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 # Debian packages: the evaluation / calibration text (the Python docs' reST
-# sources) and headless Chromium + ChromeDriver for the HTML report test
+# sources), the held-out text of another domain (the Debian Reference) and
+# headless Chromium + ChromeDriver for the HTML report test
 need=()
 [ -d /usr/share/doc/python3.11/html/_sources/tutorial ] || need+=(python3.11-doc)
+[ -f /usr/share/debian-reference/debian-reference.en.txt.gz ] || need+=(debian-reference-en)
 command -v chromium >/dev/null || need+=(chromium)
 command -v chromedriver >/dev/null || need+=(chromium-driver)
 if [ ${#need[@]} -gt 0 ]; then

@@ -163,7 +163,7 @@ def cmd_compile(args, progress: Progress) -> dict[str, Any]:
             k: v for k, v in (
                 ("bits", args.bits), ("outlier_pct", args.outlier_pct), ("sensitive_pct", args.sensitive_pct),
                 ("table_dtype", args.table_dtype), ("kmeans_iters", args.kmeans_iters),
-                ("chunk_rows", args.chunk_rows), ("fit", args.fit),
+                ("chunk_rows", args.chunk_rows), ("fit", args.fit), ("bits_per_weight", args.bpw),
                 ("skip", tuple(args.skip) if args.skip else None),
             ) if v is not None
         }
@@ -172,6 +172,10 @@ def cmd_compile(args, progress: Progress) -> dict[str, Any]:
         if args.no_calib and cfg.fit.value == "guided":
             raise UsageError(f"the guided fit (--preset {args.preset}{' --fit guided' if args.fit else ''}) needs "
                              "calibration data: drop --no-calib, or use a k-means preset such as w3-s0.45")
+        if args.no_calib and cfg.bits_per_weight is not None:
+            raise UsageError(f"a bits budget (--preset {args.preset}{' --bpw' if args.bpw else ''}) chooses each "
+                             "layer's width from calibration data: drop --no-calib, or use a uniform preset such "
+                             "as w3-s0.45")
         from .codegen.target import parse_target
 
         target = parse_target(args.target)
@@ -201,6 +205,14 @@ def cmd_compile(args, progress: Progress) -> dict[str, Any]:
         if group.rank != 0:
             progress.quiet = True  # rank 0 reports
         progress.log(f"data-parallel compile: {group.world} ranks (gloo); rank 0 writes {out}")
+    if cfg.bits_per_weight is not None and args.lazy:
+        if group.distributed:
+            raise UsageError("a bits budget (--bpw, the b* presets) chooses every layer's width from all layers' "
+                             "statistics at once, which the layer-streamed data-parallel compile does not have: "
+                             "run one process, or use a uniform preset such as w3-s0.45")
+        args.lazy = False
+        progress.log("a bits budget chooses every layer's width at once: the whole model is loaded, not one layer "
+                     "at a time")
     progress.log(f"loading {args.model} ..." if not args.lazy else f"reading {args.model} (lazily: one layer at a time) ...")
     source = None
     if args.lazy:
@@ -404,6 +416,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="no schedule search: the tuning database's choice, else default knobs")
     c.add_argument("--tune-trials", type=_positive_int, default=None, help="at most this many candidates per kernel")
     c.add_argument("--bits", type=int)
+    c.add_argument("--bpw", type=float, metavar="BITS",
+                   help="size budget in stored bits per weight (tables and sparse part included): each layer "
+                        "gets 2, 3 or 4 bits by its measured sensitivity (the b* presets set it)")
     c.add_argument("--outlier-pct", type=float)
     c.add_argument("--sensitive-pct", type=float)
     c.add_argument("--table-dtype", choices=[t.value for t in TableDType])

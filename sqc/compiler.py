@@ -12,6 +12,7 @@ from torch import nn
 from .backends import backend
 from .codegen.target import TargetSpec, parse_target
 from .config import FitMode, HeadFormat, QuantConfig, resolve_config
+from .passes.allocate_bits import AllocateBits
 from .passes.annotate_sensitivity import AnnotateSensitivity, AttachSensitivity, Sensitivity
 from .passes.base import CompileContext, IRDumpInstrument, LayerReport, PassManager, TimingInstrument
 from .passes.fit_codebook import FitCodebook
@@ -47,6 +48,7 @@ def layer_pipeline(config: QuantConfig | None = None, fuse: bool = False) -> lis
     return [
         # dense-and-sparse decomposition
         SplitOutliers(),
+        *([AllocateBits()] if config is not None and config.bits_per_weight is not None else []),
         FitCodebook(),
         *([FitGuided()] if guided else []),
         # representation
@@ -415,6 +417,8 @@ def compile(  # noqa: A001 - the public name
             kernels = False  # rank 0 builds the kernels and writes the artifact
     stack, why = (None, "stream=False") if stream is False else (
         (None, "Fisher given (sensitivity=...)") if sensitivity is not None else
+        (None, "a bits budget (QuantConfig.bits_per_weight) chooses every layer's width at once, from all "
+               "layers' statistics") if cfg.bits_per_weight is not None else
         find_decoder_stack(model, list(traced.sites.values())))
     if stack is None and (stream or weight_source is not None or group.distributed):
         raise ValueError(f"the layer-streamed pipeline cannot run on {type(model).__name__}: {why}"

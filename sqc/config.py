@@ -10,7 +10,10 @@ Presets
 largest-magnitude weights plus 0.05 % of the most sensitive ones kept exactly in
 the sparse part) are accepted wherever a config is. Each has a ``-g`` twin
 (``"w3-s0.45-g"``...) with the guided, error-compensating fit
-(:mod:`sqc.quant.guided`), which needs calibration data.
+(:mod:`sqc.quant.guided`), which needs calibration data. ``"b2.5"``,
+``"b3"``, ``"b3.25"``, ``"b3.5"``, ``"b4"``, ``"b4.5"`` (and their ``-g``
+twins) are size budgets in stored bits per weight with the same 0.45 %
+sparse part: each layer gets 2, 3 or 4 bits by its measured sensitivity.
 """
 from __future__ import annotations
 
@@ -21,7 +24,13 @@ from typing import Any, Mapping
 
 CONFIG_VERSION = 1
 
-__all__ = ["QuantConfig", "TableDType", "FitMode", "HeadFormat", "PRESETS", "resolve_config", "CONFIG_VERSION"]
+#: widths a bits budget chooses from (kernels exist for each)
+BUDGET_WIDTHS = (2, 3, 4)
+#: the value of a field added after version 1 that reproduces what sqc did before it existed
+_BEFORE_FIELD = {"guided_shrink": 0.0}
+
+__all__ = ["QuantConfig", "TableDType", "FitMode", "HeadFormat", "PRESETS", "resolve_config", "CONFIG_VERSION",
+           "BUDGET_WIDTHS"]
 
 
 class TableDType(str, enum.Enum):
@@ -58,7 +67,14 @@ class QuantConfig:
     ----------
     bits : int
         Code width of the dense part, 2..8. Each output row gets ``2**bits``
-        centroids.
+        centroids. Every layer's width, unless ``bits_per_weight`` is set.
+    bits_per_weight : float or None
+        A size budget instead of one width: each layer (each group of fused
+        siblings) gets 2, 3 or 4 bits, chosen from measured sensitivity so
+        that the quantized layers' stored bits per weight (codes, tables and
+        sparse part, as :func:`sqc.artifact.artifact_bits_per_weight` counts them)
+        stay within the budget (:mod:`sqc.passes.allocate_bits`). Needs
+        calibration data.
     outlier_pct : float
         Percent (0..10) of each matrix's entries with the largest ``|w|`` that
         are kept exactly in the sparse part.
@@ -89,6 +105,11 @@ class QuantConfig:
         from 17.91 to 17.80 but took the 4-bit fits past 60 s on 2 cores.
     guided_damp : float
         Damping of the guided Hessian's diagonal, relative to its mean.
+    guided_shrink : float
+        Weight, in 0..1, of the guided Hessian's diagonal against the whole
+        matrix (:func:`sqc.quant.guided.shrunk`): the off-diagonal terms are
+        the part 32 calibration windows estimate worst. 0.5 by default
+        (measured on SmolLM2 on the tutorial and the held-out text).
     head : HeadFormat
         ``"int8"`` (default): the output projection (``lm_head``) is stored
         int8 with one scale per row and runs its own kernel (SmolLM2: +0.006 %
@@ -117,8 +138,10 @@ class QuantConfig:
     fit: FitMode = FitMode.KMEANS
     guided_iters: int = 1
     guided_damp: float = 0.01
+    guided_shrink: float = 0.5
     head: HeadFormat = HeadFormat.INT8
     fuse: bool = True
+    bits_per_weight: float | None = None
     version: int = CONFIG_VERSION
 
     def __post_init__(self) -> None:
@@ -168,6 +191,17 @@ class QuantConfig:
                 f"0.01 is the usual value), got {self.guided_damp!r}"
             )
         object.__setattr__(self, "guided_damp", float(self.guided_damp))
+        if isinstance(self.guided_shrink, bool) or not isinstance(self.guided_shrink, (int, float)) \
+                or not 0.0 <= float(self.guided_shrink) <= 1.0:
+            raise ValueError(f"QuantConfig.guided_shrink must be a number in [0, 1] (0 keeps the guided Hessian "
+                             f"as measured, 1 keeps only its diagonal), got {self.guided_shrink!r}")
+        object.__setattr__(self, "guided_shrink", float(self.guided_shrink))
+        if self.bits_per_weight is not None:
+            bpw = self.bits_per_weight
+            if isinstance(bpw, bool) or not isinstance(bpw, (int, float)) or not 2.0 <= float(bpw) <= 8.0:
+                raise ValueError(f"QuantConfig.bits_per_weight is a budget of stored bits per weight in [2, 8] "
+                                 f"(layers get {BUDGET_WIDTHS} bits), got {bpw!r}")
+            object.__setattr__(self, "bits_per_weight", float(bpw))
         if not isinstance(self.kmeans_iters, int) or not 1 <= self.kmeans_iters <= 10_000:
             raise ValueError(f"QuantConfig.kmeans_iters must be in 1..10000, got {self.kmeans_iters!r}")
         if not isinstance(self.chunk_rows, int) or self.chunk_rows < 1:
@@ -208,7 +242,8 @@ class QuantConfig:
         unknown = set(d) - known
         if unknown:
             raise ValueError(f"unknown QuantConfig fields {sorted(unknown)}; known: {sorted(known)}")
-        d = dict(d)
+        if "version" in d:  # a stored config (to_dict writes every field): one written before a field existed
+            d = {**_BEFORE_FIELD, **d}  # was made with that field's old behaviour
         if "skip" in d:
             d["skip"] = tuple(d["skip"])
         return cls(**d)
@@ -227,6 +262,9 @@ PRESETS: dict[str, QuantConfig] = {
     "w4-s0.45": QuantConfig(bits=4, outlier_pct=0.40, sensitive_pct=0.05),
     "w3-s0.45": QuantConfig(bits=3, outlier_pct=0.40, sensitive_pct=0.05),
 }
+# size budgets (stored bits per weight, 0.45 % sparse part included): widths 2-4 bits by sensitivity
+PRESETS.update({f"b{bpw:g}": QuantConfig(bits_per_weight=bpw, outlier_pct=0.40, sensitive_pct=0.05)
+                for bpw in (2.5, 3.0, 3.25, 3.5, 4.0, 4.5)})
 PRESETS.update({f"{name}-g": cfg.replace(fit=FitMode.GUIDED) for name, cfg in list(PRESETS.items())})
 
 

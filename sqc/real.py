@@ -6,6 +6,11 @@
 * Text: the Python docs' reST sources from Debian's ``python3.11-doc``.
   Evaluation uses ``tutorial/*.rst.txt``, calibration ``library/*.rst.txt``
   (sorted, joined with a blank line); they never overlap.
+* Held-out text of another domain: the plain-text Debian Reference (Debian's
+  ``debian-reference-en``, a system-administration guide in English prose with
+  shell sessions: no Python, nothing from the calibration text), from its first
+  chapter on (the title page and table of contents dropped); 16 windows of 512
+  tokens at evenly spaced offsets, so every chapter is represented.
 * Perplexity: the whole text tokenized without BOS, the first 16
   non-overlapping windows of 512 tokens, ``exp(mean next-token NLL)``.
 * Calibration: 32 windows of 512 tokens at evenly spaced offsets.
@@ -16,6 +21,7 @@ import glob
 import importlib.util
 import math
 import os
+import re
 import time
 from typing import Any
 
@@ -26,6 +32,8 @@ __all__ = [
     "smollm2_dir",
     "load_smollm2",
     "protocol_text",
+    "heldout_text",
+    "heldout_windows",
     "eval_windows",
     "calibration_windows",
     "perplexity",
@@ -34,6 +42,7 @@ __all__ = [
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DOC_SOURCES = "/usr/share/doc/python3.11/html/_sources"
+HELDOUT_TEXT = "/usr/share/debian-reference/debian-reference.en.txt.gz"
 
 
 def smollm2_dir() -> str:
@@ -80,6 +89,23 @@ def protocol_text(part: str) -> str:
     return "\n\n".join(texts)
 
 
+def heldout_text() -> str:
+    """The Debian Reference as plain text, from "Chapter 1." on (module docstring)."""
+    import gzip
+
+    if not os.path.exists(HELDOUT_TEXT):
+        raise FileNotFoundError(
+            f"{HELDOUT_TEXT} is missing: install the Debian package debian-reference-en "
+            "(apt-get install -y debian-reference-en; scripts/setup.sh does)"
+        )
+    with gzip.open(HELDOUT_TEXT, "rt", encoding="utf-8") as fh:
+        text = fh.read()
+    start = re.search(r"^Chapter\s1\.\s", text, re.MULTILINE)  # the heading's spaces are non-breaking
+    if start is None:
+        raise ValueError(f"{HELDOUT_TEXT} has no 'Chapter 1.' heading: not the Debian Reference sqc expects")
+    return text[start.start():]
+
+
 def text_pieces(text: str, size: int = 1 << 17) -> list[str]:
     """``text`` cut into pieces of about ``size`` characters, each cut just before a newline that
     follows a non-space character. A byte-level BPE tokenizer (GPT-2's pre-tokenizer rules: no
@@ -120,14 +146,22 @@ def eval_windows(tok, n_windows: int = 16, seq_len: int = 512, text: str | None 
     return [ids[i * seq_len : (i + 1) * seq_len].unsqueeze(0) for i in range(n)]
 
 
+def _spaced_windows(ids: torch.Tensor, n: int, seq_len: int) -> list[torch.Tensor]:
+    """``n`` windows of ``seq_len`` tokens at evenly spaced offsets, the first at 0 and the last at the end."""
+    last = len(ids) - seq_len
+    offsets = [0] if n == 1 else [round(i * last / (n - 1)) for i in range(n)]
+    return [ids[o : o + seq_len].unsqueeze(0) for o in offsets]
+
+
 def calibration_windows(tok, n_samples: int = 32, seq_len: int = 512, text: str | None = None) -> list[torch.Tensor]:
     ids = _token_ids(tok, protocol_text("library") if text is None else text, seq_len, "calibration")
-    last = len(ids) - seq_len
-    if n_samples == 1:
-        offsets = [0]
-    else:
-        offsets = [round(i * last / (n_samples - 1)) for i in range(n_samples)]
-    return [ids[o : o + seq_len].unsqueeze(0) for o in offsets]
+    return _spaced_windows(ids, n_samples, seq_len)
+
+
+def heldout_windows(tok, n_windows: int = 16, seq_len: int = 512) -> list[torch.Tensor]:
+    """Evaluation windows of the held-out text (:func:`heldout_text`), evenly spaced over it."""
+    ids = _token_ids(tok, heldout_text(), seq_len, "held-out")
+    return _spaced_windows(ids, min(n_windows, len(ids) // seq_len), seq_len)
 
 
 @torch.no_grad()

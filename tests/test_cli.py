@@ -103,6 +103,8 @@ def test_progress_lines_when_not_a_tty(workspace, tmp_path):
         (["compile", "MODEL", "--out", "X"], 2, "give --calib TEXTFILE"),
         (["compile", "MODEL", "--out", "X", "--no-calib", "--preset", "w3-s0.45-g"], 2, "needs calibration data"),
         (["compile", "MODEL", "--out", "X", "--no-calib", "--fit", "guided"], 2, "needs calibration data"),
+        (["compile", "MODEL", "--out", "X", "--no-calib", "--bpw", "4.5"], 2, "width from calibration data"),
+        (["compile", "MODEL", "--out", "X", "--no-calib", "--preset", "b3.5"], 2, "width from calibration data"),
         (["compile", "NOTAMODEL", "--out", "X", "--no-calib"], 1, "not a Hugging Face model folder"),
         (["compile", "MODEL", "--out", "MODEL", "--no-calib", "--force"], 1, "is not an sqc artifact"),
         (["eval", "/no/such/dir", "--text", "T"], 1, "is not an sqc artifact folder"),
@@ -213,6 +215,15 @@ def test_flags_reach_the_config(workspace, tmp_path):
     assert res["config"]["bits"] == 3 and res["config"]["outlier_pct"] == 1.0
     assert res["config"]["table_dtype"] == "float32" and res["config"]["skip"] == ["model.layers.1.*"]
     assert res["quantized_layers"] == 7
+
+
+def test_a_bits_budget_from_the_command_line(workspace, tmp_path):
+    _, model_dir, text = workspace
+    res = json.loads(run("compile", str(model_dir), "--bpw", "5.5", "--calib", str(text), "--calib-samples", "2",
+                         "--seq-len", "32", "--no-tune", "--decode-steps", "none", "--out", str(tmp_path / "a"),
+                         "--json", check_rc=0).stdout)
+    assert res["config"]["bits_per_weight"] == 5.5
+    assert 5.0 < res["bits_per_weight"] <= 5.5  # the artifact's stored bits per weight
 
 
 @pytest.mark.slow

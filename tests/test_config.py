@@ -43,7 +43,12 @@ def test_json_round_trip(bits, o, s, t, skip):
 def test_presets():
     assert resolve_config("w3-s0.45") == QuantConfig(bits=3, outlier_pct=0.40, sensitive_pct=0.05)
     assert resolve_config("w4").sparse_pct == 0
-    assert set(PRESETS) == {"w4", "w3", "w4-s0.45", "w3-s0.45", "w4-g", "w3-g", "w4-s0.45-g", "w3-s0.45-g"}
+    uniform = {"w4", "w3", "w4-s0.45", "w3-s0.45"}
+    budgets = {"b2.5", "b3", "b3.25", "b3.5", "b4", "b4.5"}
+    assert set(PRESETS) == {p + g for p in uniform | budgets for g in ("", "-g")}
+    for name in budgets:
+        assert PRESETS[name].bits_per_weight == float(name[1:]) and PRESETS[name].sparse_pct == pytest.approx(0.45)
+    assert all(PRESETS[name].bits_per_weight is None for name in uniform)
     with pytest.raises(ValueError, match="valid presets: w4, w3"):
         resolve_config("w5")
     assert resolve_config({"bits": 4}).bits == 4
@@ -72,6 +77,13 @@ def test_guided_fit_mode_and_presets():
     for k in ("fit", "guided_iters", "guided_damp"):
         old.pop(k)
     assert QuantConfig.from_dict(old) == PRESETS["w3"]
+    # a stored config from before guided_shrink was fitted without it; a new config shrinks by default
+    old = PRESETS["w3-g"].to_dict()
+    old.pop("guided_shrink")
+    assert QuantConfig.from_dict(old).guided_shrink == 0.0 and PRESETS["w3-g"].guided_shrink == 0.5
+    assert QuantConfig.from_dict({"bits": 3}).guided_shrink == 0.5  # a user's dict is not a stored config
+    with pytest.raises(ValueError, match="guided_shrink must be a number in"):
+        QuantConfig(guided_shrink=1.5)
     with pytest.raises(ValueError, match="fit 'gptq' is not one of: kmeans, guided"):
         QuantConfig(fit="gptq")
     with pytest.raises(ValueError, match="guided_damp"):

@@ -43,6 +43,23 @@ def test_smollm2_few_layers_end_to_end(smollm2, tmp_path):
 
 
 
+def test_heldout_text_is_another_domain(smollm2):
+    # the held-out text: the Debian Reference from its first chapter, nothing of the Python docs in it,
+    # evenly spaced windows that reach its end
+    from sqc.real import calibration_windows, eval_windows, heldout_text, heldout_windows
+
+    _, tok = smollm2
+    text = heldout_text()
+    assert text.startswith("Chapter\u00a01.") and "Table of Contents" not in text[:2000]
+    assert "apt-get" in text and ".. function::" not in text
+    windows = heldout_windows(tok, 16)
+    assert len(windows) == 16 and all(w.shape == (1, 512) for w in windows)
+    ids = tok(text[-20000:], add_special_tokens=False)["input_ids"]
+    assert windows[-1][0, -64:].tolist() == ids[-64:]  # the last window ends where the text ends
+    seen = {tuple(w[0, :32].tolist()) for w in eval_windows(tok, 16) + calibration_windows(tok, 32)}
+    assert not seen & {tuple(w[0, :32].tolist()) for w in windows}
+
+
 def test_smollm2_streamed_fisher_equals_the_whole_model_fisher():
     # issue 13's law on the real model: the layer-streamed Fisher (recompute per layer, a fixed
     # pairwise sum over samples) is the whole-model pass's Fisher within fp32 rounding

@@ -34,9 +34,21 @@ __all__ = [
     "TimingInstrument",
     "IRDumpInstrument",
     "LayerReport",
+    "BITS",
+    "layer_bits",
 ]
 
 log = logging.getLogger("sqc")
+
+#: a layer's code width where a bits budget chose it (AllocateBits); else QuantConfig.bits applies
+BITS = "sqc.bits"
+
+
+def layer_bits(nodes, config) -> int:
+    """The code width of a layer (its call nodes): AllocateBits' choice where it ran, else ``config.bits``."""
+    b = nodes[0].meta.get(BITS)
+    return config.bits if b is None else int(b)
+
 
 # which pass writes which key: used to say the fix when a key is missing
 PRODUCERS = {
@@ -44,6 +56,7 @@ PRODUCERS = {
     "sqc.fisher": "AnnotateSensitivity",
     "sqc.hessian": "AnnotateSensitivity(guided=True)",
     "sqc.sparse": "SplitOutliers",
+    BITS: "AllocateBits",
     "sqc.codebook": "FitCodebook",
     "sqc.packed": "PackLayout",
     "sqc.lowered": "Lower",

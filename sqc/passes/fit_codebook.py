@@ -1,10 +1,11 @@
 """FitCodebook: one sensitivity-weighted k-means codebook per output row.
 
-Reads ``sqc.site``, ``sqc.fisher``, ``sqc.sparse``; writes ``sqc.codebook``
+Reads ``sqc.site``, ``sqc.fisher``, ``sqc.sparse`` (and ``sqc.bits``, each
+layer's width, where AllocateBits ran); writes ``sqc.codebook``
 (store key of ``(lut, codes)``: the table in the config's table dtype and the
 ``[R, K]`` uint8 codes, each the nearest entry of the *stored* table).
 
-Rows of all layers that share ``in_features`` are fitted together in JAX
+Rows of all layers that share ``in_features`` and width are fitted together in JAX
 (:func:`sqc.quant.kmeans.fit_rows`: jit + vmap over rows, in fixed-size
 chunks), in batches of whole layers so memory stays bounded. Split-off
 entries carry zero weight; without calibration every weight counts equally.
@@ -18,11 +19,16 @@ import torch
 from ..quant.kmeans import fit_rows, part_rows
 from ..runtime.layout import row_chunks
 from ..trace import SITE
-from .base import CompileContext, Pass, PassResult, require_meta, unique_sites
+from .base import CompileContext, Pass, PassResult, layer_bits, require_meta, unique_sites
 
-__all__ = ["FitCodebook", "assign_codes"]
+__all__ = ["FitCodebook", "assign_codes", "table_dtype"]
 
 _TABLE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+
+
+def table_dtype(config) -> torch.dtype:
+    """The torch dtype of ``config.table_dtype``."""
+    return _TABLE_DTYPES[config.table_dtype.value]
 _MAX_ROWS_PER_BATCH = 1 << 17
 
 
@@ -89,22 +95,22 @@ class FitCodebook(Pass):
 
     def run(self, gm, ctx: CompileContext) -> PassResult:
         cfg = ctx.config
-        table_dtype = _TABLE_DTYPES[cfg.table_dtype.value]
+        tdt = table_dtype(cfg)
         params = dict(ctx.model.named_parameters())
-        groups: dict[int, list] = defaultdict(list)
+        groups: dict[tuple[int, int], list] = defaultdict(list)
         for site, nodes in unique_sites(gm, ctx.scope):
-            groups[site.in_features].append((site, nodes))
+            groups[site.in_features, layer_bits(nodes, cfg)].append((site, nodes))
 
         done = 0
         total = sum(len(v) for v in groups.values())
-        for _, members in sorted(groups.items()):
+        for (_, bits), members in sorted(groups.items()):
             for batch in _batches(members, _MAX_ROWS_PER_BATCH):
-                self._fit_batch(batch, params, ctx, table_dtype)
+                self._fit_batch(batch, params, ctx, tdt, bits)
                 done += len(batch)
                 ctx.tick("fit codebooks", done, total)
         return PassResult(gm, False, {"layers": total})
 
-    def _fit_batch(self, batch, params, ctx: CompileContext, table_dtype) -> None:
+    def _fit_batch(self, batch, params, ctx: CompileContext, table_dtype, bits: int) -> None:
         cfg = ctx.config
         ws, fs, acts = [], [], []
         any_fisher = False
@@ -120,7 +126,7 @@ class FitCodebook(Pass):
         group = ctx.group
         part = (group.rank, group.world) if group is not None else (0, 1)
         res = fit_rows(
-            ws, fs if any_fisher else None, acts, cfg.bits, iters=cfg.kmeans_iters, chunk_rows=cfg.chunk_rows,
+            ws, fs if any_fisher else None, acts, bits, iters=cfg.kmeans_iters, chunk_rows=cfg.chunk_rows,
             part=part,
         )
         if part[1] > 1:  # every rank solved its run of row chunks: the others' rows arrive by broadcast
@@ -144,7 +150,7 @@ class FitCodebook(Pass):
             mse, power, weighted = _errors(w, lut, codes, torch.from_numpy(act),
                                            None if f_np is None else torch.from_numpy(f_np))
             rep = ctx.layer(site)
-            rep.bits = cfg.bits
+            rep.bits = bits
             rep.mse = mse
             rep.weight_power = power
             rep.weighted_error = mse if weighted is None else weighted

@@ -40,7 +40,7 @@ class FitGuided(Pass):
             mask = ctx.store.get("sparse", require_meta(nodes[0], "sqc.sparse"))
             lut0, codes0 = ctx.store.get("codebook", require_meta(nodes[0], "sqc.codebook"))
             fit = guided_fit(w, h, ~mask, lut0, codes0, iters=cfg.guided_iters, damp=cfg.guided_damp,
-                             table_dtype=lut0.dtype)
+                             shrink=cfg.guided_shrink, table_dtype=lut0.dtype)
             return w, mask, fit
 
         start = end = 0.0

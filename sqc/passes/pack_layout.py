@@ -1,6 +1,7 @@
 """PackLayout: codes into int32 words, the sparse set into CSR (the canonical layout).
 
-Reads ``sqc.site``, ``sqc.sparse``, ``sqc.codebook``; writes ``sqc.packed``
+Reads ``sqc.site``, ``sqc.sparse``, ``sqc.codebook`` (and ``sqc.bits`` where a
+budget chose the width); writes ``sqc.packed``
 (store key of a :class:`sqc.runtime.layout.PackedLinear`). The bit layout is
 documented in :mod:`sqc.runtime.layout`. Sparse values are the original
 weights in their own dtype; column indices use the narrowest integer type.
@@ -12,7 +13,7 @@ import torch
 
 from ..runtime.layout import PackedLinear, col_dtype_for, pack_codes
 from ..trace import SITE
-from .base import CompileContext, Pass, PassResult, require_meta, unique_sites
+from .base import CompileContext, Pass, PassResult, layer_bits, require_meta, unique_sites
 
 __all__ = ["PackLayout", "to_csr"]
 
@@ -43,11 +44,12 @@ class PackLayout(Pass):
             mask = ctx.store.get("sparse", require_meta(nodes[0], "sqc.sparse"))
             lut, codes = ctx.store.get("codebook", require_meta(nodes[0], "sqc.codebook"))
             crow, col, val = to_csr(w, mask)
+            bits = layer_bits(nodes, ctx.config)
             packed = PackedLinear(
-                bits=ctx.config.bits,
+                bits=bits,
                 in_features=site.in_features,
                 out_features=site.out_features,
-                codes=pack_codes(codes, ctx.config.bits),
+                codes=pack_codes(codes, bits),
                 lut=lut.contiguous(),
                 crow=crow,
                 col=col,

@@ -4,7 +4,8 @@ import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 
-from sqc.quant.guided import accumulate_guided_hessian, damped, guided_fit, layer_objective
+from sqc.quant.guided import (accumulate_guided_hessian, damped, guided_fit, layer_objective, objective_matrix,
+                               row_objectives)
 from sqc.quant.kmeans import fit_rows
 
 SHAPES = [(1, 5), (3, 17), (5, 40), (2, 70)]  # few shapes: each is one XLA compile
@@ -153,3 +154,33 @@ def test_hessian_accumulation_against_float64(lead):
     # positive semi-definite (the fit's Cholesky relies on it); no global matmul setting is touched
     assert float(torch.linalg.eigvalsh(h.double()).min()) >= -1e-6 * float(torch.diagonal(h).max())
     assert torch.backends.mkldnn.matmul.fp32_precision == before
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.integers(0, 2**31 - 1), st.floats(0.0, 1.0), st.floats(1e-3, 1.0))
+def test_shrunk_objective_without_forming_the_matrix(seed, shrink, damp):
+    # row_objectives (the budget's estimate) is e^T M e for the fit's matrix M = objective_matrix(h, ...)
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(64, 24, generator=g) * torch.rand(24, generator=g)
+    h, e = x.T @ x, torch.randn(5, 24, generator=g)
+    m = objective_matrix(h, damp, shrink)
+    ref = ((e.double() @ m) * e.double()).sum(dim=1)
+    torch.testing.assert_close(row_objectives(e, h, damp, shrink), ref, rtol=1e-5, atol=0)
+    # the ends of the range: shrink 0 keeps H, shrink 1 keeps only its diagonal
+    torch.testing.assert_close(objective_matrix(h, damp, 0.0), damped(h, damp))
+    torch.testing.assert_close(objective_matrix(h, damp, 1.0), damped(torch.diag(torch.diagonal(h)), damp))
+
+
+def test_guided_fit_lowers_its_shrunk_objective():
+    g = torch.Generator().manual_seed(0)
+    w, x = torch.randn(16, 64, generator=g), torch.randn(256, 64, generator=g)
+    h = x.T @ x
+    lut0 = torch.quantile(w, torch.linspace(0, 1, 8), dim=1).T.contiguous()
+    codes0 = (w.unsqueeze(-1) - lut0.unsqueeze(1)).abs().argmin(-1).to(torch.uint8)
+    active = torch.ones_like(w, dtype=torch.bool)
+    fit = guided_fit(w, h, active, lut0, codes0, shrink=0.5)
+    m = objective_matrix(h, 0.01, 0.5)
+    assert fit.objective < fit.objective_start
+    assert fit.objective == pytest.approx(float(layer_objective(w, fit.lut, fit.codes, active, m).sum()), rel=1e-4)
+    with pytest.raises(ValueError, match="shrink must lie in"):
+        guided_fit(w, h, active, lut0, codes0, shrink=1.5)
