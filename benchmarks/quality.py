@@ -15,8 +15,15 @@ Writes ``benchmarks/results/quality.json`` and prints a table:
 * bits per weight of random fp16 layers of LLaMA-7B shapes (4096x4096,
   11008x4096, 4096x11008) for the four presets.
 
-Usage: ``python benchmarks/quality.py [--quick]`` (``--quick``: 4 eval
-windows, 8 calibration samples, no 7B-shaped storage check; for smoke runs).
+With ``--curve`` also the size-quality curve: the guided fit under bits
+budgets of 2.5, 3.0, 3.25, 3.45 (w3-s0.45's size), 3.5, 4.0 and 4.5 stored
+bits per weight, each with both texts' perplexity, its stored bits per weight
+from the artifact and the budget allocation's share of the compile time,
+beside the uniform presets; the plot goes to ``docs/size_quality.svg``.
+
+Usage: ``python benchmarks/quality.py [--quick] [--curve]`` (``--quick``: 4
+eval windows, 8 calibration samples, no 7B-shaped storage check; for smoke
+runs).
 """
 from __future__ import annotations
 
@@ -57,6 +64,9 @@ REFERENCE = {
 # sqc's k-means figures before the guided fit existed (issue 12's bar for the -g presets)
 KMEANS_BEFORE = {"w4": 16.080, "w4-s0.45": 15.492, "w3": 26.639, "w3-s0.45": 21.246}
 STORAGE_LIMITS = {"w3": 3.05, "w3-s0.45": 3.25, "w4": 4.08, "w4-s0.45": 4.30}
+CURVE_BUDGETS = (2.5, 3.0, 3.25, 3.45, 3.5, 4.0, 4.5)
+KMEANS_BUDGET = 3.45  # w3-s0.45's stored size
+SVG = os.path.join(ROOT, "docs", "size_quality.svg")
 
 
 def write_json(path: str, obj) -> None:
@@ -141,9 +151,60 @@ def markdown_table(results: dict) -> str:
     return "\n".join(rows)
 
 
+def size_quality_curve(base, calib, sens, windows, heldout, results: dict) -> dict:
+    """The guided fit at every budget of CURVE_BUDGETS, beside the uniform presets of ``results``."""
+    uniform = [{"preset": name, "bits_per_weight": r["bits_per_weight"], "ppl": r["ppl"],
+                "heldout_ppl": r["heldout_ppl"]}
+               for name, r in results["settings"].items() if r.get("bits_per_weight") is not None]
+    fp = results["settings"]["fp32"]
+    budgets = []
+    same_fit_uniform_s = results["settings"]["w3-s0.45-g"]["compile_s"]
+    for bpw in CURVE_BUDGETS:
+        cfg = sqc.QuantConfig(bits_per_weight=bpw, outlier_pct=0.40, sensitive_pct=0.05, fit="guided")
+        t = time.perf_counter()
+        compiled = sqc.compile(copy.deepcopy(base), (calib[0],), config=cfg, sensitivity=sens, kernels=False)
+        compile_s = time.perf_counter() - t
+        with tempfile.TemporaryDirectory() as d:
+            stored = artifact_bits_per_weight(sqc.save(compiled, os.path.join(d, "a")))["overall"]
+        widths = [r.bits for r in compiled.layers if r.quantized]
+        row = {
+            "budget": bpw,
+            "bits_per_weight": stored,
+            "ppl": perplexity(compiled, windows),
+            "heldout_ppl": perplexity(compiled, heldout),
+            "layers_by_bits": {str(b): widths.count(b) for b in sorted(set(widths))},
+            "allocate_s": compiled.stage_seconds.get("AllocateBits"),
+            "compile_s": compile_s,
+        }
+        # the allocation's cost against the compile of the same (guided, 0.45 % sparse) fit at uniform bits
+        row["allocate_over_uniform_compile"] = row["allocate_s"] / same_fit_uniform_s
+        budgets.append(row)
+        print(f"budget {bpw}: {stored:.3f} bits/weight stored, ppl {row['ppl']:.3f}, held-out "
+              f"{row['heldout_ppl']:.3f}, widths {row['layers_by_bits']}, allocation {row['allocate_s']:.2f} s "
+              f"({100 * row['allocate_over_uniform_compile']:.1f} % of w3-s0.45-g's compile)", flush=True)
+        del compiled
+    # the k-means fit at w3-s0.45's size: the allocation against the cheapest compile it can be added to
+    cfg = sqc.QuantConfig(bits_per_weight=KMEANS_BUDGET, outlier_pct=0.40, sensitive_pct=0.05)
+    t = time.perf_counter()
+    compiled = sqc.compile(copy.deepcopy(base), (calib[0],), config=cfg, sensitivity=sens, kernels=False)
+    compile_s = time.perf_counter() - t
+    with tempfile.TemporaryDirectory() as d:
+        stored = artifact_bits_per_weight(sqc.save(compiled, os.path.join(d, "a")))["overall"]
+    kmeans = {"budget": KMEANS_BUDGET, "bits_per_weight": stored, "ppl": perplexity(compiled, windows),
+              "heldout_ppl": perplexity(compiled, heldout), "allocate_s": compiled.stage_seconds.get("AllocateBits"),
+              "compile_s": compile_s}
+    kmeans["allocate_over_uniform_compile"] = kmeans["allocate_s"] / results["settings"]["w3-s0.45"]["compile_s"]
+    print(f"k-means budget {KMEANS_BUDGET}: {stored:.3f} bits/weight, ppl {kmeans['ppl']:.3f}, held-out "
+          f"{kmeans['heldout_ppl']:.3f}, allocation {100 * kmeans['allocate_over_uniform_compile']:.1f} % of "
+          "w3-s0.45's compile", flush=True)
+    return {"budgets": budgets, "kmeans_budget": kmeans, "uniform": uniform,
+            "fp32": {"ppl": fp["ppl"], "heldout_ppl": fp["heldout_ppl"]}}
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--curve", action="store_true", help="also the size-quality curve over bits budgets")
     ap.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results", "quality.json"))
     ap.add_argument("--markdown", action="store_true",
                     help="print the README's quality table from the JSON at --out and exit (nothing is run)")
@@ -249,6 +310,14 @@ def main(argv=None) -> int:
               f"fit {fit_s:.1f} s, layer objective {objective:.3e}, {bpw:.3f} bits/weight", flush=True)
         del compiled, model
 
+    if args.curve:
+        results["curve"] = size_quality_curve(base, calib, sens, windows, heldout, results)
+        from sqc.report_html import size_quality_svg
+
+        with open(SVG + ".tmp", "w") as fh:
+            fh.write(size_quality_svg(results["curve"]))
+        os.replace(SVG + ".tmp", SVG)
+        print(f"wrote {SVG}")
     if not args.quick:
         results["storage_7b_shapes"] = storage_7b_shapes()
 

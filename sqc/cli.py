@@ -465,6 +465,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("dir")
     r.add_argument("--latency", action="store_true", help="measure each layer shape's kernel vs torch fp32 / bf16")
     r.add_argument("--repeats", type=_positive_int, default=15)
+    r.add_argument("--curve", metavar="JSON", help="plot a size-quality curve (benchmarks/results/quality.json from "
+                   "`benchmarks/quality.py --curve`) with this model marked on it")
     common(r)
 
     s = sub.add_parser("serve", help="serve a compiled model over OpenAI's HTTP API (completions, chat, SSE)")
@@ -520,7 +522,16 @@ def cmd_report(args, progress: Progress) -> dict[str, Any]:
         compiled, _ = _load_artifact(args.dir)
         progress.log("measuring kernel latency (batch 1 / 8 / 64) ...")
         latency = measure_kernels(compiled, repeats=args.repeats)
-    path = write_report(args.dir, latency)
+    curve = None
+    if args.curve:
+        try:
+            with open(args.curve) as fh:
+                curve = json.load(fh)["curve"]
+            curve["budgets"], curve["uniform"]  # noqa: B018 - the fields the plot reads
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise CLIError(f"--curve {args.curve}: not a quality.json with a size-quality curve ({e!r}); run "
+                           "python benchmarks/quality.py --curve") from e
+    path = write_report(args.dir, latency, curve)
     if not args.json:
         print(path)
     return {"report": path}

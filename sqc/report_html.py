@@ -18,7 +18,7 @@ import math
 import os
 from typing import Any
 
-__all__ = ["write_report", "render_report"]
+__all__ = ["write_report", "render_report", "size_quality_svg"]
 
 
 def _svg(fig) -> str:
@@ -85,6 +85,39 @@ def _plots(layers: list[dict[str, Any]]) -> list[tuple[str, str]]:
     return out
 
 
+def size_quality_svg(curve: dict[str, Any], mark: float | None = None) -> str:
+    """Perplexity against stored bits per weight, one panel per text: the budgeted models as a line, the
+    uniform presets as labelled points (``curve`` as ``benchmarks/quality.py --curve`` writes it); ``mark``
+    draws a vertical line at one model's bits per weight."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    texts = (("ppl", "tutorial text (same domain as the calibration)"), ("heldout_ppl", "held-out text (another domain)"))
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
+    for ax, (key, title) in zip(axes, texts):
+        pts = sorted(curve["budgets"], key=lambda r: r["bits_per_weight"])
+        ax.plot([r["bits_per_weight"] for r in pts], [r[key] for r in pts], "o-", label="sqc bits budget (guided)")
+        for r in curve["uniform"]:
+            style = "s" if r["preset"].endswith("-g") else "^"
+            ax.plot([r["bits_per_weight"]], [r[key]], style, color="tab:gray" if style == "^" else "tab:orange")
+            ax.annotate(r["preset"], (r["bits_per_weight"], r[key]), fontsize=7, xytext=(3, 3),
+                        textcoords="offset points")
+        if curve.get("fp32"):
+            ax.axhline(curve["fp32"][key], color="k", lw=0.8, ls=":", label="fp32")
+        if mark is not None:
+            ax.axvline(mark, color="tab:red", lw=0.8, label="this model")
+        ax.set_yscale("log")
+        ax.set_title(title, fontsize=9)
+        ax.set_xlabel("stored bits per weight (codes, tables, sparse part)")
+        ax.set_ylabel("perplexity")
+    axes[0].legend(fontsize=7)
+    text = _svg(fig)
+    plt.close(fig)
+    return text
+
+
 def _snr_db(r: dict[str, Any], weight_power: float | None) -> str:
     if r.get("mse") in (None, 0) or not weight_power:
         return "-"
@@ -122,8 +155,9 @@ def _kernel_table(kernels: list[dict[str, Any]]) -> str:
     return f"<table id='kernels'><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
 
-def render_report(path: str) -> str:
-    """HTML text for the artifact folder ``path``."""
+def render_report(path: str, curve: dict[str, Any] | None = None) -> str:
+    """HTML text for the artifact folder ``path``; with ``curve`` (``benchmarks/quality.py --curve``'s JSON
+    ``curve`` entry) also the size-quality plot with this model's stored bits per weight marked."""
     with open(os.path.join(path, "manifest.json")) as fh:
         manifest = json.load(fh)
     with open(os.path.join(path, "report.json")) as fh:
@@ -159,6 +193,12 @@ def render_report(path: str) -> str:
         with open(lpath) as fh:
             latency = json.load(fh)
         figures.append(("Latency of each layer shape's kernel vs torch F.linear, by batch size", _latency_plot(latency)))
+    if curve is not None:
+        from .artifact import artifact_bits_per_weight
+
+        figures.append(("Size and quality: perplexity against stored bits per weight (budgets and uniform "
+                        "presets; the red line is this model)",
+                        size_quality_svg(curve, artifact_bits_per_weight(path)["overall"])))
     plots = "".join(f"<figure><figcaption>{esc(t)}</figcaption>{svg}</figure>" for t, svg in figures)
     wb = report.get("weight_bytes", {})
     cfg = manifest["config"]
@@ -198,14 +238,15 @@ figure {{ margin: 1em 0; }}
 """
 
 
-def write_report(path: str, latency: list[dict[str, Any]] | None = None) -> str:
-    """Write ``report.html`` (and ``latency.json`` when given) into the artifact folder; return its path."""
+def write_report(path: str, latency: list[dict[str, Any]] | None = None, curve: dict[str, Any] | None = None) -> str:
+    """Write ``report.html`` (and ``latency.json`` when given) into the artifact folder; return its path.
+    ``curve``: a size-quality curve to plot (:func:`render_report`)."""
     if latency is not None:
         lpath = os.path.join(path, "latency.json")
         with open(lpath + ".tmp", "w") as fh:
             json.dump(latency, fh, indent=1)
         os.replace(lpath + ".tmp", lpath)
-    text = render_report(path)
+    text = render_report(path, curve)
     out = os.path.join(path, "report.html")
     tmp = out + ".tmp"
     with open(tmp, "w", encoding="utf-8") as fh:

@@ -134,7 +134,13 @@ def test_report_in_headless_chromium(compiled_dir, tmp_path):
     from selenium.webdriver.common.by import By
 
     out, _ = compiled_dir
-    res = json.loads(run("report", str(out), "--latency", "--repeats", "3", "--json", check_rc=0).stdout)
+    curve = tmp_path / "quality.json"  # the shape benchmarks/quality.py --curve writes
+    curve.write_text(json.dumps({"curve": {
+        "budgets": [{"bits_per_weight": b, "ppl": 30 - 3 * b, "heldout_ppl": 40 - 4 * b} for b in (3.0, 4.0, 5.0)],
+        "uniform": [{"preset": "w4-s0.45", "bits_per_weight": 4.6, "ppl": 17.0, "heldout_ppl": 23.0}],
+        "fp32": {"ppl": 14.0, "heldout_ppl": 18.0}}}))
+    res = json.loads(run("report", str(out), "--latency", "--repeats", "3", "--curve", str(curve), "--json",
+                         check_rc=0).stdout)
     page = res["report"]
     latency = json.load(open(out / "latency.json"))
     assert {r["batch"] for r in latency} == {1, 8, 64} and all(r["sqc_ms"] > 0 for r in latency)
@@ -157,8 +163,10 @@ def test_report_in_headless_chromium(compiled_dir, tmp_path):
         driver.set_window_size(1400, 1000)
         driver.get("file://" + page)
         assert driver.title == "sqc report"
-        # the per-layer plots (error and sparse fraction; bits breakdown), the tuning curves, kernel latency
-        assert len(driver.find_elements(By.CSS_SELECTOR, "figure svg")) == 4
+        # the per-layer plots (error and sparse fraction; bits breakdown), the tuning curves, kernel latency,
+        # the size-quality curve with this model marked
+        assert len(driver.find_elements(By.CSS_SELECTOR, "figure svg")) == 5
+        assert "Size and quality" in driver.page_source
         assert len(driver.find_elements(By.CSS_SELECTOR, "#kernels tbody tr")) >= 3
         assert len(driver.find_elements(By.CSS_SELECTOR, "#layers tbody tr")) == 15
         shot = tmp_path / "report.png"
@@ -172,6 +180,12 @@ def test_report_in_headless_chromium(compiled_dir, tmp_path):
 def test_report_on_non_artifact(tmp_path):
     proc = run("report", str(tmp_path))
     assert proc.returncode == 1 and "not an sqc artifact" in proc.stderr
+
+
+def test_report_with_a_file_that_is_not_a_curve(compiled_dir, tmp_path):
+    (tmp_path / "q.json").write_text('{"settings": {}}')
+    proc = run("report", str(compiled_dir[0]), "--curve", str(tmp_path / "q.json"))
+    assert proc.returncode == 1 and "not a quality.json with a size-quality curve" in proc.stderr
 
 
 def test_cuda_target_without_nvcc(workspace, tmp_path):
