@@ -241,12 +241,14 @@ def cmd_compile(args, progress: Progress) -> dict[str, Any]:
             raise UsageError("give --calib TEXTFILE (calibration text) or --no-calib (plain k-means)")
         calibration = [(w,) for w in calibration_windows(tok, args.calib_samples, args.seq_len, text=text)]
     example = calibration[0] if calibration else (tok("an example input", return_tensors="pt")["input_ids"],)
+    from .streaming import StreamingRequired
+
     t = time.perf_counter()
     try:
         compiled = sqc.compile(model, example, config=cfg, calibration=calibration, target=target, progress=progress,
                                tune=args.tune, tune_trials=args.tune_trials, weight_source=source)
-    except ValueError as e:
-        if source is not None and "layer-streamed pipeline cannot run" in str(e):
+    except StreamingRequired as e:
+        if source is not None:
             raise CLIError(f"{e}; pass --no-lazy to load the whole model") from e
         raise
     if source is not None:

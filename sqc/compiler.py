@@ -24,7 +24,7 @@ from .passes.pack_layout import PackLayout
 from .passes.split_outliers import SplitOutliers
 from .runtime.decode import CompiledDecoder
 from .parallel import Group, current_group
-from .streaming import StreamingUnsupported, find_decoder_stack, run_streamed
+from .streaming import StreamingRequired, StreamingUnsupported, find_decoder_stack, run_streamed
 from .runtime.memory import release_memory
 from .runtime.fused import fused_groups
 from .runtime.int8 import Int8Linear
@@ -420,29 +420,34 @@ def compile(  # noqa: A001 - the public name
         (None, "a bits budget (QuantConfig.bits_per_weight) chooses every layer's width at once, from all "
                "layers' statistics") if cfg.bits_per_weight is not None else
         find_decoder_stack(model, list(traced.sites.values())))
+    def cannot_stream(why: str, for_spill: bool = False) -> StreamingRequired:
+        """The one error for a compile that needs the layer-streamed pipeline where it cannot run."""
+        needs = ("spill=True" if for_spill else
+                 "a model loaded lazily" if weight_source is not None else
+                 f"a data-parallel compile on {group.world} ranks (run one process)" if group.distributed else
+                 "stream=True")
+        return StreamingRequired(f"the layer-streamed pipeline cannot run on {type(model).__name__}: {why} "
+                                 f"({needs} needs it)")
+
     if stack is None and (stream or weight_source is not None or group.distributed):
-        raise ValueError(f"the layer-streamed pipeline cannot run on {type(model).__name__}: {why}"
-                         + ("" if weight_source is None else " (a model loaded lazily needs it)")
-                         + ("" if not group.distributed else
-                            f" (a data-parallel compile on {group.world} ranks needs it: run one process)"))
+        raise cannot_stream(why)
     gm = traced.graph_module
     del traced
     if weight_source is not None:
         weight_source.prepare(stack.layers)
     if spill is None:
         spill = weight_source is not None
-    no_spill = f"spill=True needs the layer-streamed pipeline, which cannot run on {type(model).__name__}: "
     if spill and stack is None:
-        raise ValueError(no_spill + why)
+        raise cannot_stream(why, for_spill=True)
     spilled = Spill() if spill else None
     if stack is not None:
         try:
             run_streamed(gm, ctx, stack, layer_pipeline(cfg, fuse=True), instruments, weight_source, spilled)
         except StreamingUnsupported as e:
             if weight_source is not None or stream or group.distributed:
-                raise ValueError(f"the layer-streamed pipeline cannot run on {type(model).__name__}: {e}") from e
+                raise cannot_stream(str(e)) from e
             if spilled is not None:
-                raise ValueError(no_spill + str(e)) from e
+                raise cannot_stream(str(e), for_spill=True) from e
             why, stack = str(e), None  # raised before any layer was changed: the whole-model path runs
     if stack is None:
         if calibration is not None:

@@ -50,12 +50,18 @@ from .quant.reduce import TreeSum
 from .runtime.memory import release_memory
 from .trace import LinearSite
 
-__all__ = ["DecoderStack", "StreamingUnsupported", "find_decoder_stack", "BoundaryStore", "run_streamed", "spill_layer",
+__all__ = ["DecoderStack", "StreamingUnsupported", "StreamingRequired", "find_decoder_stack", "BoundaryStore", "run_streamed", "spill_layer",
            "streamed_statistics", "WeightSource"]
 
 
 class StreamingUnsupported(RuntimeError):
     """The model's layers cannot be run one at a time; the message says why."""
+
+
+class StreamingRequired(ValueError):
+    """``sqc.compile`` was asked for something only the layer-streamed pipeline does (a lazily loaded model,
+    a data-parallel compile, ``stream=True``, ``spill=True``) and that pipeline cannot run; the message says
+    why and what needed it."""
 
 
 @dataclasses.dataclass

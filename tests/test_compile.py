@@ -31,6 +31,10 @@ def test_generate_still_works(llama):
     compiled = sqc.compile(llama, (ids,), config="w3")
     out = compiled.generate(ids, max_new_tokens=6, do_sample=False)
     assert out.shape == (1, 11) and torch.equal(out[:, :5], ids)
+    # the compiled step's tokens are the wrapped model's own eager greedy tokens (same quantized layers)
+    with torch.no_grad():
+        eager = compiled.model.generate(ids, max_new_tokens=6, do_sample=False)
+    assert torch.equal(out, eager), (out, eager)
 
 
 def test_report_lists_every_layer(llama):

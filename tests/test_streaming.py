@@ -240,5 +240,7 @@ def test_a_lazy_compile_keeps_its_packed_layers_in_the_spill_file(tmp_path):
 
 def test_spill_needs_the_streamed_pipeline(mlp):
     x = torch.randn(4, 100)
-    with pytest.raises(ValueError, match="spill=True needs the layer-streamed pipeline"):
+    from sqc.streaming import StreamingRequired
+
+    with pytest.raises(StreamingRequired, match="layer-streamed pipeline cannot run on Sequential.*spill=True needs it"):
         sqc.compile(mlp, (x,), config="w4", kernels=False, spill=True)
