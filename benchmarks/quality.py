@@ -201,6 +201,25 @@ def size_quality_curve(base, calib, sens, windows, heldout, results: dict) -> di
             "fp32": {"ppl": fp["ppl"], "heldout_ppl": fp["heldout_ppl"]}}
 
 
+def curve_table(results: dict) -> str:
+    """The size-quality curve's table (docs/results.md), generated from quality.json."""
+    c = results["curve"]
+    rows = ["| model | stored bits / weight | layers at 2 / 3 / 4 bits | ppl, tutorial | ppl, held-out | "
+            "allocation s (of the uniform compile) |", "|---|---|---|---|---|---|"]
+    for r in sorted(c["budgets"], key=lambda r: r["bits_per_weight"]):
+        n = r["layers_by_bits"]
+        rows.append(f"| budget {r['budget']:g}, guided | {r['bits_per_weight']:.3f} | "
+                    f"{n.get('2', 0)} / {n.get('3', 0)} / {n.get('4', 0)} | {r['ppl']:.3f} | {r['heldout_ppl']:.3f} | "
+                    f"{r['allocate_s']:.2f} ({100 * r['allocate_over_uniform_compile']:.1f} %) |")
+    k = c["kmeans_budget"]
+    rows.append(f"| budget {k['budget']:g}, k-means | {k['bits_per_weight']:.3f} | | {k['ppl']:.3f} | "
+                f"{k['heldout_ppl']:.3f} | {k['allocate_s']:.2f} ({100 * k['allocate_over_uniform_compile']:.1f} %) |")
+    for r in sorted(c["uniform"], key=lambda r: r["bits_per_weight"]):
+        rows.append(f"| {r['preset']} (uniform) | {r['bits_per_weight']:.3f} | | {r['ppl']:.3f} | "
+                    f"{r['heldout_ppl']:.3f} | |")
+    return "\n".join(rows)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true")

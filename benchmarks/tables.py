@@ -34,16 +34,17 @@ def headline() -> str:
     q, e = _json("quality.json")["settings"], _json("e2e.json")
     res, fp = e["results"], e["results"]["fp32"]
     greedy_g = _json("sampling.json")["results"]["greedy"]
-    rows = ["| SmolLM2-135M | bits / weight | perplexity (tutorial text) | decode tok/s | × torch fp32 eager |",
-            "|---|---|---|---|---|"]
-    rows.append(f"| torch fp32 | 32 | {q['fp32']['ppl']:.2f} | {fp['decode_tok_s']:.1f} | 1.00 |")
+    rows = ["| SmolLM2-135M | bits / weight | perplexity (tutorial text) | perplexity (held-out text) | decode tok/s | "
+            "× torch fp32 eager |", "|---|---|---|---|---|---|"]
+    rows.append(f"| torch fp32 | 32 | {q['fp32']['ppl']:.2f} | {q['fp32']['heldout_ppl']:.2f} | "
+                f"{fp['decode_tok_s']:.1f} | 1.00 |")
     for name in ("w4", "w3-s0.45"):
         r = res[name]
         rows.append(f"| sqc {name} | {q[name]['bits_per_weight']:.2f} | {q[name]['ppl']:.2f} | "
-                    f"{r['decode_tok_s']:.1f} | {r['decode_vs_fp32']:.2f} |")
+                    f"{q[name]['heldout_ppl']:.2f} | {r['decode_tok_s']:.1f} | {r['decode_vs_fp32']:.2f} |")
     g = q["w3-s0.45-g"]
     rows.append(f"| sqc w3-s0.45-g (guided fit) | {g['bits_per_weight']:.2f} | {g['ppl']:.2f} | "
-                f"{1e3 / greedy_g['ms_per_token']:.1f}¹ | – |")
+                f"{g['heldout_ppl']:.2f} | {1e3 / greedy_g['ms_per_token']:.1f}¹ | – |")
     return "\n".join(rows)
 
 
@@ -51,6 +52,12 @@ def quality() -> str:
     import quality as q
 
     return q.markdown_table(_json("quality.json"))
+
+
+def curve() -> str:
+    import quality as q
+
+    return q.curve_table(_json("quality.json"))
 
 
 def kernels_cpu() -> str:
@@ -116,7 +123,7 @@ def scale() -> str:
     return m.markdown(_json("scale.json"))
 
 
-GENERATORS = {"headline": headline, "quality": quality, "kernels-cpu": kernels_cpu, "kernels-cuda": kernels_cuda,
+GENERATORS = {"headline": headline, "quality": quality, "curve": curve, "kernels-cpu": kernels_cpu, "kernels-cuda": kernels_cuda,
               "e2e": e2e, "coldstart": coldstart, "sampling": sampling, "serve": serve, "scale": scale}
 
 
