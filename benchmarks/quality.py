@@ -151,54 +151,45 @@ def markdown_table(results: dict) -> str:
     return "\n".join(rows)
 
 
-def size_quality_curve(base, calib, sens, windows, heldout, results: dict) -> dict:
-    """The guided fit at every budget of CURVE_BUDGETS, beside the uniform presets of ``results``."""
-    uniform = [{"preset": name, "bits_per_weight": r["bits_per_weight"], "ppl": r["ppl"],
-                "heldout_ppl": r["heldout_ppl"]}
-               for name, r in results["settings"].items() if r.get("bits_per_weight") is not None]
-    fp = results["settings"]["fp32"]
-    budgets = []
-    same_fit_uniform_s = results["settings"]["w3-s0.45-g"]["compile_s"]
-    for bpw in CURVE_BUDGETS:
-        cfg = sqc.QuantConfig(bits_per_weight=bpw, outlier_pct=0.40, sensitive_pct=0.05, fit="guided")
-        t = time.perf_counter()
-        compiled = sqc.compile(copy.deepcopy(base), (calib[0],), config=cfg, sensitivity=sens, kernels=False)
-        compile_s = time.perf_counter() - t
-        with tempfile.TemporaryDirectory() as d:
-            stored = artifact_bits_per_weight(sqc.save(compiled, os.path.join(d, "a")))["overall"]
-        widths = [r.bits for r in compiled.layers if r.quantized]
-        row = {
-            "budget": bpw,
-            "bits_per_weight": stored,
-            "ppl": perplexity(compiled, windows),
-            "heldout_ppl": perplexity(compiled, heldout),
-            "layers_by_bits": {str(b): widths.count(b) for b in sorted(set(widths))},
-            "allocate_s": compiled.stage_seconds.get("AllocateBits"),
-            "compile_s": compile_s,
-        }
-        # the allocation's cost against the compile of the same (guided, 0.45 % sparse) fit at uniform bits
-        row["allocate_over_uniform_compile"] = row["allocate_s"] / same_fit_uniform_s
-        budgets.append(row)
-        print(f"budget {bpw}: {stored:.3f} bits/weight stored, ppl {row['ppl']:.3f}, held-out "
-              f"{row['heldout_ppl']:.3f}, widths {row['layers_by_bits']}, allocation {row['allocate_s']:.2f} s "
-              f"({100 * row['allocate_over_uniform_compile']:.1f} % of w3-s0.45-g's compile)", flush=True)
-        del compiled
-    # the k-means fit at w3-s0.45's size: the allocation against the cheapest compile it can be added to
-    cfg = sqc.QuantConfig(bits_per_weight=KMEANS_BUDGET, outlier_pct=0.40, sensitive_pct=0.05)
+def budget_point(base, calib, sens, windows, heldout, bpw: float, fit: str, uniform_compile_s: float) -> dict:
+    """One bits-budget model (0.45 % sparse): stored size, both texts' perplexity, widths, and the allocation's
+    seconds against ``uniform_compile_s`` (the compile of the same fit at uniform bits)."""
+    cfg = sqc.QuantConfig(bits_per_weight=bpw, outlier_pct=0.40, sensitive_pct=0.05, fit=fit)
     t = time.perf_counter()
     compiled = sqc.compile(copy.deepcopy(base), (calib[0],), config=cfg, sensitivity=sens, kernels=False)
     compile_s = time.perf_counter() - t
     with tempfile.TemporaryDirectory() as d:
         stored = artifact_bits_per_weight(sqc.save(compiled, os.path.join(d, "a")))["overall"]
-    kmeans = {"budget": KMEANS_BUDGET, "bits_per_weight": stored, "ppl": perplexity(compiled, windows),
-              "heldout_ppl": perplexity(compiled, heldout), "allocate_s": compiled.stage_seconds.get("AllocateBits"),
-              "compile_s": compile_s}
-    kmeans["allocate_over_uniform_compile"] = kmeans["allocate_s"] / results["settings"]["w3-s0.45"]["compile_s"]
-    print(f"k-means budget {KMEANS_BUDGET}: {stored:.3f} bits/weight, ppl {kmeans['ppl']:.3f}, held-out "
-          f"{kmeans['heldout_ppl']:.3f}, allocation {100 * kmeans['allocate_over_uniform_compile']:.1f} % of "
-          "w3-s0.45's compile", flush=True)
+    widths = [r.bits for r in compiled.layers if r.quantized]
+    row = {
+        "budget": bpw,
+        "bits_per_weight": stored,
+        "ppl": perplexity(compiled, windows),
+        "heldout_ppl": perplexity(compiled, heldout),
+        "layers_by_bits": {str(b): widths.count(b) for b in sorted(set(widths))},
+        "allocate_s": compiled.stage_seconds["AllocateBits"],
+        "compile_s": compile_s,
+    }
+    row["allocate_over_uniform_compile"] = row["allocate_s"] / uniform_compile_s
+    print(f"{fit} budget {bpw}: {stored:.3f} bits/weight stored, ppl {row['ppl']:.3f}, held-out "
+          f"{row['heldout_ppl']:.3f}, widths {row['layers_by_bits']}, allocation {row['allocate_s']:.2f} s "
+          f"({100 * row['allocate_over_uniform_compile']:.1f} % of the uniform compile)", flush=True)
+    return row
+
+
+def size_quality_curve(base, calib, sens, windows, heldout, results: dict) -> dict:
+    """The guided fit at every budget of CURVE_BUDGETS and the k-means fit at KMEANS_BUDGET, beside the uniform
+    presets of ``results``; each allocation is timed against the same fit's uniform compile."""
+    settings = results["settings"]
+    uniform = [{"preset": name, "bits_per_weight": r["bits_per_weight"], "ppl": r["ppl"],
+                "heldout_ppl": r["heldout_ppl"]}
+               for name, r in settings.items() if r.get("bits_per_weight") is not None]
+    budgets = [budget_point(base, calib, sens, windows, heldout, bpw, "guided", settings["w3-s0.45-g"]["compile_s"])
+               for bpw in CURVE_BUDGETS]
+    # the k-means fit at w3-s0.45's size: the allocation against the cheapest compile it can be added to
+    kmeans = budget_point(base, calib, sens, windows, heldout, KMEANS_BUDGET, "kmeans", settings["w3-s0.45"]["compile_s"])
     return {"budgets": budgets, "kmeans_budget": kmeans, "uniform": uniform,
-            "fp32": {"ppl": fp["ppl"], "heldout_ppl": fp["heldout_ppl"]}}
+            "fp32": {"ppl": settings["fp32"]["ppl"], "heldout_ppl": settings["fp32"]["heldout_ppl"]}}
 
 
 def curve_table(results: dict) -> str:

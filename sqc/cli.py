@@ -528,11 +528,13 @@ def cmd_report(args, progress: Progress) -> dict[str, Any]:
     if args.curve:
         try:
             with open(args.curve) as fh:
-                curve = json.load(fh)["curve"]
-            curve["budgets"], curve["uniform"]  # noqa: B018 - the fields the plot reads
-        except (OSError, ValueError, KeyError, TypeError) as e:
-            raise CLIError(f"--curve {args.curve}: not a quality.json with a size-quality curve ({e!r}); run "
-                           "python benchmarks/quality.py --curve") from e
+                curve = json.load(fh).get("curve")
+        except (OSError, ValueError, AttributeError) as e:
+            curve = e
+        if not isinstance(curve, dict) or not {"budgets", "uniform"} <= curve.keys():
+            raise CLIError(f"--curve {args.curve}: not a quality.json with a size-quality curve"
+                           f"{f' ({curve!r})' if isinstance(curve, Exception) else ''}; run "
+                           "python benchmarks/quality.py --curve")
     path = write_report(args.dir, latency, curve)
     if not args.json:
         print(path)

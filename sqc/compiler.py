@@ -420,6 +420,7 @@ def compile(  # noqa: A001 - the public name
         (None, "a bits budget (QuantConfig.bits_per_weight) chooses every layer's width at once, from all "
                "layers' statistics") if cfg.bits_per_weight is not None else
         find_decoder_stack(model, list(traced.sites.values())))
+
     def cannot_stream(why: str, for_spill: bool = False) -> StreamingRequired:
         """The one error for a compile that needs the layer-streamed pipeline where it cannot run."""
         needs = ("spill=True" if for_spill else

@@ -26,12 +26,13 @@ through one k-means call per width.
 """
 from __future__ import annotations
 
+import math
 from collections import defaultdict
 
 import numpy as np
 import torch
 
-from ..config import BUDGET_WIDTHS
+from ..config import BUDGET_WIDTHS, FitMode
 from ..quant.budget import allocate
 from ..quant.guided import row_objectives
 from ..quant.kmeans import fit_rows
@@ -55,9 +56,8 @@ BUDGET_NEEDS_DATA = (
 
 def stored_bits(out_features: int, in_features: int, bits: int, nnz: int, table_bytes: int, val_bytes: int) -> int:
     """Stored bits of a packed layer: codes, tables, sparse values, column indices and row pointers."""
-    col_bytes = torch.empty((), dtype=col_dtype_for(in_features)).element_size()
     nbytes = (out_features * words_per_row(in_features, bits) * 4 + out_features * (1 << bits) * table_bytes
-              + nnz * (val_bytes + col_bytes) + (out_features + 1) * 4)
+              + nnz * (val_bytes + col_dtype_for(in_features).itemsize) + (out_features + 1) * 4)
     return 8 * nbytes
 
 
@@ -88,10 +88,10 @@ class AllocateBits(Pass):
         cfg = ctx.config
         if cfg.bits_per_weight is None:
             raise ValueError("AllocateBits runs for a bits budget only: QuantConfig(bits_per_weight=...)")
-        guided = cfg.fit.value == "guided"
+        guided = cfg.fit is FitMode.GUIDED
         params = dict(ctx.model.named_parameters())
         sites = unique_sites(gm, ctx.scope)
-        table_bytes = torch.empty((), dtype=table_dtype(cfg)).element_size()
+        tdt = table_dtype(cfg)
         widths = BUDGET_WIDTHS
         n_w = len(widths)
 
@@ -124,13 +124,13 @@ class AllocateBits(Pass):
                     h = ctx.store.get("hessian", require_meta(nodes[0], "sqc.hessian"))
                 for j, res in enumerate(fits):
                     # the error of the stored table and its nearest codes, as FitCodebook makes them
-                    lut = torch.from_numpy(res.centroids[start : start + n]).to(table_dtype(cfg))
+                    lut = torch.from_numpy(res.centroids[start : start + n]).to(tdt)
                     e = (wt - torch.gather(lut.float(), 1, assign_codes(wt, lut).long())) * act
                     if guided:
                         obj = float(row_objectives(e, h, cfg.guided_damp, cfg.guided_shrink).sum())
                     else:
                         obj = float((e * e * torch.from_numpy(f)).sum(dtype=torch.float64))
-                    if obj != obj or obj in (float("inf"), float("-inf")):
+                    if not math.isfinite(obj):
                         raise ValueError(f"layer {site.module}: its sensitivity estimate at {widths[j]} bits is not "
                                          "finite: the calibration statistics overflowed; check the calibration data")
                     loss[i, j] = obj * site.out_features / n
@@ -148,7 +148,7 @@ class AllocateBits(Pass):
                 nnz = int(masks[i].sum())
                 n_weights += site.in_features * site.out_features
                 for j, bits in enumerate(widths):
-                    size[u, j] += stored_bits(site.out_features, site.in_features, bits, nnz, table_bytes,
+                    size[u, j] += stored_bits(site.out_features, site.in_features, bits, nnz, tdt.itemsize,
                                               w.element_size())
                 uloss[u] += loss[i]
         budget = cfg.bits_per_weight * n_weights

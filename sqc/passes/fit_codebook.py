@@ -24,12 +24,12 @@ from .base import CompileContext, Pass, PassResult, layer_bits, require_meta, un
 __all__ = ["FitCodebook", "assign_codes", "table_dtype"]
 
 _TABLE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+_MAX_ROWS_PER_BATCH = 1 << 17
 
 
 def table_dtype(config) -> torch.dtype:
     """The torch dtype of ``config.table_dtype``."""
     return _TABLE_DTYPES[config.table_dtype.value]
-_MAX_ROWS_PER_BATCH = 1 << 17
 
 
 def assign_codes(w: torch.Tensor, lut: torch.Tensor) -> torch.Tensor:

@@ -56,8 +56,7 @@ import torch
 from .kmeans import _jax
 
 __all__ = ["GuidedFit", "accumulate_guided_hessian", "damped", "shrunk", "objective_matrix", "row_objectives",
-           "layer_objective",
-           "guided_fit"]
+           "layer_objective", "guided_fit"]
 
 
 def accumulate_guided_hessian(h: torch.Tensor, x: torch.Tensor, grad_out: torch.Tensor) -> None:
