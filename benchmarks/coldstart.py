@@ -210,7 +210,7 @@ def main() -> None:
             out = json.load(fh)
     out["cold_start"] = {"threads": args.threads, "rounds": args.rounds, "model": "SmolLM2-135M w3-s0.45-g",
                          "cpu": _cpu(), **res}
-    from sqc.codegen.build import atomic_write
+    from sqc.runtime.files import atomic_write
 
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
     atomic_write(args.out, json.dumps(out, indent=1).encode())

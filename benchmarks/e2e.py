@@ -316,7 +316,7 @@ def main() -> None:
           + f" (saving {rss['fp32']['peak_rss_mib'] - rss['w3-s0.45']['peak_rss_mib']:.0f} MiB)")
     out = {"threads": args.threads, "prompt_tokens": args.prompt, "new_tokens": args.new_tokens,
            "rounds": args.rounds, "results": res, "fresh_process_rss": rss, "compile_stages": stages}
-    from sqc.codegen.build import atomic_write
+    from sqc.runtime.files import atomic_write
 
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
     atomic_write(args.out, json.dumps(out, indent=1).encode())

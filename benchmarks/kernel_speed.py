@@ -36,7 +36,7 @@ import sqc  # noqa: E402,F401  (first: it sets the thread pools' spin counts bef
 import torch  # noqa: E402
 
 from sqc.codegen import build as B  # noqa: E402
-from sqc.codegen.target import parse_target  # noqa: E402
+from sqc.runtime.target import parse_target  # noqa: E402
 from sqc.codegen.tune import attach_cpu_kernels  # noqa: E402
 from sqc.runtime.layout import PackedLinear, col_dtype_for, pack_codes  # noqa: E402
 from sqc.runtime.qlinear import SqcLinear  # noqa: E402
@@ -304,7 +304,7 @@ def main() -> None:
         "rows": rows,
         "sparse_overhead": overhead,
     }
-    from sqc.codegen.build import atomic_write
+    from sqc.runtime.files import atomic_write
 
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
     atomic_write(args.out, json.dumps(out, indent=1).encode())

@@ -117,7 +117,7 @@ def main() -> None:
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=HERE)
     out = {"threads": args.threads, "prompt_tokens": args.prompt, "new_tokens": args.new_tokens,
            "rounds": args.rounds, "commit": commit.stdout.strip(), "results": res}
-    from sqc.codegen.build import atomic_write
+    from sqc.runtime.files import atomic_write
 
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
     atomic_write(args.out, json.dumps(out, indent=1).encode())

@@ -274,7 +274,7 @@ def main() -> None:
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=HERE)
     out["commit"] = commit.stdout.strip()
     print(json.dumps(out["ratios"], indent=1))
-    from sqc.codegen.build import atomic_write
+    from sqc.runtime.files import atomic_write
 
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
     atomic_write(args.out, json.dumps(out, indent=1).encode())

@@ -6,28 +6,33 @@
 ``sqc.compile(model, example_inputs, config=..., calibration=..., target=...)``
 returns a drop-in model; ``sqc.save`` / ``sqc.load`` write and read artifacts.
 
-The generated CPU kernels run their parallel loops on torch's OpenMP team
-(see ``sqc.runtime.threads``): one thread pool, sized by
-``torch.set_num_threads``. TVM's own pool serves only kernel libraries built
-by an older sqc (a warning says so); importing sqc gives it a short spin count
-(``TVM_THREAD_POOL_SPIN_COUNT=1000`` unless set) so that it yields the cores
-quickly. OpenMP's own spinning is left alone: it keeps torch's team warm
-between the many small kernel calls of a decode step (``GOMP_SPINCOUNT=1000``
-made a SmolLM2 decode step twice as slow here).
+Importing sqc registers its ``torch.library`` ops and installs one import hook: when transformers later
+imports its quantizer registry, sqc's Hugging Face quantizer registers itself, so that
+``AutoModelForCausalLM.from_pretrained`` reads sqc folders without ``import sqc`` importing transformers
+(about 3 s) or the user calling a registration function (:func:`sqc.hf.register_with_transformers`).
+``sqc.compile`` / ``sqc.compile_pretrained`` import the compiler on first use: loading a saved model
+(``sqc.load``, ``from_pretrained``) never imports it.
 """
-import os as _os
-
-_os.environ.setdefault("TVM_THREAD_POOL_SPIN_COUNT", "1000")
-
-from .compiler import CompiledModel, compile
-from .config import PRESETS, QuantConfig, TableDType
 from .artifact import ArtifactError, load, save
-from .lazy import compile_pretrained
+from .compiled import CompiledModel
+from .config import PRESETS, QuantConfig, TableDType
 from .trace import TraceError
 from .hf import register_with_transformers as _register_with_transformers
 
 # cheap: transformers' quantizer registry learns quant_method "sqc" when transformers imports it
 _register_with_transformers()
+
+
+def __getattr__(name: str):
+    if name == "compile":  # the compiler (passes, codegen) loads on first use
+        from .compiler import compile
+
+        return compile
+    if name == "compile_pretrained":
+        from .lazy import compile_pretrained
+
+        return compile_pretrained
+    raise AttributeError(f"module 'sqc' has no attribute {name!r}")
 
 __all__ = [
     "compile",

@@ -39,17 +39,19 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from .backends import backend, compiler_missing
-from .codegen.target import parse_target
+from .backends import backend
+from .compiled import CompiledModel
 from .config import QuantConfig
 from .decode_steps import StepsNotStored, normalize_lengths, open_steps, store as decode_steps_store
 from .folders import clean_leftovers, swap_into_place, umask
-from .runtime.kernels import KernelFileError, KernelsUnusable, write_synced
+from .restore import Stored, build_layers, restore
+from .runtime.fused import fused_groups
+from .runtime.int8 import Int8Linear
+from .runtime.files import SAFETENSORS_BYTES, SAFETENSORS_DTYPE, atomic_write, write_synced
+from .runtime.kernels import KernelFileError
 from .runtime.layout import PackedLinear
 from .runtime.memory import release_memory
-from .runtime.fused import fused_groups, refuse
-from .runtime.int8 import Int8Linear
-from .runtime.qlinear import SqcLinear
+from .runtime.report import LayerReport
 from .runtime.stepstore import StepStoreError, warm_restore
 
 __all__ = ["save", "load", "ArtifactError", "FORMAT_NAME", "FORMAT_VERSION", "artifact_bits_per_weight",
@@ -90,11 +92,6 @@ def _model_description(model: nn.Module) -> dict[str, Any]:
     return {"kind": "module", "class": f"{type(model).__module__}.{type(model).__qualname__}"}
 
 
-_ST_DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
-              torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
-              torch.bool: "BOOL"}
-
-
 class _Pacer:
     """Calls ``release`` (a spill's :meth:`~sqc.runtime.spill.Spill.evict`) each time about ``every``
     bytes of tensors were read, so reading every file-backed layer once keeps about that many resident."""
@@ -126,10 +123,10 @@ def write_safetensors(path: str, tensors: dict[str, torch.Tensor], metadata: dic
     offset = 0
     for name in sorted(tensors):
         t = tensors[name]
-        if t.dtype not in _ST_DTYPES:
+        if t.dtype not in SAFETENSORS_DTYPE:
             raise ArtifactError(f"tensor {name}: dtype {t.dtype} has no safetensors name; sqc cannot store it")
         n = t.numel() * t.element_size()
-        header[name] = {"dtype": _ST_DTYPES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + n]}
+        header[name] = {"dtype": SAFETENSORS_DTYPE[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + n]}
         offset += n
     head = json.dumps(header, separators=(",", ":")).encode()
     head += b" " * (-len(head) % 8)
@@ -221,6 +218,7 @@ def save(
             "out_features": m.out_features,
             "bias": m.bias is not None,
             "kernel": m.kernel,
+            "kernel_status": m.status.to_dict(),
         }
         for name, m in compiled.quantized_modules().items()
     }
@@ -437,10 +435,6 @@ def load(path: str | os.PathLike, model: nn.Module | None = None, target: Any = 
     ``generate`` instead of traced; they are pickled programs, so ``decode_steps=False`` leaves them unread
     for an artifact you do not trust.
     """
-    from .compiler import CompiledModel
-    from .passes.base import LayerReport
-    from .passes.lower import replace_module
-
     path = os.path.abspath(os.fspath(path))
     manifest = _read_manifest(path)
     if decode_steps and manifest.get("steps"):
@@ -458,40 +452,15 @@ def load(path: str | os.PathLike, model: nn.Module | None = None, target: Any = 
                 "(its weights may be on the meta device)"
             )
         model = _instantiate_hf(desc)
-    for name, info in manifest["layers"].items():
-        try:
-            packed = PackedLinear(
-                info["bits"], info["in_features"], info["out_features"],
-                *(tensors[f"{name}.{t}"] for t in PackedLinear.TENSORS),
-            )
-        except KeyError as e:
-            raise ArtifactError(f"{path}: layer {name} lacks tensor {e}") from e
-        bias = tensors.get(f"{name}.bias") if info["bias"] else None
-        try:
-            target_mod = model.get_submodule(name)
-        except AttributeError as e:
-            raise ArtifactError(f"{path}: the model has no module {name}; pass the architecture that was compiled") from e
-        shape = (getattr(target_mod, "out_features", info["out_features"]), getattr(target_mod, "in_features", info["in_features"]))
-        if shape != (info["out_features"], info["in_features"]):
-            raise ArtifactError(
-                f"{path}: layer {name} was compiled as {info['out_features']}x{info['in_features']}, the model's is "
-                f"{shape[0]}x{shape[1]}; pass an instance of the architecture that was compiled (same sizes)")
-        # the kernel name says what runs here, set when kernels attach below (not the compiling machine's)
-        compiled_as = str(info.get("kernel") or "")
-        why = compiled_as if compiled_as.startswith("reference") else "reference (no kernels attached)"
-        replace_module(model, name, SqcLinear(packed, bias, kernel=why))
-    for name, info in manifest.get("heads", {}).items():
-        try:
-            head = Int8Linear(tensors[f"{name}.qweight"], tensors[f"{name}.scale"],
-                              tensors.get(f"{name}.bias") if info["bias"] else None, kernel="reference (no kernels attached)")
-            old = model.get_submodule(name)
-        except (KeyError, AttributeError, ValueError) as e:
-            raise ArtifactError(f"{path}: output projection {name} cannot be rebuilt ({type(e).__name__}: {e}); pass "
-                                "an instance of the architecture that was compiled") from e
-        if (getattr(old, "out_features", None), getattr(old, "in_features", None)) != (head.out_features, head.in_features):
-            raise ArtifactError(f"{path}: output projection {name} was compiled as {head.out_features}x"
-                                f"{head.in_features}; the model's differs: pass the architecture that was compiled")
-        replace_module(model, name, head)
+    stored = Stored(path, manifest["layers"], manifest.get("heads", {}), manifest.get("fused", []),
+                    manifest.get("target"), _kernels_entry(path, manifest),
+                    fix="pass an instance of the architecture that was compiled, or re-create the artifact",
+                    what="artifact")
+
+    def fail(message: str) -> ArtifactError:
+        return ArtifactError(f"{path}: {message}")
+
+    build_layers(model, stored, tensors, fail)
     persistent = set(manifest.get("persistent", []))
     for name, t in tensors.items():
         _set_tensor(model, name, t, name in persistent)
@@ -509,35 +478,17 @@ def load(path: str | os.PathLike, model: nn.Module | None = None, target: Any = 
     # the model holds what it needs; dropping the file's dict lets the fused layers and the kernels' layout
     # replace the per-member codes instead of adding to them
     del tensors
-    try:
-        refuse(model, manifest.get("fused", []))
-        release_memory()  # the members' codes and the stacking temporaries, before the kernels' layout is made
-    except ValueError as e:
-        raise ArtifactError(f"{path}: {e}") from e
-    model.eval()
     report = {}
     rpath = os.path.join(path, "report.json")
     if os.path.exists(rpath):
         with open(rpath) as fh:
             report = json.load(fh)
-    layers = []
-    for r in report.get("layers", []):
-        out_f, in_f = r["shape"]
-        layers.append(LayerReport(
-            r["module"], in_f, out_f, r["quantized"], r["reason"], r["bits"], r["sparse_nnz"], r["sparse_pct"],
-            r["weighted_error"], r["mse"], 0, r["bytes"] or {}, r["kernel"], r.get("notes", []),
-            r.get("weight_power"),
-        ))
-    try:
-        own = parse_target(manifest["target"])
-        spec = parse_target(target) if target is not None else own
-    except (KeyError, TypeError, ValueError) as e:
-        raise ArtifactError(f"{path}: invalid target ({e})") from e
     notes = list(report.get("notes", []))
-    spec, kernels = _attach_kernels(path, manifest, model, own, spec, target is not None, tune, notes)
+    spec, kernels = restore(model, stored, fail, notes, target=target, tune=tune)
     compiled = CompiledModel(
-        model, config, spec, layers, notes, report.get("stage_seconds", {}), None,
-        manifest.get("float_weight_bytes", 0), kernels.records() if kernels is not None else [], kernels=kernels,
+        model, config, spec, [LayerReport.from_dict(r) for r in report.get("layers", [])], notes,
+        report.get("stage_seconds", {}), None, manifest.get("float_weight_bytes", 0),
+        kernels.records() if kernels is not None else [], kernels=kernels,
     )
     compiled.refresh_kernel_names()
     try:
@@ -553,58 +504,7 @@ def _kernels_entry(path: str, manifest: dict[str, Any]) -> dict[str, Any] | None
     entry = manifest.get("kernels")
     if entry is None and manifest["format_version"] == 1 and os.path.isdir(os.path.join(path, "cuda")):
         entry = {"kind": "cuda", "folder": "cuda"}
-    if entry is None:
-        return None
-    folder = entry.get("folder") if isinstance(entry, dict) else None
-    if (not isinstance(folder, str) or os.path.isabs(folder) or os.path.normpath(folder).startswith("..")
-            or not isinstance(entry.get("kind"), str)):
-        raise ArtifactError(f"{os.path.join(path, MANIFEST)}: malformed kernels entry {entry!r}")
     return entry
-
-
-def _attach_kernels(path: str, manifest: dict[str, Any], model: nn.Module, own, spec, explicit: bool, tune: bool,
-                    notes: list[str]):
-    """Attach the artifact's kernels through the target's backend, else rebuild or fall back, and say which.
-
-    Returns (the target the layers run for, the kernel set or None)."""
-    entry = _kernels_entry(path, manifest)
-    be = backend(spec.kind)
-    unusable = None  # why the artifact's own kernels do not run here
-    if tune:
-        requested = "tune=True asks for the kernels to be tuned again"
-    elif explicit and spec != own:
-        requested = f"target {spec} differs from the artifact's {own}"
-    else:
-        requested = None
-    if requested is None:
-        if entry is None or entry["kind"] != spec.kind:
-            unusable = f"the artifact carries no {spec.kind} kernels"
-        else:
-            try:
-                return spec, be.load(model, os.path.join(path, entry["folder"]), entry, spec)
-            except KernelsUnusable as e:
-                unusable = str(e)
-            except (KernelFileError, OSError, ValueError, KeyError, TypeError) as e:
-                raise ArtifactError(f"{path}: unreadable {spec.kind} kernels: {e}; re-create the artifact with sqc.save"
-                                    ) from e
-    why = requested or unusable
-    missing = compiler_missing()
-    if not be.rebuild_on_load or missing is not None:
-        blocker = missing or f"{spec.kind} kernels are not rebuilt at load"
-        for m in model.modules():
-            if isinstance(m, SqcLinear):
-                m.set_kernel(None, f"reference ({why}; {blocker})")
-        notes.append(f"the quantized layers run the reference op: {why}; {blocker}")
-        return spec, None
-    # the compiler is here: build for the requested target, or for this machine when the artifact's cannot run
-    build_for = spec if explicit else parse_target(spec.kind)
-    kernels = be.attach(model, build_for, tune=tune, notes=notes)
-    notes.append(f"kernels built at load for {build_for}: {why}")
-    if unusable is not None:
-        for m in model.modules():
-            if isinstance(m, SqcLinear) and not m.kernel.startswith("reference"):
-                m.kernel = f"{m.kernel} (built at load: {unusable})"
-    return build_for, kernels
 
 
 def artifact_bits_per_weight(path: str | os.PathLike) -> dict[str, Any]:
@@ -628,15 +528,12 @@ def artifact_bits_per_weight(path: str | os.PathLike) -> dict[str, Any]:
                 n = 1
                 for s in sl.get_shape():
                     n *= s
-                nbytes += n * _DTYPE_BYTES[sl.get_dtype()]
+                nbytes += n * SAFETENSORS_BYTES[sl.get_dtype()]
             n_w = info["in_features"] * info["out_features"]
             per_layer[name] = 8.0 * nbytes / n_w
             total_bits += 8 * nbytes
             total_weights += n_w
     return {"layers": per_layer, "overall": total_bits / max(total_weights, 1)}
-
-
-_DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
 
 
 def tune_artifact(path: str, model: torch.nn.Module | None = None, repeats: int = 100) -> list[dict[str, Any]]:
@@ -649,7 +546,7 @@ def tune_artifact(path: str, model: torch.nn.Module | None = None, repeats: int 
     replaced atomically), so a later ``sqc.load`` runs the tuned kernels.
     Needs neither TVM nor nvcc. Returns the tuning records.
     """
-    from .codegen.report import tuning_markdown
+    from .tuning_report import tuning_markdown
     from .runtime.cuda import CudaUnavailable
 
     if not torch.cuda.is_available():
@@ -662,16 +559,8 @@ def tune_artifact(path: str, model: torch.nn.Module | None = None, repeats: int 
     compiled.cuda.tune(compiled.model, repeats=repeats)
     records = compiled.cuda.records()
     data = {"target": str(compiled.target), "kernels": records}
-    _atomic_text(os.path.join(path, backend("cuda").folder, "plan.json"), json.dumps(compiled.cuda.plan, indent=1))
-    _atomic_text(os.path.join(path, "tuning.json"), json.dumps(data, indent=1, default=str))
-    _atomic_text(os.path.join(path, "tuning.md"), tuning_markdown(data))
+    atomic_write(os.path.join(path, backend("cuda").folder, "plan.json"), json.dumps(compiled.cuda.plan, indent=1))
+    atomic_write(os.path.join(path, "tuning.json"), json.dumps(data, indent=1, default=str))
+    atomic_write(os.path.join(path, "tuning.md"), tuning_markdown(data))
     return records
 
-
-def _atomic_text(path: str, text: str) -> None:
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)

@@ -64,13 +64,14 @@ def _attach_cuda(model, spec, *, tune: bool = False, trials: int | None = None, 
     """Generate and build the CUDA kernels (no GPU needed); layers run the reference op, named, when TVM is missing.
     ``store`` is not used: the codes go to the GPU with the model (``model.to('cuda')``)."""
     from .runtime.qlinear import SqcLinear
+    from .runtime.status import KernelStatus
 
     notes = notes if notes is not None else []
     missing = compiler_missing()
     if missing is not None:
         for m in model.modules():
             if isinstance(m, SqcLinear):
-                m.set_kernel(None, f"reference (TVM unavailable: {missing})")
+                m.set_kernel(None, KernelStatus.reference(f"TVM unavailable: {missing}"))
         return None
     from .codegen.cuda import build_bundle
 

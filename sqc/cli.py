@@ -176,7 +176,7 @@ def cmd_compile(args, progress: Progress) -> dict[str, Any]:
             raise UsageError(f"a bits budget (--preset {args.preset}{' --bpw' if args.bpw else ''}) chooses each "
                              "layer's width from calibration data: drop --no-calib, or use a uniform preset such "
                              "as w3-s0.45")
-        from .codegen.target import parse_target
+        from .runtime.target import parse_target
 
         target = parse_target(args.target)
     except (ValueError, TypeError) as e:

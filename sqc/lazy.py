@@ -304,7 +304,7 @@ def compile_pretrained(path: str, example_inputs: Sequence[Any] | None = None, *
     """:func:`sqc.compile` on a checkpoint read one decoder layer at a time (see the module notes).
 
     ``example_inputs`` defaults to the first calibration sample (or a short prompt of token 0).
-    Returns the :class:`~sqc.compiler.CompiledModel`; ``compiled.model`` holds only real tensors.
+    Returns the :class:`~sqc.compiled.CompiledModel`; ``compiled.model`` holds only real tensors.
     """
     from .compiler import compile as sqc_compile
 

@@ -147,7 +147,7 @@ def _tuning_plot(kernels: list[dict[str, Any]]):
 
 
 def _kernel_table(kernels: list[dict[str, Any]]) -> str:
-    from .codegen.report import KERNEL_COLUMNS, kernel_rows
+    from .tuning_report import KERNEL_COLUMNS, kernel_rows
 
     esc = html.escape
     head = "".join(f"<th>{esc(c)}</th>" for c in KERNEL_COLUMNS)

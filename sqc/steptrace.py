@@ -18,7 +18,7 @@ from typing import Sequence
 from .artifact import load
 from .decode_steps import FOLDER
 from .runtime.decode import CompiledDecoder
-from .runtime.kernels import write_synced
+from .runtime.files import write_synced
 from .runtime.stepstore import LIBRARIES, StepEntry, step_file_name, write_index
 
 __all__ = ["trace_steps", "main"]

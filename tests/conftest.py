@@ -59,9 +59,27 @@ def random_packed(R, K, bits, frac=0.02, lut_dtype=torch.float16, val_dtype=torc
     return PackedLinear(bits, K, R, pack_codes(codes, bits), lut, crow, cols.to(col_dtype_for(K)), val)
 
 
+def ops_called(fn, *args, **kwargs) -> set[str]:
+    """The sqc ops ``fn(*args, **kwargs)`` dispatched to (``"lut_linear_cpu"``: a layer's generated CPU kernels,
+    ``"lut_linear"``: the reference op; ``"int8_linear_cpu"`` / ``"int8_linear"`` for int8 heads)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    seen: set[str] = set()
+
+    class Record(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func.namespace == "sqc":
+                seen.add(func._opname)
+            return func(*args, **(kwargs or {}))
+
+    with Record(), torch.no_grad():
+        fn(*args, **kwargs)
+    return seen
+
+
 def module_with_kernels(packed, target, bias=None):
     """An SqcLinear on ``packed`` with untuned generated kernels for ``target`` (needs TVM)."""
-    from sqc.codegen.target import parse_target
+    from sqc.runtime.target import parse_target
     from sqc.codegen.tune import attach_cpu_kernels
     from sqc.runtime.qlinear import SqcLinear
 

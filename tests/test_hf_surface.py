@@ -1,5 +1,6 @@
 """The Hugging Face surface (sqc/hf.py): save_pretrained -> AutoModelForCausalLM.from_pretrained -> pipeline."""
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -15,7 +16,7 @@ from sqc.runtime.fused import fused_groups  # noqa: E402
 from sqc.runtime.int8 import Int8Linear  # noqa: E402
 from sqc.runtime.qlinear import SqcLinear  # noqa: E402
 
-from tests.conftest import tiny_llama  # noqa: E402
+from tests.conftest import ops_called, tiny_llama  # noqa: E402
 
 
 def char_tokenizer():
@@ -137,12 +138,52 @@ def test_loaded_layers_keep_tables_and_run_kernels(loaded, compiled):
     # the embedding keeps its own float weight
     emb = loaded.model.embed_tokens.weight
     assert emb.dtype == torch.float32 and torch.equal(emb, compiled[0].model.model.embed_tokens.weight)
-    if not all(m.kernel.startswith("tvm-lut") for m in ref.values()):
-        pytest.skip(f"no TVM LUT kernels on this machine: {next(iter(ref.values())).kernel}")
-    assert all(m.kernel.startswith("tvm-lut") for m in mods.values()), {m.kernel for m in mods.values()}
-    assert {n: m.kernel for n, m in mods.items()} == {n: m.kernel for n, m in ref.items()}
-    assert head.kernel.startswith("tvm-int8") and head.kernel == ref_head.kernel, head.kernel
-    assert loaded.hf_quantizer.kernel_records
+    if not all(m.status.generated for m in ref.values()):
+        pytest.skip(f"no generated kernels on this machine: {next(iter(ref.values())).kernel}")
+    # the kernels the folder carries run: the same statuses, records, and the generated kernels' ops dispatched
+    assert {n: m.status for n, m in mods.items()} == {n: m.status for n, m in ref.items()}
+    assert head.status == ref_head.status and head.status.generated
+    assert loaded.hf_quantizer.kernel_records and loaded.hf_quantizer.notes == []
+    assert ops_called(loaded, compiled[1]) == {"lut_linear_cpu", "int8_linear_cpu"}
+
+
+_FRESH_LOAD = """
+import sys
+sys.modules["tvm"] = None  # TVM unimportable: the folder's kernels must run without the compiler
+import torch, transformers
+import sqc
+folder, ref_path = sys.argv[1], sys.argv[2]
+ref = torch.load(ref_path)
+m = transformers.AutoModelForCausalLM.from_pretrained(folder)
+from sqc.runtime.int8 import Int8Linear
+from sqc.runtime.qlinear import SqcLinear
+layers = [x for x in m.modules() if isinstance(x, (SqcLinear, Int8Linear))]
+assert layers and all(x.status.generated for x in layers), [x.kernel for x in layers]
+assert m.hf_quantizer.notes == [], m.hf_quantizer.notes  # nothing built at load
+with torch.no_grad():
+    torch.testing.assert_close(m(ref["ids"]).logits, ref["logits"], rtol=1e-5, atol=1e-5)
+assert torch.equal(m.generate(ref["ids"][:, :5], max_new_tokens=6, do_sample=False), ref["tokens"])
+compiler = sorted(k for k in sys.modules if k.startswith(("sqc.passes", "sqc.codegen", "sqc.compiler")))
+assert not compiler, compiler
+print("ok", sorted({x.kernel for x in layers}))
+"""
+
+
+def test_from_pretrained_in_a_fresh_process_runs_the_carried_kernels_without_tvm(compiled, saved, tmp_path):
+    model, ids = compiled
+    if not all(m.status.generated for m in model.quantized_modules().values()):
+        pytest.skip("no generated kernels on this machine")
+    assert (saved / "kernels" / "cpu" / "plan.json").is_file()
+    with torch.no_grad():
+        ref = {"ids": ids, "logits": model(ids).logits,
+               "tokens": model.generate(ids[:, :5], max_new_tokens=6, do_sample=False)}
+    torch.save(ref, tmp_path / "ref.pt")
+    env = dict(os.environ, SQC_CACHE_DIR=str(tmp_path / "empty-cache"))  # nothing cached: nothing to find there
+    r = subprocess.run([sys.executable, "-c", _FRESH_LOAD, str(saved), str(tmp_path / "ref.pt")], env=env,
+                       capture_output=True, text=True, timeout=300, cwd=os.path.dirname(os.path.dirname(__file__)))
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stdout.startswith("ok"), r.stdout
+    assert not (tmp_path / "empty-cache").exists()
 
 
 def test_generate_matches_compiled(loaded, compiled):

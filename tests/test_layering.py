@@ -217,3 +217,31 @@ def test_no_import_cycles(graph):
     cycles = import_cycles(graph)
     assert not cycles, "sqc modules that import each other (function-local imports count):\n" + "\n".join(
         " <-> ".join(c) for c in cycles)
+
+
+#: what loading a saved model (``sqc.load``, ``from_pretrained``) imports at module level
+LOAD_PATH = ("sqc", "sqc.artifact", "sqc.restore", "sqc.compiled", "sqc.hf", "sqc.hf_format", "sqc.hf_quantizer")
+COMPILER = ("sqc.passes", "sqc.codegen", "sqc.compiler")
+
+
+def test_the_load_path_imports_no_compiler_module():
+    """Loading a saved model needs the runtime only: importing sqc and the loaders (the Hugging Face quantizer
+    included) in a fresh process imports nothing from sqc/passes, sqc/codegen or sqc/compiler.py. (The loads
+    themselves are checked the same way in test_artifact.py and test_hf_surface.py.)"""
+    import subprocess
+    import sys
+
+    script = ("import importlib, sys\n"
+              f"for m in {LOAD_PATH!r}: importlib.import_module(m)\n"
+              f"print(sorted(k for k in sys.modules if k.startswith({COMPILER!r})))")
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
+                         cwd=ROOT.parent)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip() == "[]", out.stdout
+
+
+def test_sqc_compile_still_imports_on_use():
+    assert callable(sqc.compile) and callable(sqc.compile_pretrained)
+    from sqc import compile as c
+
+    assert c is sqc.compile

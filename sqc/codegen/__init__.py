@@ -1,4 +1,1 @@
-"""Kernel generation (TVM, imported lazily) and target handling."""
-from .target import TargetSpec, parse_target
-
-__all__ = ["TargetSpec", "parse_target"]
+"""Kernel generation (TVM, imported lazily): CPU and CUDA kernels, the build cache, tuning."""

@@ -26,13 +26,14 @@ import threading
 from typing import Any
 
 from ..runtime.threads import use_torch_threads
-from ..runtime.kernels import BUCKETS, bucket_of, file_sha256, set_tvm_threads
+from ..runtime.files import atomic_write, file_sha256
+from ..runtime.kernels import BUCKETS, bucket_of, set_tvm_threads
 from ..runtime.latency import median_ms
 from ..runtime.lanes import GemmKnobs, GemvKnobs, KernelKey
 from .cpu import build_gemm, build_gemv, build_int8_gemv, gemm_candidates, gemv_candidates
 
 __all__ = ["cache_dir", "import_tvm", "KernelLibrary", "TuningDB", "STATS", "BUCKETS", "bucket_of", "median_ms",
-           "copy_bandwidth_gbps", "atomic_write"]
+           "copy_bandwidth_gbps"]
 
 STATS = {"builds": 0, "cache_hits": 0, "searches": 0, "db_hits": 0}
 _LOCK = threading.Lock()
@@ -53,20 +54,6 @@ def import_tvm():
     import tvm
 
     return tvm
-
-
-def atomic_write(path: str, data: bytes) -> None:
-    """Write ``data`` to ``path`` through a temporary file in the same folder and a rename."""
-    d = os.path.dirname(path)
-    fd, tmp = tempfile.mkstemp(dir=d, prefix=".tmp-")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 class KernelLibrary:

@@ -44,6 +44,7 @@ from typing import Any
 
 from ..runtime.kernels import BUCKETS
 from ..runtime.chunks import ChunkLayout, CudaKey, GemmKnobs, GemvKnobs, KernelSpec
+from ..runtime.status import KernelStatus
 
 __all__ = ["SUPPORTED_BITS", "CUDA_ARCHS", "ChunkLayout", "CudaKey", "GemvKnobs", "GemmKnobs", "KernelSpec",
            "build_gemv", "build_gemm", "gemv_candidates", "gemm_candidates", "generate_source", "PRELUDE",
@@ -593,7 +594,7 @@ def build_bundle(model, target_spec, tune: bool = True, notes: list[str] | None 
         if not isinstance(m, SqcLinear):
             continue
         if m.bits not in SUPPORTED_BITS:
-            m.set_kernel(None, f"reference (no CUDA LUT kernel for {m.bits}-bit codes)")
+            m.set_kernel(None, KernelStatus.reference(f"no CUDA LUT kernel for {m.bits}-bit codes"))
             continue
         groups.setdefault(CudaKey(**layer_key(m)), []).append(name)
     if not groups:

@@ -60,7 +60,8 @@ def _arch_num(arch: str) -> str:
 
 def build_fatbin(source: str, archs: tuple[str, ...]) -> bytes:
     """Compile ``source`` for ``archs`` (e.g. ("sm_80", "sm_90")) into one fatbin (cached)."""
-    from .build import atomic_write, cache_dir
+    from ..runtime.files import atomic_write
+    from .build import cache_dir
 
     nvcc = _need_nvcc()
     nums = [_arch_num(a) for a in archs]

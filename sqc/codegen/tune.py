@@ -24,6 +24,7 @@ from ..runtime.lanes import LANES_ISA, SUPPORTED_BITS, GemvKnobs, KernelKey
 from ..runtime.latency import median_ms
 from ..runtime.fused import kernel_layers
 from ..runtime.int8 import Int8Kernels, Int8Linear
+from ..runtime.status import KernelStatus
 from . import build as B
 from .cpu import cpu_lanes, default_gemm_knobs, default_gemv_knobs, gemm_candidates, gemv_candidates
 
@@ -130,7 +131,7 @@ def build_cpu_kernels(
         lib = B.KernelLibrary(target_spec)
     except Exception as e:  # no TVM, or a target TVM cannot build for
         for m in (*mods.values(), *heads.values()):
-            m.set_kernel(None, f"reference (TVM unavailable: {type(e).__name__}: {e})")
+            m.set_kernel(None, KernelStatus.reference(f"TVM unavailable: {type(e).__name__}: {e}"))
         return None
     lanes = cpu_lanes(lib.target)
     host = host_lanes()
@@ -145,7 +146,7 @@ def build_cpu_kernels(
                 why = f"target {lib.target.attrs.get('mcpu', '')} needs {', '.join(LANES_ISA[lanes])}, which this CPU lacks"
             else:
                 why = f"no LUT kernel for {m.bits}-bit codes"
-            m.set_kernel(None, f"reference ({why})")
+            m.set_kernel(None, KernelStatus.reference(why))
             continue
         groups.setdefault(kernel_key("lut", m, lanes), []).append(name)
     records: list[dict[str, Any]] = []
@@ -194,7 +195,7 @@ def build_cpu_kernels(
                                 "library": lib.files.get((okey, B.knobs_from_dict(okey.op, rec["knobs"])))})
             except Exception as e:  # TVM could not build this kernel: the reference op runs, and says so
                 first_line = (str(e).strip().splitlines() or [""])[0][:200]
-                failed = f"reference (TVM could not build {okey.tag()}: {type(e).__name__}: {first_line})"
+                failed = KernelStatus.reference(f"TVM could not build {okey.tag()}: {type(e).__name__}: {first_line}")
                 break
             finally:
                 report(before + n_trials[bucket] - done)
@@ -205,7 +206,8 @@ def build_cpu_kernels(
             if failed:
                 m.set_kernel(None, failed)
             else:
-                m.set_kernel(probe if name == names[0] else CpuLutKernels(m.packed, lanes, fns, name, store), kname)
+                m.set_kernel(probe if name == names[0] else CpuLutKernels(m.packed, lanes, fns, name, store),
+                             KernelStatus.kernel(kname))
     kernels += _attach_heads(lib, heads, min(lanes, 16), min(host, 16))
     return CpuKernelPlan(lanes=lanes, isa=list(LANES_ISA.get(lanes, ())), target=str(target_spec),
                          mcpu=str(lib.target.attrs.get("mcpu", "")), tvm=lib.tvm.__version__, kernels=kernels,
@@ -226,15 +228,15 @@ def _attach_heads(lib, heads: dict, lanes: int, host: int) -> list[dict[str, Any
     kname = f"tvm-int8-{LANES_NAME.get(lanes, 'none')}"
     for name, m in heads.items():
         if lanes == 0 or lanes > host:
-            m.set_kernel(None, "reference (no AVX2/AVX-512 kernel for this target on this CPU)")
+            m.set_kernel(None, KernelStatus.reference("no AVX2/AVX-512 kernel for this target on this CPU"))
             continue
         key = head_key(m, lanes)
         try:
             fn = lib.get(key, HEAD_KNOBS)
         except Exception as e:  # TVM could not build it: the reference op runs, and says so
-            m.set_kernel(None, f"reference (TVM could not build {key.tag()}: {type(e).__name__})")
+            m.set_kernel(None, KernelStatus.reference(f"TVM could not build {key.tag()}: {type(e).__name__}"))
             continue
-        m.set_kernel(Int8Kernels(fn, m.out_features, m.in_features, name), kname)
+        m.set_kernel(Int8Kernels(fn, m.out_features, m.in_features, name), KernelStatus.kernel(kname))
         planned.append({"key": key.as_dict(), "bucket": "1", "knobs": B.knobs_to_dict(HEAD_KNOBS), "layers": [name],
                         "symbol": key.op, "kernel": kname, "library": lib.files.get((key, HEAD_KNOBS))})
     return planned

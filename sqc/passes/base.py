@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from ..config import QuantConfig
+from ..runtime.report import LayerReport
 from ..trace import SITE, LinearSite, linear_nodes
 
 __all__ = [
@@ -33,7 +34,6 @@ __all__ = [
     "quantized_nodes",
     "TimingInstrument",
     "IRDumpInstrument",
-    "LayerReport",
     "BITS",
     "layer_bits",
 ]
@@ -120,35 +120,6 @@ class TensorStore:
 
     def kinds(self) -> list[str]:
         return list(self._data)
-
-
-@dataclasses.dataclass
-class LayerReport:
-    module: str
-    in_features: int
-    out_features: int
-    quantized: bool
-    reason: str | None = None  # why not quantized
-    bits: int | None = None
-    sparse_nnz: int = 0
-    sparse_pct: float = 0.0
-    weighted_error: float | None = None  # sum F (W - W_hat)^2 / N
-    mse: float | None = None
-    float_bytes: int = 0
-    packed_bytes: dict[str, int] = dataclasses.field(default_factory=dict)
-    kernel: str | None = None
-    notes: list[str] = dataclasses.field(default_factory=list)
-    weight_power: float | None = None  # mean W^2, for the SNR of the report
-    tuned_ms: float | None = None  # the tuned batch-1 kernel's latency, when a generated kernel runs
-    # guided fits: sum over rows of e^T H e (damped guided Hessian) at the k-means start and at the end
-    layer_objective_start: float | None = None
-    layer_objective: float | None = None
-
-    @property
-    def bits_per_weight(self) -> float | None:
-        if not self.packed_bytes:
-            return None
-        return 8.0 * sum(self.packed_bytes.values()) / (self.in_features * self.out_features)
 
 
 @dataclasses.dataclass

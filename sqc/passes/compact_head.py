@@ -18,9 +18,9 @@ from __future__ import annotations
 import torch
 
 from ..runtime.int8 import Int8Linear
+from ..runtime.modules import replace_module
 from ..trace import SITE
 from .base import CompileContext, Pass, PassResult
-from .lower import replace_module
 
 __all__ = ["CompactHead", "output_projections"]
 

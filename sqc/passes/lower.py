@@ -22,19 +22,14 @@ from __future__ import annotations
 import torch
 
 from ..runtime.layout import PackedLinear
+from ..runtime.modules import replace_module
 from ..runtime.qlinear import SqcLinear
 from ..trace import SITE
 from .base import CompileContext, Pass, PassResult, require_meta, unique_sites
 
-__all__ = ["Lower", "replace_module"]
+__all__ = ["Lower"]
 
 OP = torch.ops.sqc.lut_linear.default
-
-
-def replace_module(root: torch.nn.Module, name: str, new: torch.nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    parent = root.get_submodule(parent_name) if parent_name else root
-    setattr(parent, child, new)
 
 
 class Lower(Pass):
@@ -78,7 +73,7 @@ class Lower(Pass):
             # swap the eager module
             old = ctx.model.get_submodule(site.module)
             bias = old.bias if getattr(old, "bias", None) is not None else None
-            replace_module(ctx.model, site.module, SqcLinear(packed, bias, kernel=kernel))
+            replace_module(ctx.model, site.module, SqcLinear(packed, bias))
             ctx.layer(site).kernel = kernel
         ctx.store.drop("packed")
         graph.lint()

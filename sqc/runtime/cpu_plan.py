@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import ctypes
 import dataclasses
-import importlib.util
+import importlib.metadata
 import json
 import os
 import shutil
@@ -33,10 +33,12 @@ from typing import Any
 
 from .cpu import CpuLutKernels, cpu_flags, host_lanes, kernel_key
 from .threads import use_torch_threads
-from .kernels import BUCKETS, KernelFileError, KernelsUnusable, file_sha256, set_tvm_threads, write_synced
+from .files import file_sha256, fsync_file, write_synced
+from .kernels import BUCKETS, KernelFileError, KernelsUnusable, set_tvm_threads
 from .lanes import KernelKey
 from .fused import kernel_layers
 from .int8 import Int8Kernels, Int8Linear
+from .status import KernelStatus
 
 __all__ = ["CpuKernelPlan", "PLAN_FILE", "PLAN_FORMAT", "kernel_runtime"]
 
@@ -61,16 +63,28 @@ def kernel_runtime():
         raise KernelsUnusable(f"the kernel runtime is not installed (import tvm_ffi: {e}); "
                               "pip install apache-tvm-ffi apache-tvm") from None
     with _LOCK:
-        if _RUNTIME_LIB is None and "tvm" not in sys.modules:  # an imported tvm has loaded the library itself
-            spec = importlib.util.find_spec("tvm")  # finds the package without importing it
-            if spec is None or not spec.origin:
-                raise KernelsUnusable("TVM's runtime library is not installed (no tvm package); pip install apache-tvm")
-            lib = os.path.join(os.path.dirname(spec.origin), "lib", "libtvm_runtime.so")
+        if _RUNTIME_LIB is None and sys.modules.get("tvm") is None:  # an imported tvm has loaded it itself
+            lib = _runtime_library()
             try:
                 _RUNTIME_LIB = ctypes.CDLL(lib, mode=ctypes.RTLD_GLOBAL)
             except OSError as e:
                 raise KernelsUnusable(f"TVM's runtime library {lib} does not load ({e})") from None
     return tvm_ffi
+
+
+def _runtime_library() -> str:
+    """The path of ``libtvm_runtime.so`` of the installed ``apache-tvm``, from its distribution's file list:
+    neither importing the ``tvm`` package nor asking the import system for it (which a process that keeps
+    the compiler out, or an import blocker, may refuse)."""
+    try:
+        dist = importlib.metadata.distribution("apache-tvm")
+    except importlib.metadata.PackageNotFoundError:
+        raise KernelsUnusable("TVM's runtime library is not installed (no apache-tvm distribution); "
+                              "pip install apache-tvm") from None
+    lib = str(dist.locate_file("tvm/lib/libtvm_runtime.so"))
+    if not os.path.isfile(lib):
+        raise KernelsUnusable(f"TVM's runtime library {lib} is missing; reinstall apache-tvm")
+    return lib
 
 
 def _function(ffi, path: str, symbol: str):
@@ -87,14 +101,6 @@ def _function(ffi, path: str, symbol: str):
         return mod[symbol]
     except Exception as e:
         raise KernelFileError(path, f"the library has no function {symbol!r} ({e})") from None
-
-
-def _fsync(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 @dataclasses.dataclass
@@ -143,7 +149,7 @@ class CpuKernelPlan:
                 if expected is not None and digest != expected:
                     raise KernelFileError(src, "fails its checksum (damaged since it was built or loaded); "
                                           "compile the model again")
-                _fsync(dst)
+                fsync_file(dst)
                 written[name] = digest
             entries.append(dict(k, library=name, sha256=written[name]))
         plan = {"format": PLAN_FORMAT, "lanes": self.lanes, "isa": list(self.isa), "target": self.target,
@@ -248,10 +254,10 @@ class CpuKernelPlan:
         for layer, by_bucket in fns.items():
             m = mods[layer]
             table = shared.setdefault(tuple(sorted((b, id(f)) for b, f in by_bucket.items())), by_bucket)
-            m.set_kernel(CpuLutKernels(m.packed, self.lanes, table, layer), names[layer])
+            m.set_kernel(CpuLutKernels(m.packed, self.lanes, table, layer), KernelStatus.kernel(names[layer]))
         for layer, (fn, kname) in head_fns.items():
             m = heads[layer]
-            m.set_kernel(Int8Kernels(fn, m.out_features, m.in_features, layer), kname)
+            m.set_kernel(Int8Kernels(fn, m.out_features, m.in_features, layer), KernelStatus.kernel(kname))
 
 
 def _read_text(path: str) -> str | None:

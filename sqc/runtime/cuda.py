@@ -26,6 +26,7 @@ import torch
 from .chunks import KernelSpec
 from .kernels import BUCKETS, bucket_of
 from .layout import PackedLinear, pack_codes
+from .status import KernelStatus
 
 __all__ = ["to_chunk_words", "from_chunk_words", "CudaModule", "CudaLutKernels", "CudaUnavailable", "driver",
            "CudaBundle"]
@@ -324,10 +325,10 @@ class CudaBundle:
             if set(buckets) != set(BUCKETS):
                 raise ValueError(f"the CUDA plan gives layer {layer!r} kernels for {sorted(buckets)}, not every batch bucket")
             packed = m.packed
-            m.set_kernel(CudaLutKernels(packed, m.bias, self.module, buckets, layer, target), kname)
+            m.set_kernel(CudaLutKernels(packed, m.bias, self.module, buckets, layer, target), KernelStatus.kernel(kname))
         for n, m in mods.items():
-            if n not in names and not m.kernel.startswith("reference"):
-                m.set_kernel(None, "reference (no CUDA kernel in the plan)")
+            if n not in names and m.status.generated:
+                m.set_kernel(None, KernelStatus.reference("no CUDA kernel in the plan"))
 
     # -- reports -----------------------------------------------------------------------------
     def records(self) -> list[dict[str, Any]]:

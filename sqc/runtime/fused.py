@@ -116,6 +116,11 @@ class FusedMember:
     def __call__(self, x, lut, crow, col, val, bias) -> torch.Tensor:
         return self.group.slice(self.index, x)
 
+    @property
+    def member_status(self):
+        """What a member runs: its group's layer's kernel, marked fused (a :class:`KernelStatus`)."""
+        return self.group.layer.status.with_fused(tuple(n.rpartition(".")[2] for n in self.group.names))
+
     def canonical_codes(self) -> torch.Tensor:
         s, e = self._rows
         kernels = self.group.layer.__dict__.get("_kernels")
@@ -143,7 +148,7 @@ def _stack_bias(members, biases):
                       for m, b in zip(members, biases)])
 
 
-def fuse_layers(members: Sequence, names: Sequence[str], kernel_name: str | None = None) -> FusedGroup:
+def fuse_layers(members: Sequence, names: Sequence[str]) -> FusedGroup:
     """Fuse ``members`` (SqcLinear layers with equal input width and bits) into one layer.
 
     The fused layer takes over the members' kernel: attach kernels to
@@ -162,7 +167,7 @@ def fuse_layers(members: Sequence, names: Sequence[str], kernel_name: str | None
     group = FusedGroup(layer, names, bounds)
     group.members = list(members)
     for i, m in enumerate(members):
-        m.set_kernel(FusedMember(group, i), kernel_name or f"fused({'+'.join(n.rsplit('.', 1)[-1] for n in names)})")
+        m.set_kernel(FusedMember(group, i))  # its status follows the group's layer
     return group
 
 

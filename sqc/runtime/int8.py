@@ -19,6 +19,7 @@ from torch import nn
 
 from .ops import int8_linear, int8_linear_cpu, register_kernels
 from .qlinear import apply_keeping_dtypes
+from .status import REFERENCE, KernelStatus
 
 __all__ = ["Int8Linear", "Int8Kernels", "quantize_int8_rows"]
 
@@ -89,7 +90,7 @@ class Int8Linear(nn.Module):
     """A linear layer with int8 per-row weights; ``kernel`` names what runs (as :class:`SqcLinear`)."""
 
     def __init__(self, qweight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None = None,
-                 kernel: str = "reference") -> None:
+                 status: KernelStatus = REFERENCE) -> None:
         super().__init__()
         if qweight.dtype != torch.int8 or qweight.ndim != 2 or scale.shape != (qweight.shape[0],):
             raise ValueError(f"Int8Linear needs int8 [rows, in] weights and [rows] scales, got {qweight.dtype} "
@@ -101,7 +102,7 @@ class Int8Linear(nn.Module):
             self.register_buffer("bias", bias.detach())
         else:
             self.bias = None
-        self.kernel = kernel
+        self.status = status  # what the forward pass runs (a KernelStatus)
         self._kernels = None
         self._args = None
 
@@ -116,9 +117,16 @@ class Int8Linear(nn.Module):
     def resident_bytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in (self.qweight, self.scale))
 
-    def set_kernel(self, kernels: Int8Kernels | None, name: str) -> None:
+    @property
+    def kernel(self) -> str:
+        """What runs, as reports show it (``str(self.status)``)."""
+        return str(self.status)
+
+    def set_kernel(self, kernels: Int8Kernels | None, status: KernelStatus) -> None:
+        if (kernels is not None) != status.generated:
+            raise ValueError(f"set_kernel: status {status} does not describe {'no ' if kernels is None else ''}kernels")
         self._kernels = kernels
-        self.kernel = name
+        self.status = status
         self._bind()
 
     def _bind(self) -> None:

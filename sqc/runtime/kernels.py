@@ -1,14 +1,13 @@
-"""What the kernels of every backend share: batch buckets, file checksums, and load-time errors.
+"""What the kernels of every backend share: batch buckets, the TVM thread pool size, and load-time errors.
 
 A layer runs one kernel per batch bucket (:data:`BUCKETS`): a gemv for batch 1
 and a gemm for each of the other ranges, each tuned on its own.
 """
 from __future__ import annotations
 
-import hashlib
 import os
 
-__all__ = ["BUCKETS", "bucket_of", "file_sha256", "write_synced", "set_tvm_threads", "KernelFileError", "KernelsUnusable"]
+__all__ = ["BUCKETS", "bucket_of", "set_tvm_threads", "KernelFileError", "KernelsUnusable"]
 
 #: batch buckets: each gets its own tuned kernel (gemv for 1, gemm knobs for the others)
 BUCKETS = {"1": (1, 1), "2-16": (2, 16), "17+": (17, 1 << 31)}
@@ -21,25 +20,16 @@ def bucket_of(n: int) -> str:
     raise ValueError(f"batch {n} is in no bucket")
 
 
-def file_sha256(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-def write_synced(path: str, data: bytes | str) -> None:
-    """Write ``data`` to ``path`` and fsync it (the file is complete on disk before anything refers to it)."""
-    with open(path, "wb" if isinstance(data, bytes) else "w") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
-
-
 def set_tvm_threads() -> None:
     """Size TVM's thread pool to this process's CPU affinity (``TVM_NUM_THREADS``) unless it is set already;
-    TVM reads it when its runtime library starts its pool, so call this before that library loads."""
+    TVM reads it when its runtime library starts its pool, so call this before that library loads.
+
+    The generated CPU kernels run their parallel loops on torch's OpenMP team (:mod:`sqc.runtime.threads`);
+    TVM's own pool serves only kernel libraries built by an older sqc, so it gets a short spin count
+    (``TVM_THREAD_POOL_SPIN_COUNT=1000`` unless set) and yields the cores quickly. OpenMP's own spinning is
+    left alone: it keeps torch's team warm between the many small kernel calls of a decode step
+    (``GOMP_SPINCOUNT=1000`` made a SmolLM2 decode step twice as slow)."""
+    os.environ.setdefault("TVM_THREAD_POOL_SPIN_COUNT", "1000")
     if "TVM_NUM_THREADS" not in os.environ:
         try:
             n = len(os.sched_getaffinity(0))

@@ -7,6 +7,7 @@ from torch import nn
 from . import ops  # noqa: F401  (registers torch.ops.sqc.lut_linear)
 from .ops import lut_linear_cpu as _lut_linear_cpu
 from .layout import PackedLinear, dequantize
+from .status import REFERENCE, KernelStatus
 
 __all__ = ["SqcLinear", "apply_keeping_dtypes"]
 
@@ -43,9 +44,10 @@ class SqcLinear(nn.Module):
     """A linear layer whose weight is a packed dense-and-sparse codebook.
 
     Buffers: ``codes``, ``lut``, ``crow``, ``col``, ``val`` (see
-    :mod:`sqc.runtime.layout`) and ``bias`` (or none). ``kernel`` names the
-    implementation the forward pass runs; ``"reference"`` is the plain
-    PyTorch op, ``"reference (why)"`` says why no generated kernel runs.
+    :mod:`sqc.runtime.layout`) and ``bias`` (or none). ``status`` (a
+    :class:`~sqc.runtime.status.KernelStatus`) says what the forward pass runs:
+    a generated kernel, or the plain PyTorch reference op and why; ``kernel``
+    is its display text.
 
     Once generated kernels are attached (:meth:`set_kernel`), the canonical
     ``codes`` buffer is dropped: the kernels hold the codes in their own
@@ -53,12 +55,12 @@ class SqcLinear(nn.Module):
     demand, so saving stays lossless while memory holds one copy.
     """
 
-    def __init__(self, packed: PackedLinear, bias: torch.Tensor | None, kernel: str = "reference"):
+    def __init__(self, packed: PackedLinear, bias: torch.Tensor | None, status: KernelStatus = REFERENCE):
         super().__init__()
         self.bits = packed.bits
         self.in_features = packed.in_features
         self.out_features = packed.out_features
-        self.kernel = kernel
+        self.status = status
         for name in PackedLinear.TENSORS:
             self.register_buffer(name, getattr(packed, name))
         if bias is not None:
@@ -81,14 +83,38 @@ class SqcLinear(nn.Module):
         super().__setstate__(state)
         self._bind()  # a copy's kernels have their own handle and tensors
 
-    def set_kernel(self, kernels, name: str) -> None:
-        """Run ``kernels`` (or the reference op when None); ``name`` is what reports show."""
+    @property
+    def status(self) -> KernelStatus:
+        """What the forward pass runs; a fused member runs its group's layer, so it reports that layer's."""
+        member = getattr(self.__dict__.get("_kernels"), "member_status", None)
+        return member if member is not None else self.__dict__["_status"]
+
+    @status.setter
+    def status(self, status: KernelStatus) -> None:
+        if not isinstance(status, KernelStatus):
+            raise TypeError(f"a layer's status is a KernelStatus, got {type(status).__name__}")
+        self.__dict__["_status"] = status
+
+    @property
+    def kernel(self) -> str:
+        """What runs, as reports show it (``str(self.status)``)."""
+        return str(self.status)
+
+    def set_kernel(self, kernels, status: KernelStatus | None = None) -> None:
+        """Run ``kernels`` (or the reference op when None); ``status`` says which and why (a fused member's
+        kernels carry their own)."""
+        if status is None:
+            if not hasattr(kernels, "member_status"):
+                raise ValueError("set_kernel needs a KernelStatus for these kernels")
+            status = self.__dict__.get("_status", REFERENCE)
+        elif (kernels is not None) != status.generated:
+            raise ValueError(f"set_kernel: status {status} does not describe {'no ' if kernels is None else ''}kernels")
         if kernels is None and self._kernels is not None:
             codes = self._kernels.canonical_codes()
             self._kernels = None
             self.register_buffer("codes", codes)
         self._kernels = kernels
-        self.kernel = name
+        self.status = status
         if kernels is not None and "codes" in self._buffers:
             del self._buffers["codes"]
         self._bind()

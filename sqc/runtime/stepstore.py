@@ -49,7 +49,7 @@ from typing import Any
 
 import torch
 
-from .kernels import file_sha256, write_synced
+from .files import file_sha256, write_synced
 
 __all__ = ["STEP_FORMAT", "INDEX", "LIBRARIES", "DEFAULT_CACHE_LENGTHS", "StepEntry", "StoredSteps", "fingerprint",
            "step_file_name", "write_index", "warm_restore", "StepStoreError"]

@@ -12,7 +12,7 @@ import tvm  # noqa: F401  (a hard dependency: a missing TVM fails these tests, i
 
 from sqc.codegen import build as B  # noqa: E402
 from sqc.codegen.cpu import GemvKnobs  # noqa: E402
-from sqc.codegen.target import parse_target  # noqa: E402
+from sqc.runtime.target import parse_target  # noqa: E402
 from sqc.runtime.cpu import kernel_key  # noqa: E402
 from sqc.runtime.layout import PackedLinear, col_dtype_for, pack_codes  # noqa: E402
 from sqc.runtime.qlinear import SqcLinear  # noqa: E402
@@ -54,7 +54,7 @@ def test_a_damaged_cached_library_is_rebuilt_not_loaded(tmp_path, monkeypatch, d
         import torch
         from sqc.codegen import build as B
         from sqc.codegen.cpu import GemvKnobs, KernelKey
-        from sqc.codegen.target import parse_target
+        from sqc.runtime.target import parse_target
         key = KernelKey(**{key.as_dict()!r})
         B.KernelLibrary(parse_target({AVX2!r})).get(key, GemvKnobs())
         print(B.STATS["builds"], B.STATS["cache_hits"])

@@ -15,7 +15,7 @@ import tvm  # a hard dependency: a missing TVM fails these tests, it does not sk
 
 from sqc.codegen import build as B  # noqa: E402
 from sqc.codegen.cpu import GemvKnobs, LaneLayout, gemm_candidates, gemv_candidates  # noqa: E402
-from sqc.codegen.target import parse_target  # noqa: E402
+from sqc.runtime.target import parse_target  # noqa: E402
 from sqc.codegen.tune import attach_cpu_kernels  # noqa: E402
 from sqc.runtime.cpu import CpuLutKernels, from_lane_words, host_lanes, kernel_key, to_lane_words  # noqa: E402
 from sqc.runtime.ops import lut_linear_reference  # noqa: E402

@@ -7,7 +7,7 @@ from hypothesis import strategies as st
 
 from sqc.codegen import build as B
 from sqc.codegen.cpu import KERNELS_ENV, cpu_lanes, gemm_candidates, gemv_candidates
-from sqc.codegen.target import parse_target
+from sqc.runtime.target import parse_target
 from sqc.runtime import bytelanes
 from sqc.runtime.bytelanes import BYTE_LANES, ByteLayout, byte_tables, from_byte_words, quantize_x, to_byte_words
 from sqc.runtime.cpu import CpuLutKernels, host_lanes, kernel_key

@@ -20,7 +20,7 @@ def test_quantize_int8_rows_roundtrip_bound():
 
 @pytest.mark.parametrize("K", [64, 100, 576])
 def test_int8_kernel_against_reference(K):
-    from sqc.codegen.target import parse_target
+    from sqc.runtime.target import parse_target
     from sqc.codegen.tune import build_cpu_kernels
 
     R = 203

@@ -4,6 +4,8 @@ import torch
 
 import sqc
 
+from tests.conftest import ops_called
+
 
 @pytest.fixture(scope="module")
 def compiled():
@@ -21,10 +23,18 @@ def test_wrong_input_width_is_refused(compiled, width, batch):
 
 
 def test_generated_kernels_are_what_ran(compiled):
-    kernels = {m.kernel for m in compiled.quantized_modules().values()}
-    if not all(k.startswith("tvm-lut") for k in kernels):
-        pytest.skip(f"no generated CPU kernels on this machine: {kernels}")
-    assert compiled(torch.randn(2, 64)).shape == (2, 8)
+    if not all(m.status.generated for m in compiled.quantized_modules().values()):
+        pytest.skip(f"no generated CPU kernels here: {[m.kernel for m in compiled.quantized_modules().values()]}")
+    x = torch.randn(2, 64)
+    # the layers dispatch to the generated kernels' op, never to the reference op ...
+    assert ops_called(compiled, x) == {"lut_linear_cpu"}
+    # ... and a model whose layers report the reference op dispatches to it
+    torch.manual_seed(0)
+    mlp = torch.nn.Sequential(torch.nn.Linear(64, 32), torch.nn.ReLU(), torch.nn.Linear(32, 8))
+    plain = sqc.compile(mlp, (torch.randn(3, 64),), config="w3", kernels=False)
+    assert not any(m.status.generated for m in plain.quantized_modules().values())
+    assert ops_called(plain, x) == {"lut_linear"}
+    torch.testing.assert_close(compiled(x), plain(x), rtol=1e-5, atol=1e-5)
 
 
 def test_integer_input_is_refused(compiled):

@@ -9,7 +9,7 @@ import tvm  # a hard dependency: a missing TVM fails these tests, it does not sk
 
 from sqc.codegen.build import LAUNCHER, KernelLibrary  # noqa: E402
 from sqc.codegen.cpu import build_gemv  # noqa: E402
-from sqc.codegen.target import parse_target  # noqa: E402
+from sqc.runtime.target import parse_target  # noqa: E402
 from sqc.runtime import threads  # noqa: E402
 from sqc.runtime.cpu import kernel_key  # noqa: E402
 from sqc.runtime.lanes import GemvKnobs  # noqa: E402

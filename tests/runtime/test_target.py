@@ -1,6 +1,6 @@
 import pytest
 
-from sqc.codegen.target import parse_target
+from sqc.runtime.target import parse_target
 
 
 @pytest.mark.parametrize(
