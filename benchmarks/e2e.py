@@ -78,7 +78,7 @@ class KernelTimers:
     """Seconds spent inside the quantized linears' and the head's kernels (their own Python entry points)."""
 
     def __init__(self) -> None:
-        from sqc.runtime.cpu import CpuLutKernels
+        from sqc.runtime.cpu.kernels import CpuLutKernels
         from sqc.runtime.int8 import Int8Kernels
 
         self.spent = {"quantized_linears": 0.0, "lm_head": 0.0}

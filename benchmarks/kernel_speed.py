@@ -99,8 +99,8 @@ def rotation(layers: list) -> callable:
 def kernel_families() -> list[tuple[str, str | None]]:
     """(name, SQC_CPU_KERNELS) of the CPU kernel families this CPU runs: the fp32 lane kernels, and the byte
     kernels where it has AVX-512 VBMI and VNNI."""
-    from sqc.runtime.bytelanes import BYTE_LANES
-    from sqc.runtime.cpu import host_lanes
+    from sqc.runtime.cpu.bytelanes import BYTE_LANES
+    from sqc.runtime.cpu.kernels import host_lanes
 
     return [("fp32-lanes", None)] + ([("bytes", "vnni")] if host_lanes() == BYTE_LANES else [])
 
@@ -110,7 +110,7 @@ def layer_calls(m, copies: int, x) -> list:
     (the ``sqc::lut_linear_cpu`` op on its own tensors): ``m`` itself and copies whose codes are random bytes
     (the kernels' speed does not depend on the values; building and converting each copy from a packed layer
     would dominate the run on a CPU with a large L3)."""
-    from sqc.runtime.ops import lut_linear_cpu, register_kernels
+    from sqc.runtime.cpu.ops import lut_linear_cpu, register_kernels
 
     calls = [lambda: lut_linear_cpu(x, *m._args)]
     for i in range(copies - 1):

@@ -32,7 +32,7 @@ import time
 import torch
 
 from sqc.runtime import ops  # noqa: F401  (registers torch.ops.sqc.lut_linear)
-from sqc.runtime.cuda import from_chunk_words
+from sqc.runtime.cuda.chunks import from_chunk_words
 from sqc.runtime.layout import pack_codes
 
 BENCH_SHAPES = [(4096, 4096), (11008, 4096)]
@@ -58,7 +58,7 @@ def prepare(folder: str, arch: str) -> None:
     """The kernel bundle (benchmark and check shapes) and a tiny CUDA-compiled LLaMA artifact."""
     import sqc
     from sqc.codegen.cuda import CudaKey, build_check_bundle
-    from sqc.runtime.cuda_check import CHECK_KEYS
+    from sqc.cuda_check import CHECK_KEYS
 
     t = time.perf_counter()
     keys = [CudaKey(**k) for k in bench_keys() + CHECK_KEYS]
@@ -146,7 +146,7 @@ def layer_bytes(layer: dict) -> int:
 
 
 def run(folder: str, out: str, plan_out: str | None) -> None:
-    from sqc.runtime.cuda import CudaBundle, copy_bandwidth_gbps
+    from sqc.runtime.cuda.kernels import CudaBundle, copy_bandwidth_gbps
 
     dev = torch.device("cuda", 0)
     bundle = CudaBundle.read(folder)

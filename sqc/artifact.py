@@ -13,9 +13,9 @@ Layout of an artifact folder::
     report.json          the compile report (human and tool readable)
     tuning.json, .md     the tuning report of the kernels
     kernels/cpu/         CPU targets: the built kernel libraries and plan.json
-                         (:mod:`sqc.runtime.cpu_plan`)
+                         (:mod:`sqc.runtime.cpu.plan`)
     cuda/                CUDA targets: kernels.cu, kernels.fatbin, plan.json
-                         (:class:`sqc.runtime.cuda.CudaBundle`)
+                         (:class:`sqc.runtime.cuda.kernels.CudaBundle`)
     tokenizer/           optional: the model's tokenizer (``sqc compile`` writes it)
 
 The folder is first written under a temporary name next to the destination
@@ -102,7 +102,7 @@ class _Pacer:
     def __call__(self, t: torch.Tensor) -> None:
         if self.release is None:
             return
-        self.n += t.numel() * t.element_size()
+        self.n += t.nbytes
         if self.n >= self.every:
             self.release()
             self.n = 0
@@ -125,7 +125,7 @@ def write_safetensors(path: str, tensors: dict[str, torch.Tensor], metadata: dic
         t = tensors[name]
         if t.dtype not in SAFETENSORS_DTYPE:
             raise ArtifactError(f"tensor {name}: dtype {t.dtype} has no safetensors name; sqc cannot store it")
-        n = t.numel() * t.element_size()
+        n = t.nbytes
         header[name] = {"dtype": SAFETENSORS_DTYPE[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + n]}
         offset += n
     head = json.dumps(header, separators=(",", ":")).encode()
@@ -547,7 +547,7 @@ def tune_artifact(path: str, model: torch.nn.Module | None = None, repeats: int 
     Needs neither TVM nor nvcc. Returns the tuning records.
     """
     from .tuning_report import tuning_markdown
-    from .runtime.cuda import CudaUnavailable
+    from .runtime.cuda.kernels import CudaUnavailable
 
     if not torch.cuda.is_available():
         raise CudaUnavailable(f"tuning {path} needs an NVIDIA GPU; torch sees none here")

@@ -14,8 +14,8 @@ Each :class:`Backend` has two functions:
   :class:`~sqc.runtime.kernels.KernelsUnusable` when the kernels are intact but
   cannot run on this machine.
 
-A kernel set (:class:`~sqc.runtime.cpu_plan.CpuKernelPlan`,
-:class:`~sqc.runtime.cuda.CudaBundle`) has ``records()`` (the tuning report)
+A kernel set (:class:`~sqc.runtime.cpu.plan.CpuKernelPlan`,
+:class:`~sqc.runtime.cuda.kernels.CudaBundle`) has ``records()`` (the tuning report)
 and ``write(folder)``, which stores the kernels in an artifact and returns what
 the manifest records beside them. ``sqc.compile`` runs ``attach`` as its
 kernel stage and ``sqc.load`` runs ``load``; both look the backend up here, so
@@ -52,7 +52,7 @@ def _attach_cpu(model, spec, *, tune: bool = False, trials: int | None = None, p
 
 
 def _load_cpu(model, folder: str, entry: dict[str, Any], spec):
-    from .runtime.cpu_plan import CpuKernelPlan
+    from .runtime.cpu.plan import CpuKernelPlan
 
     plan = CpuKernelPlan.read(folder, entry.get("plan_sha256"))
     plan.attach(model)
@@ -86,7 +86,7 @@ def _attach_cuda(model, spec, *, tune: bool = False, trials: int | None = None, 
 
 def _load_cuda(model, folder: str, entry: dict[str, Any], spec):
     # no TVM, JAX or nvcc needed: the kernels were built when the artifact was written
-    from .runtime.cuda import CudaBundle
+    from .runtime.cuda.kernels import CudaBundle
 
     bundle = CudaBundle.read(folder)
     bundle.attach(model, str(spec))

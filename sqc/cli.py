@@ -154,8 +154,59 @@ def _lengths_arg(text: str) -> list[int]:
 
 def cmd_compile(args, progress: Progress) -> dict[str, Any]:
     import sqc
+
+    cfg, target = _compile_settings(args)
+    out = _output_folder(args, target)
+    from .parallel import init_from_env
+
+    group = init_from_env()  # under torchrun: this rank's place in the job (else a job of one)
+    if group.distributed:
+        if not args.lazy:
+            raise UsageError("a data-parallel compile (torchrun) streams the model: drop --no-lazy")
+        if group.rank != 0:
+            progress.quiet = True  # rank 0 reports
+        progress.log(f"data-parallel compile: {group.world} ranks (gloo); rank 0 writes {out}")
+    model, source, tok = _load_for_compile(args, cfg, group, progress)
+    calibration = _calibration(args, tok)
+    example = calibration[0] if calibration else (tok("an example input", return_tensors="pt")["input_ids"],)
+    from .streaming import StreamingRequired
+
+    t = time.perf_counter()
+    try:
+        compiled = sqc.compile(model, example, config=cfg, calibration=calibration, target=target, progress=progress,
+                               tune=args.tune, tune_trials=args.tune_trials, weight_source=source)
+    except StreamingRequired as e:
+        if source is not None:
+            raise CLIError(f"{e}; pass --no-lazy to load the whole model") from e
+        raise
+    if source is not None:
+        source.check_complete()
+    compile_s = time.perf_counter() - t
+    if group.rank == 0:
+        _save_compiled(args, compiled, out, tok, progress)
+    group.barrier("writing the artifact")  # the other ranks return once rank 0's artifact is in place
+    group.close()
+    args.written = out
+    from .report_html import write_report
+
+    write_report(out)
+    result = _compile_result(compiled, cfg, target, out, compile_s)
+    if group.rank != 0:
+        args.json = False  # rank 0 prints the result
+        return result
+    if not args.json:
+        wb = result["weight_bytes"]
+        print(compiled.report() if args.verbose else
+              f"compiled {result['quantized_layers']}/{result['linear_layers']} linear layers in {compile_s:.1f} s: "
+              f"{result['bits_per_weight']:.3f} bits/weight, {wb['float_before'] / 2**20:.1f} -> "
+              f"{wb['packed_after'] / 2**20:.1f} MiB -> {out}")
+    return result
+
+
+def _compile_settings(args):
+    """The QuantConfig (preset plus flags) and target of ``sqc compile``; bad combinations are usage errors."""
     from .config import resolve_config
-    from .real import calibration_windows
+    from .runtime.target import parse_target
 
     try:
         cfg = resolve_config(args.preset)
@@ -176,11 +227,14 @@ def cmd_compile(args, progress: Progress) -> dict[str, Any]:
             raise UsageError(f"a bits budget (--preset {args.preset}{' --bpw' if args.bpw else ''}) chooses each "
                              "layer's width from calibration data: drop --no-calib, or use a uniform preset such "
                              "as w3-s0.45")
-        from .runtime.target import parse_target
-
         target = parse_target(args.target)
     except (ValueError, TypeError) as e:
         raise UsageError(str(e)) from e
+    return cfg, target
+
+
+def _output_folder(args, target) -> str:
+    """The artifact folder, checked before minutes of compiling (not at the save)."""
     if target.kind == "cuda":
         import shutil
 
@@ -192,19 +246,15 @@ def cmd_compile(args, progress: Progress) -> dict[str, Any]:
     from .artifact import check_replaceable
 
     try:
-        check_replaceable(out)  # before minutes of compiling, not at the save
+        check_replaceable(out)
     except FileExistsError as e:
         raise CLIError(str(e)) from e
+    return out
 
-    from .parallel import init_from_env
 
-    group = init_from_env()  # under torchrun: this rank's place in the job (else a job of one)
-    if group.distributed:
-        if not args.lazy:
-            raise UsageError("a data-parallel compile (torchrun) streams the model: drop --no-lazy")
-        if group.rank != 0:
-            progress.quiet = True  # rank 0 reports
-        progress.log(f"data-parallel compile: {group.world} ranks (gloo); rank 0 writes {out}")
+def _load_for_compile(args, cfg, group, progress: Progress):
+    """(model, its lazy weight source or None, tokenizer): lazily, one layer at a time, unless the whole model
+    is needed (``--no-lazy``, a bits budget)."""
     if cfg.bits_per_weight is not None and args.lazy:
         if group.distributed:
             raise UsageError("a bits budget (--bpw, the b* presets) chooses every layer's width from all layers' "
@@ -214,66 +264,57 @@ def cmd_compile(args, progress: Progress) -> dict[str, Any]:
         progress.log("a bits budget chooses every layer's width at once: the whole model is loaded, not one layer "
                      "at a time")
     progress.log(f"loading {args.model} ..." if not args.lazy else f"reading {args.model} (lazily: one layer at a time) ...")
-    source = None
-    if args.lazy:
-        from .lazy import CheckpointError, load_lazy
-        from .real import SMOLLM2_GGUF, smollm2_dir
-
-        path = os.path.join(smollm2_dir(), SMOLLM2_GGUF) if args.model == SMOLLM2 else args.model
-        try:
-            model, source, tok = load_lazy(path)
-        except CheckpointError as e:
-            raise CLIError(f"{e} (or pass --no-lazy to load the whole model)") from e
-        if tok is None:
-            raise CLIError(f"{args.model} has no tokenizer files; the CLI needs one for the calibration text")
-    else:
+    if not args.lazy:
         model, tok = load_source(args.model)
-    if args.no_calib:
-        calibration = None
-    else:
-        if args.calib:
-            text = _read_text(args.calib)
-        elif args.model == SMOLLM2:
-            from .real import protocol_text
+        return model, None, tok
+    from .lazy import CheckpointError, load_lazy
+    from .real import SMOLLM2_GGUF, smollm2_dir
 
-            text = protocol_text("library")
-        else:
-            raise UsageError("give --calib TEXTFILE (calibration text) or --no-calib (plain k-means)")
-        calibration = [(w,) for w in calibration_windows(tok, args.calib_samples, args.seq_len, text=text)]
-    example = calibration[0] if calibration else (tok("an example input", return_tensors="pt")["input_ids"],)
-    from .streaming import StreamingRequired
-
-    t = time.perf_counter()
+    path = os.path.join(smollm2_dir(), SMOLLM2_GGUF) if args.model == SMOLLM2 else args.model
     try:
-        compiled = sqc.compile(model, example, config=cfg, calibration=calibration, target=target, progress=progress,
-                               tune=args.tune, tune_trials=args.tune_trials, weight_source=source)
-    except StreamingRequired as e:
-        if source is not None:
-            raise CLIError(f"{e}; pass --no-lazy to load the whole model") from e
-        raise
-    if source is not None:
-        source.check_complete()
-    compile_s = time.perf_counter() - t
-    if group.rank == 0:
-        from .artifact import step_lengths
+        model, source, tok = load_lazy(path)
+    except CheckpointError as e:
+        raise CLIError(f"{e} (or pass --no-lazy to load the whole model)") from e
+    if tok is None:
+        raise CLIError(f"{args.model} has no tokenizer files; the CLI needs one for the calibration text")
+    return model, source, tok
 
-        lengths = step_lengths(compiled, "default" if args.decode_steps is None else args.decode_steps or None)
-        if lengths:  # traced in a child process while the artifact is written (--decode-steps none skips it)
-            progress("writing the artifact and tracing its decode steps", 0, len(lengths))
-        sqc.save(compiled, out, overwrite=args.force, tokenizer=tok,
-                 source=os.path.abspath(args.model) if args.model != SMOLLM2 else SMOLLM2,
-                 decode_steps=lengths or None)
-        if lengths:
-            progress("writing the artifact and tracing its decode steps", len(lengths), len(lengths))
-    group.barrier("writing the artifact")  # the other ranks return once rank 0's artifact is in place
-    group.close()
-    args.written = out
-    from .report_html import write_report
+
+def _calibration(args, tok) -> list[tuple] | None:
+    """The calibration windows of ``--calib`` (SmolLM2: the protocol's library text), or None (``--no-calib``)."""
+    from .real import calibration_windows
+
+    if args.no_calib:
+        return None
+    if args.calib:
+        text = _read_text(args.calib)
+    elif args.model == SMOLLM2:
+        from .real import protocol_text
+
+        text = protocol_text("library")
+    else:
+        raise UsageError("give --calib TEXTFILE (calibration text) or --no-calib (plain k-means)")
+    return [(w,) for w in calibration_windows(tok, args.calib_samples, args.seq_len, text=text)]
+
+
+def _save_compiled(args, compiled, out: str, tok, progress: Progress) -> None:
+    import sqc
+    from .artifact import step_lengths
+
+    lengths = step_lengths(compiled, "default" if args.decode_steps is None else args.decode_steps or None)
+    if lengths:  # traced in a child process while the artifact is written (--decode-steps none skips it)
+        progress("writing the artifact and tracing its decode steps", 0, len(lengths))
+    sqc.save(compiled, out, overwrite=args.force, tokenizer=tok,
+             source=os.path.abspath(args.model) if args.model != SMOLLM2 else SMOLLM2, decode_steps=lengths or None)
+    if lengths:
+        progress("writing the artifact and tracing its decode steps", len(lengths), len(lengths))
+
+
+def _compile_result(compiled, cfg, target, out: str, compile_s: float) -> dict[str, Any]:
+    """What ``sqc compile --json`` prints."""
     from .artifact import artifact_bits_per_weight
 
-    write_report(out)
-    wb = compiled.weight_bytes()
-    result = {
+    return {
         "out": out,
         "config": cfg.to_dict(),
         "target": str(target),
@@ -282,22 +323,13 @@ def cmd_compile(args, progress: Progress) -> dict[str, Any]:
         "bits_per_weight": artifact_bits_per_weight(out)["overall"],
         "quantized_layers": sum(r.quantized for r in compiled.layers),
         "linear_layers": len(compiled.layers),
-        "weight_bytes": wb,
+        "weight_bytes": compiled.weight_bytes(),
         "notes": compiled.notes,
         "kernels": sorted({m.kernel for m in compiled.quantized_modules().values()}),
         "tuning": [{"kernel": k["key"], "bucket": k["bucket"], "from_db": k["from_db"], "tried": len(k["candidates"]),
                     "best_ms": k["best_ms"]} for k in compiled.tuning],
         "kernel_stats": _kernel_stats(),
     }
-    if group.rank != 0:
-        args.json = False  # rank 0 prints the result
-        return result
-    if not args.json:
-        print(compiled.report() if args.verbose else
-              f"compiled {result['quantized_layers']}/{result['linear_layers']} linear layers in {compile_s:.1f} s: "
-              f"{result['bits_per_weight']:.3f} bits/weight, {wb['float_before'] / 2**20:.1f} -> "
-              f"{wb['packed_after'] / 2**20:.1f} MiB -> {out}")
-    return result
 
 
 def cmd_eval(args, progress: Progress) -> dict[str, Any]:
@@ -519,7 +551,7 @@ def cmd_report(args, progress: Progress) -> dict[str, Any]:
     _read_manifest(os.path.abspath(args.dir))  # clear errors for a non-artifact
     latency = None
     if args.latency:
-        from .runtime.latency import measure_kernels
+        from .latency import measure_kernels
 
         compiled, _ = _load_artifact(args.dir)
         progress.log("measuring kernel latency (batch 1 / 8 / 64) ...")
@@ -594,7 +626,7 @@ def main(argv: list[str] | None = None) -> int:
         from .artifact import ArtifactError
         from .trace import TraceError
 
-        from .runtime.cuda import CudaUnavailable
+        from .runtime.cuda.kernels import CudaUnavailable
 
         from .parallel import PeerLost
 

@@ -61,8 +61,8 @@ class CompiledModel(nn.Module):
         self.__dict__["graph_module"] = graph_module
         self.float_weight_bytes = float_weight_bytes
         self.tuning = list(tuning)
-        #: the kernel set the layers run (:class:`sqc.runtime.cpu_plan.CpuKernelPlan` for CPU targets,
-        #: :class:`sqc.runtime.cuda.CudaBundle` for CUDA), written into artifacts by ``sqc.save``; None
+        #: the kernel set the layers run (:class:`sqc.runtime.cpu.plan.CpuKernelPlan` for CPU targets,
+        #: :class:`sqc.runtime.cuda.kernels.CudaBundle` for CUDA), written into artifacts by ``sqc.save``; None
         #: when every layer runs the reference op
         self.kernels = kernels
         #: the temporary file that holds the packed layers of a compile larger than memory
@@ -74,7 +74,7 @@ class CompiledModel(nn.Module):
 
     @property
     def cuda(self):
-        """The CUDA kernels and plan (:class:`sqc.runtime.cuda.CudaBundle`) for CUDA targets, else None."""
+        """The CUDA kernels and plan (:class:`sqc.runtime.cuda.kernels.CudaBundle`) for CUDA targets, else None."""
         return self.kernels if self.target.kind == "cuda" else None
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:

@@ -1,6 +1,7 @@
 """``sqc.compile``: trace, run the pass pipeline, return a drop-in compiled model."""
 from __future__ import annotations
 
+import functools
 import os
 import time
 from typing import Any, Callable, Sequence
@@ -193,7 +194,7 @@ def compile(  # noqa: A001 - the public name
     for site in traced.sites.values():
         if site.quantized:
             w = params[site.weight]
-            float_bytes += w.numel() * w.element_size()
+            float_bytes += w.nbytes
 
     del params
     instruments: list = [TimingInstrument()]
@@ -204,23 +205,10 @@ def compile(  # noqa: A001 - the public name
         ctx.group = group
         if group.rank != 0:
             kernels = False  # rank 0 builds the kernels and writes the artifact
-    stack, why = (None, "stream=False") if stream is False else (
-        (None, "Fisher given (sensitivity=...)") if sensitivity is not None else
-        (None, "a bits budget (QuantConfig.bits_per_weight) chooses every layer's width at once, from all "
-               "layers' statistics") if cfg.bits_per_weight is not None else
-        find_decoder_stack(model, list(traced.sites.values())))
-
-    def cannot_stream(why: str, for_spill: bool = False) -> StreamingRequired:
-        """The one error for a compile that needs the layer-streamed pipeline where it cannot run."""
-        needs = ("spill=True" if for_spill else
-                 "a model loaded lazily" if weight_source is not None else
-                 f"a data-parallel compile on {group.world} ranks (run one process)" if group.distributed else
-                 "stream=True")
-        return StreamingRequired(f"the layer-streamed pipeline cannot run on {type(model).__name__}: {why} "
-                                 f"({needs} needs it)")
-
+    stack, why = _choose_driver(model, traced, cfg, stream, sensitivity)
+    refuse = functools.partial(_cannot_stream, model, weight_source, group)
     if stack is None and (stream or weight_source is not None or group.distributed):
-        raise cannot_stream(why)
+        raise refuse(why)
     gm = traced.graph_module
     del traced
     if weight_source is not None:
@@ -228,16 +216,16 @@ def compile(  # noqa: A001 - the public name
     if spill is None:
         spill = weight_source is not None
     if spill and stack is None:
-        raise cannot_stream(why, for_spill=True)
+        raise refuse(why, for_spill=True)
     spilled = Spill() if spill else None
     if stack is not None:
         try:
             run_streamed(gm, ctx, stack, layer_pipeline(cfg, fuse=True), instruments, weight_source, spilled)
         except StreamingUnsupported as e:
             if weight_source is not None or stream or group.distributed:
-                raise cannot_stream(str(e)) from e
+                raise refuse(str(e)) from e
             if spilled is not None:
-                raise cannot_stream(str(e), for_spill=True) from e
+                raise refuse(str(e), for_spill=True) from e
             why, stack = str(e), None  # raised before any layer was changed: the whole-model path runs
     if stack is None:
         if calibration is not None:
@@ -247,35 +235,52 @@ def compile(  # noqa: A001 - the public name
         gm = PassManager(graph_pipeline(cfg, fuse=False), instruments).run(gm, ctx)
     if not dump_ir:
         gm = None  # what runs is ``model``; the rewritten graph is kept only for the IR that was asked for
-    # kernels: the target's backend builds (and tunes) every quantized layer's kernels and attaches them
-    kernel_set = None
-    if kernels:
-        t0 = time.perf_counter()
-        if tune_trials is None and os.environ.get("SQC_TUNE_TRIALS"):
-            tune_trials = int(os.environ["SQC_TUNE_TRIALS"])
-        kernel_set = backend(spec.kind).attach(model, spec, tune=tune, trials=tune_trials, progress=progress,
-                                               notes=ctx.notes,
-                                               store=spilled.put_evicting if spilled is not None else None)
-        ctx.stage_seconds["kernels"] = time.perf_counter() - t0
-    else:
+    kernel_set = _kernel_stage(model, spec, ctx, tune, tune_trials, progress, spilled) if kernels else None
+    if not kernels:
         ctx.notes.append("compiled with kernels=False: every quantized layer runs the reference op")
     _release_memory()
-    compiled = CompiledModel(
-        model,
-        cfg,
-        spec,
-        list(ctx.layers.values()),
-        ctx.notes,
-        ctx.stage_seconds,
-        gm,
-        float_bytes,
-        kernel_set.records() if kernel_set is not None else [],
-        kernels=kernel_set,
-        spill=spilled,
-    )
+    compiled = CompiledModel(model, cfg, spec, list(ctx.layers.values()), ctx.notes, ctx.stage_seconds, gm,
+                             float_bytes, kernel_set.records() if kernel_set is not None else [], kernels=kernel_set,
+                             spill=spilled)
     compiled.refresh_kernel_names()
     fallback = sorted({m.status.why or "no generated kernel for this target"
                        for m in compiled.quantized_modules().values() if not m.status.generated})
     for why in fallback:
         compiled.notes.append(f"some layers run the reference op: {why}")
     return compiled
+
+
+def _choose_driver(model: nn.Module, traced, cfg: QuantConfig, stream: bool | None, sensitivity) -> tuple[Any, str]:
+    """Which pipeline runs: (the decoder stack the layer-streamed pipeline walks, or None; why not streamed)."""
+    if stream is False:
+        return None, "stream=False"
+    if sensitivity is not None:
+        return None, "Fisher given (sensitivity=...)"
+    if cfg.bits_per_weight is not None:
+        return None, ("a bits budget (QuantConfig.bits_per_weight) chooses every layer's width at once, from all "
+                      "layers' statistics")
+    return find_decoder_stack(model, list(traced.sites.values()))
+
+
+def _cannot_stream(model: nn.Module, weight_source, group: Group, why: str, for_spill: bool = False
+                   ) -> StreamingRequired:
+    """The one error for a compile that needs the layer-streamed pipeline where it cannot run."""
+    needs = ("spill=True" if for_spill else
+             "a model loaded lazily" if weight_source is not None else
+             f"a data-parallel compile on {group.world} ranks (run one process)" if group.distributed else
+             "stream=True")
+    return StreamingRequired(f"the layer-streamed pipeline cannot run on {type(model).__name__}: {why} "
+                             f"({needs} needs it)")
+
+
+def _kernel_stage(model: nn.Module, spec, ctx: CompileContext, tune: bool, tune_trials: int | None, progress,
+                  spilled: Spill | None):
+    """The target's backend builds (and tunes) every quantized layer's kernels and attaches them; returns the
+    kernel set (None when no layer got one)."""
+    t0 = time.perf_counter()
+    if tune_trials is None and os.environ.get("SQC_TUNE_TRIALS"):
+        tune_trials = int(os.environ["SQC_TUNE_TRIALS"])
+    kernel_set = backend(spec.kind).attach(model, spec, tune=tune, trials=tune_trials, progress=progress,
+                                           notes=ctx.notes, store=spilled.put_evicting if spilled is not None else None)
+    ctx.stage_seconds["kernels"] = time.perf_counter() - t0
+    return kernel_set

@@ -122,7 +122,7 @@ class BoundaryStore:
 
     def put(self, layer: int, sample: int, t: torch.Tensor) -> None:
         t = t.detach()
-        self.nbytes += t.numel() * t.element_size()
+        self.nbytes += t.nbytes
         if self.offload_dir is None:
             self._mem[layer, sample] = t
             return
@@ -298,7 +298,7 @@ def _forward_phase(model, stack: DecoderStack, calibration, samples: list[int], 
     hs: list = [None] * S
     for i in samples:
         hs[i] = _hidden_of(*calls[0][i])
-    per_layer = sum(hs[i].numel() * hs[i].element_size() for i in samples)
+    per_layer = sum(hs[i].nbytes for i in samples)
     store = BoundaryStore(L, S, tempfile.mkdtemp(prefix="sqc-stream-") if per_layer * L > _memory_budget() else None)
     # 3. the layers, from the bottom, on every sample; the input of each is stored
     for j in range(L):
@@ -478,7 +478,7 @@ def spill_layer(gm, model: nn.Module, prefix: str, spill) -> int:
         for n, b in bufs.items():
             moved[id(b)] = new[n]
             m._buffers[n] = new[n]
-            total += b.numel() * b.element_size()
+            total += b.nbytes
         m._bind()
     for sub in gm.modules():  # Lower and FuseSiblingLinears registered the same tensors on the graph module
         for n, b in list(sub._buffers.items()):

@@ -6,8 +6,9 @@ import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 # kernel libraries and the tuning database of this test session live apart from the user's cache
-# (subprocesses inherit it, so CLI tests share the session's kernels)
-os.environ.setdefault("SQC_CACHE_DIR", tempfile.mkdtemp(prefix="sqc-test-cache-"))
+# (subprocesses inherit it, so CLI tests share the session's kernels): in SQC_TEST_CACHE_DIR when it is set
+# (kept between runs: the fast tier's warm cache, see the README), else in a fresh folder
+os.environ.setdefault("SQC_CACHE_DIR", os.environ.get("SQC_TEST_CACHE_DIR") or tempfile.mkdtemp(prefix="sqc-test-cache-"))
 # tuning in tests times one candidate per kernel bucket (the search itself is tested with its own budgets):
 # building kernels from an empty cache is most of the suite's time
 os.environ.setdefault("SQC_TUNE_TRIALS", "1")

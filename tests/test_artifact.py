@@ -6,7 +6,7 @@ import torch
 
 import sqc
 from sqc.artifact import ArtifactError, artifact_bits_per_weight
-from sqc.runtime.cpu import host_lanes
+from sqc.runtime.cpu.kernels import host_lanes
 from sqc.runtime.fused import kernel_layers
 from tests.conftest import tiny_llama
 
@@ -378,7 +378,7 @@ def test_an_edited_kernel_plan_is_detected(saved_mlp):
 @needs_avx2
 def test_a_cpu_without_the_instruction_set_rebuilds_with_the_compiler_or_says_why(saved_mlp, monkeypatch):
     compiled, path, x = saved_mlp
-    monkeypatch.setattr("sqc.runtime.cpu_plan.cpu_flags", lambda: frozenset({"sse2"}))
+    monkeypatch.setattr("sqc.runtime.cpu.plan.cpu_flags", lambda: frozenset({"sse2"}))
     rebuilt = sqc.load(path, model=_meta_mlp())
     kernels = [m.kernel for m in rebuilt.quantized_modules().values()]
     assert all(k.startswith("tvm-lut-") and "built at load" in k and "which this CPU lacks" in k for k in kernels), kernels

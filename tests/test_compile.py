@@ -37,6 +37,22 @@ def test_generate_still_works(llama):
     assert torch.equal(out, eager), (out, eager)
 
 
+def test_sqc_calls_raise_no_deprecation_warnings(llama, tmp_path):
+    """compile, generate, save and load a Hugging Face model with deprecation warnings as errors (pytest's
+    configuration ignores them elsewhere: this test is where sqc's own calls are held to it)."""
+    import warnings
+
+    ids = torch.randint(0, 128, (1, 6))
+    with warnings.catch_warnings():
+        for category in (DeprecationWarning, FutureWarning, PendingDeprecationWarning):
+            warnings.filterwarnings("error", category=category, module=r"(sqc|torch|transformers)(\.|$)")
+        compiled = sqc.compile(llama, (ids,), config="w3", calibration=[(ids,)])
+        out = compiled.generate(ids, max_new_tokens=4, do_sample=False)
+        loaded = sqc.load(sqc.save(compiled, tmp_path / "a", decode_steps=None))
+        assert torch.equal(loaded.generate(ids, max_new_tokens=4, do_sample=False), out)
+        compiled.save_pretrained(tmp_path / "hf")
+
+
 def test_report_lists_every_layer(llama):
     compiled = sqc.compile(llama, (torch.randint(0, 128, (1, 8)),), config="w3-s0.45")
     text = compiled.report()

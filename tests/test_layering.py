@@ -42,7 +42,7 @@ _PACKAGES = ("runtime", "codegen", "passes", "quant")
 
 
 def layer_of(module: str) -> str:
-    """``sqc.runtime.cpu`` -> ``runtime``; ``sqc.config`` -> ``config``; ``sqc.compiler`` -> ``face``."""
+    """``sqc.runtime.cpu.kernels`` -> ``runtime``; ``sqc.config`` -> ``config``; ``sqc.compiler`` -> ``face``."""
     parts = module.split(".")
     if len(parts) >= 2 and parts[1] in _PACKAGES:
         return parts[1]
@@ -154,18 +154,18 @@ def import_cycles(graph: dict[str, set[str]]) -> list[list[str]]:
 
 
 def test_checker_finds_a_planted_upward_import():
-    graph = {"sqc.runtime.cpu": {"sqc.codegen.build", "sqc.runtime.layout"}, "sqc.codegen.build": set(),
+    graph = {"sqc.runtime.cpu.kernels": {"sqc.codegen.build", "sqc.runtime.layout"}, "sqc.codegen.build": set(),
              "sqc.runtime.layout": {"sqc.config"}, "sqc.config": set()}
-    assert upward_imports(graph) == ["sqc.runtime.cpu (runtime) imports sqc.codegen.build (codegen)"]
+    assert upward_imports(graph) == ["sqc.runtime.cpu.kernels (runtime) imports sqc.codegen.build (codegen)"]
     for src, dst in [("sqc.runtime.x", "sqc.passes.lower"), ("sqc.runtime.x", "sqc.compiler"),
                      ("sqc.runtime.x", "sqc.trace"), ("sqc.quant.kmeans", "sqc.runtime.layout"),
                      ("sqc.codegen.cpu", "sqc.passes.base"), ("sqc.codegen.cpu", "sqc.artifact"),
                      ("sqc.passes.lower", "sqc.codegen.cpu"), ("sqc.passes.lower", "sqc.hf"),
                      ("sqc.config", "sqc.runtime.layout")]:
         assert upward_imports({src: {dst}, dst: set()}), (src, dst)
-    for src, dst in [("sqc.compiler", "sqc.codegen.cpu"), ("sqc.codegen.cpu", "sqc.runtime.lanes"),
+    for src, dst in [("sqc.compiler", "sqc.codegen.cpu"), ("sqc.codegen.cpu", "sqc.runtime.cpu.lanes"),
                      ("sqc.passes.lower", "sqc.runtime.qlinear"), ("sqc.quant.kmeans", "sqc.config"),
-                     ("sqc.passes.lower", "sqc.trace"), ("sqc.runtime.cpu", "sqc.config")]:
+                     ("sqc.passes.lower", "sqc.trace"), ("sqc.runtime.cpu.kernels", "sqc.config")]:
         assert not upward_imports({src: {dst}, dst: set()}), (src, dst)
 
 
@@ -204,8 +204,8 @@ def graph():
 
 
 def test_graph_covers_the_package(graph):
-    assert {"sqc", "sqc.compiler", "sqc.runtime.cpu", "sqc.codegen.cpu", "sqc.passes.lower"} <= set(graph)
-    assert "sqc.runtime.layout" in graph["sqc.runtime.cpu"]
+    assert {"sqc", "sqc.compiler", "sqc.runtime.cpu.kernels", "sqc.codegen.cpu", "sqc.passes.lower"} <= set(graph)
+    assert "sqc.runtime.layout" in graph["sqc.runtime.cpu.kernels"]
 
 
 def test_imports_point_downward(graph):

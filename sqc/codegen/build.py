@@ -21,15 +21,16 @@ import functools
 import hashlib
 import json
 import os
+import statistics
 import tempfile
 import threading
-from typing import Any
+import time
+from typing import Any, Callable
 
-from ..runtime.threads import use_torch_threads
-from ..runtime.files import atomic_write, file_sha256
+from ..runtime.cpu.threads import use_torch_threads
+from ..runtime.files import atomic_write, file_sha256, read_stripped
 from ..runtime.kernels import BUCKETS, bucket_of, set_tvm_threads
-from ..runtime.latency import median_ms
-from ..runtime.lanes import GemmKnobs, GemvKnobs, KernelKey
+from ..runtime.cpu.lanes import GemmKnobs, GemvKnobs, KernelKey
 from .cpu import build_gemm, build_gemv, build_int8_gemv, gemm_candidates, gemv_candidates
 
 __all__ = ["cache_dir", "import_tvm", "KernelLibrary", "TuningDB", "STATS", "BUCKETS", "bucket_of", "median_ms",
@@ -40,6 +41,18 @@ _LOCK = threading.Lock()
 
 #: the batch size each bucket (:data:`sqc.runtime.kernels.BUCKETS`) is tuned at
 BUCKET_TUNE_BATCH = {"1": 1, "2-16": 8, "17+": 64}
+
+
+def median_ms(fn: Callable[[], Any], repeats: int, warmup: int = 2) -> float:
+    """Median wall time of ``repeats`` calls of ``fn`` in ms, after ``warmup`` untimed calls."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return 1e3 * statistics.median(times)
 
 
 def cache_dir() -> str:
@@ -92,7 +105,7 @@ class KernelLibrary:
         fn = None
         # a truncated or byte-flipped library can crash the process inside dlopen: load only what matches the
         # checksum written beside it when it was built; anything else is rebuilt
-        if os.path.exists(path) and file_sha256(path) == _read_text(path + ".sha256"):
+        if os.path.exists(path) and file_sha256(path) == read_stripped(path + ".sha256"):
             try:
                 fn = self.tvm.runtime.load_module(path)[key.op]
                 use_torch_threads(path)
@@ -117,7 +130,7 @@ class KernelLibrary:
         return fn
 
 
-#: C source linked into every CPU kernel library: runs its parallel loops on torch's OpenMP team (runtime/threads.py)
+#: C source linked into every CPU kernel library: runs its parallel loops on torch's OpenMP team (runtime/cpu/threads.py)
 LAUNCHER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "omp_launch.c")
 
 
@@ -125,14 +138,6 @@ LAUNCHER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "omp_launch.
 def _launcher_source() -> str:
     with open(LAUNCHER) as fh:
         return fh.read()
-
-
-def _read_text(path: str) -> str | None:
-    try:
-        with open(path) as fh:
-            return fh.read().strip()
-    except OSError:
-        return None
 
 
 class TuningDB:

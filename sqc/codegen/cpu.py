@@ -3,7 +3,7 @@
 The lane layout
 ---------------
 The kernels read the codes in the lane layout defined (and documented) in
-:mod:`sqc.runtime.lanes`: ``L`` lanes (16 with AVX-512, 8 with AVX2) hold
+:mod:`sqc.runtime.cpu.lanes`: ``L`` lanes (16 with AVX-512, 8 with AVX2) hold
 ``L`` consecutive weights of one row, ``P = 32 // bits`` codes per int32 word,
 and column ``c = blk * L * P + t * L + j`` lives in word ``blk * L + j`` at bits
 ``t * bits``, so one shift brings the codes of ``L`` columns into ``L`` lanes
@@ -22,7 +22,7 @@ dtypes (fp16/bf16/fp32 tables, uint8/int16/int32 columns): only the codes get
 a second layout, and it replaces the canonical codes in memory.
 
 This layout is derived from the canonical one at load time
-(:func:`sqc.runtime.cpu.to_lane_words`); artifacts store the canonical layout.
+(:func:`sqc.runtime.cpu.kernels.to_lane_words`); artifacts store the canonical layout.
 
 Kernels
 -------
@@ -49,8 +49,8 @@ from __future__ import annotations
 
 import os
 
-from ..runtime.bytelanes import BYTE_LANES
-from ..runtime.lanes import ROW_PAD, SUPPORTED_BITS, GemmKnobs, GemvKnobs, KernelKey, LaneLayout, padded_rows
+from ..runtime.cpu.bytelanes import BYTE_LANES
+from ..runtime.cpu.lanes import ROW_PAD, SUPPORTED_BITS, GemmKnobs, GemvKnobs, KernelKey, LaneLayout, padded_rows
 
 __all__ = ["ROW_PAD", "padded_rows", "LaneLayout", "GemvKnobs", "GemmKnobs", "KernelKey", "build_gemv", "build_gemm",
            "cpu_lanes", "SUPPORTED_BITS", "gemv_candidates", "gemm_candidates", "default_gemv_knobs",

@@ -1,7 +1,7 @@
 """LUT kernels for CPUs with AVX-512 VBMI and VNNI: byte lookups multiplied with int8 activations.
 
 The layout and the numerics are defined (and stated as a reference) in
-:mod:`sqc.runtime.bytelanes`. Per 64 weights the inner loop is
+:mod:`sqc.runtime.cpu.bytelanes`. Per 64 weights the inner loop is
 
 * ``vpmultishiftqb``: byte ``8q + j`` takes the 8 bits at offset ``bits * (8p + j)`` of qword ``q``
   (the code of slot ``8p + j``, with the next codes' bits above it);
@@ -12,7 +12,7 @@ The layout and the numerics are defined (and stated as a reference) in
 * one int32 -> fp32 conversion and one FMA with the groups' activation scales (lanes ``2q``, ``2q + 1``
   hold qword ``q``'s group).
 
-Each call first quantizes x (per batch row, :func:`sqc.runtime.bytelanes.quantize_x`) into a
+Each call first quantizes x (per batch row, :func:`sqc.runtime.cpu.bytelanes.quantize_x`) into a
 workspace: the int8 values in pass order, the scales per lane, and the sum ``sum_g s_g * sum xq``
 that the tables' minimum multiplies. Then each parallel task runs row tiles of ``rt`` rows:
 
@@ -34,8 +34,8 @@ compare against the exact op are what stand between these kernels and the defaul
 """
 from __future__ import annotations
 
-from ..runtime.bytelanes import PANEL, ByteLayout
-from ..runtime.lanes import GemmKnobs, GemvKnobs, KernelKey, padded_rows
+from ..runtime.cpu.bytelanes import PANEL, ByteLayout
+from ..runtime.cpu.lanes import GemmKnobs, GemvKnobs, KernelKey, padded_rows
 
 __all__ = ["build_vnni", "vnni_gemv_candidates", "vnni_gemm_candidates"]
 

@@ -4,7 +4,7 @@ TVM's default GPU schedules do not fit a table lookup, so every kernel here
 binds its loops to ``blockIdx``/``threadIdx`` itself; TVM lowers the TIR and
 emits the CUDA C++ (:func:`generate_source`), and :mod:`sqc.codegen.nvcc`
 builds it into a fatbin. No GPU is needed for either step; running the result
-needs only the driver (:mod:`sqc.runtime.cuda`).
+needs only the driver (:mod:`sqc.runtime.cuda.kernels`).
 
 The chunk layout
 ----------------
@@ -14,7 +14,7 @@ holds the ``CW = 4 * P`` consecutive columns ``g * CW .. g * CW + CW - 1``:
 column ``g * CW + w * P + j`` is word ``4 * g + w`` at bits ``j * bits``. A
 row has ``NC = ceil(K / CW)`` chunks; the padding codes are 0 and the kernels
 never read x past ``K``. The layout is derived from the canonical one at load
-(:func:`sqc.runtime.cuda.to_chunk_words`); artifacts store the canonical one.
+(:func:`sqc.runtime.cuda.kernels.to_chunk_words`); artifacts store the canonical one.
 
 Kernels (fp16 activations, fp32 accumulation)
 ---------------------------------------------
@@ -43,7 +43,7 @@ import re
 from typing import Any
 
 from ..runtime.kernels import BUCKETS
-from ..runtime.chunks import ChunkLayout, CudaKey, GemmKnobs, GemvKnobs, KernelSpec
+from ..runtime.cuda.chunks import ChunkLayout, CudaKey, GemmKnobs, GemvKnobs, KernelSpec
 from ..runtime.status import KernelStatus
 
 __all__ = ["SUPPORTED_BITS", "CUDA_ARCHS", "ChunkLayout", "CudaKey", "GemvKnobs", "GemmKnobs", "KernelSpec",
@@ -546,7 +546,7 @@ def _build(entries: list[tuple[CudaKey, list[str]]], arch: str, target: str, can
     ``notes=None`` lets a missing nvcc raise; a list records it and keeps the
     source without a fatbin.
     """
-    from ..runtime.cuda import CUDA_FORMAT, CudaBundle
+    from ..runtime.cuda.kernels import CUDA_FORMAT, CudaBundle
     from .build import import_tvm
     from .nvcc import NvccError, build_fatbin, nvcc_version
 
@@ -581,12 +581,12 @@ def build_bundle(model, target_spec, tune: bool = True, notes: list[str] | None 
 
     One gemv (batch 1) and two gemms (batch tiles 16 and 64) per distinct layer
     key. With ``tune`` the fatbin also carries the other candidate knobs, so a
-    GPU can time them later (:meth:`sqc.runtime.cuda.CudaBundle.tune`);
+    GPU can time them later (:meth:`sqc.runtime.cuda.kernels.CudaBundle.tune`);
     without it only the defaults are built. Layers whose width has no kernel
     run the reference op and say why. Returns the
-    :class:`~sqc.runtime.cuda.CudaBundle`, or None when no layer got a kernel.
+    :class:`~sqc.runtime.cuda.kernels.CudaBundle`, or None when no layer got a kernel.
     """
-    from ..runtime.cuda import layer_key
+    from ..runtime.cuda.kernels import layer_key
     from ..runtime.qlinear import SqcLinear
 
     groups: dict[CudaKey, list[str]] = {}
@@ -608,7 +608,7 @@ def build_bundle(model, target_spec, tune: bool = True, notes: list[str] | None 
 def build_check_bundle(keys: list[CudaKey], arch: str = "sm_90", all_candidates: bool = True):
     """Kernels for ``keys`` without a model (tests and benchmarks): every bucket, every candidate.
 
-    Returns a :class:`~sqc.runtime.cuda.CudaBundle` whose slots serve no layers;
+    Returns a :class:`~sqc.runtime.cuda.kernels.CudaBundle` whose slots serve no layers;
     write it with ``bundle.write(folder)`` and read it on the GPU machine.
     """
     return _build([(k, []) for k in keys], arch, f"cuda -arch={arch}", all_candidates, None)

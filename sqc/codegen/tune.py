@@ -6,7 +6,7 @@ database, searches the knobs when an entry is missing (``tune=True``) or takes
 the default knobs (``tune=False``), and loads the compiled libraries from the
 on-disk cache (building what is missing). A layer whose kernel cannot be built
 runs the reference op and its kernel name says why. It returns the
-:class:`~sqc.runtime.cpu_plan.CpuKernelPlan` (which library each layer runs per
+:class:`~sqc.runtime.cpu.plan.CpuKernelPlan` (which library each layer runs per
 batch bucket, the knobs, the tuning records) that ``sqc.save`` writes into an
 artifact, so loading it builds and tunes nothing.
 """
@@ -18,10 +18,9 @@ from typing import Any, Callable
 
 import torch
 
-from ..runtime.cpu import CpuLutKernels, host_lanes, kernel_key
-from ..runtime.cpu_plan import CpuKernelPlan
-from ..runtime.lanes import LANES_ISA, SUPPORTED_BITS, GemvKnobs, KernelKey
-from ..runtime.latency import median_ms
+from ..runtime.cpu.kernels import CpuLutKernels, host_lanes, kernel_key
+from ..runtime.cpu.plan import CpuKernelPlan
+from ..runtime.cpu.lanes import LANES_ISA, SUPPORTED_BITS, GemvKnobs, KernelKey
 from ..runtime.fused import kernel_layers
 from ..runtime.int8 import Int8Kernels, Int8Linear
 from ..runtime.status import KernelStatus
@@ -46,7 +45,7 @@ def _bench(fn, k: CpuLutKernels, m, batch: int, repeats: int, budget_s: float = 
     t = time.perf_counter()
     call()
     once = max(time.perf_counter() - t, 1e-6)
-    return median_ms(call, max(repeats, min(1000, int(budget_s / once))))
+    return B.median_ms(call, max(repeats, min(1000, int(budget_s / once))))
 
 
 def _search(lib, okey: KernelKey, bucket: str, probe: CpuLutKernels, m, tune: bool, trials, repeats: int, on_trial):
@@ -73,8 +72,7 @@ def _search(lib, okey: KernelKey, bucket: str, probe: CpuLutKernels, m, tune: bo
             best = (kn, ms, f)
     knobs, best_ms, fn = best
     copy_bw = B.copy_bandwidth_gbps()
-    nb = lambda t: t.numel() * t.element_size()  # noqa: E731
-    nbytes = probe.nbytes() + sum(nb(t) for t in (m.lut, m.crow, m.col, m.val))
+    nbytes = probe.nbytes() + sum(t.nbytes for t in (m.lut, m.crow, m.col, m.val))
     nbytes += 4 * batch * (probe.layout.x_width + okey.out_features)
     gbps = nbytes / (best_ms * 1e-3) / 1e9
     return fn, {
@@ -119,7 +117,7 @@ def build_cpu_kernels(
     ``store`` keeps each layer's lane words (and canonical codes) where it puts them: a
     :class:`~sqc.runtime.spill.Spill` of a compile larger than memory (see :class:`CpuLutKernels`).
 
-    Returns the :class:`~sqc.runtime.cpu_plan.CpuKernelPlan` of what was
+    Returns the :class:`~sqc.runtime.cpu.plan.CpuKernelPlan` of what was
     attached (the libraries in the kernel cache, the knobs, the layers, the
     tuning records), or None when the model has no SqcLinear or TVM is missing.
     """

@@ -14,7 +14,7 @@ Two rewrites happen together so that they cannot disagree:
 
 The graph records the op's semantics: it calls the reference op. The eager
 modules run the generated kernels attached after lowering (see
-:func:`sqc.runtime.cpu.attach_cpu_kernels`), which compute the same function
+:func:`sqc.runtime.cpu.kernels.attach_cpu_kernels`), which compute the same function
 up to fp32 summation order; with no kernel attached they call the very same op.
 """
 from __future__ import annotations

@@ -14,7 +14,7 @@ import tempfile
 import torch
 
 __all__ = ["write_synced", "atomic_write", "fsync_file", "fsync_tree", "file_sha256", "SAFETENSORS_DTYPE",
-           "SAFETENSORS_BYTES"]
+           "SAFETENSORS_BYTES", "read_stripped"]
 
 #: torch dtype -> its dtype code in a safetensors header (the dtypes sqc stores)
 SAFETENSORS_DTYPE = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
@@ -60,6 +60,16 @@ def fsync_tree(root: str) -> None:
     for dirpath, _, files in os.walk(root):
         for f in files:
             fsync_file(os.path.join(dirpath, f))
+
+
+def read_stripped(path: str) -> str | None:
+    """The text of ``path`` without surrounding whitespace, or None when it cannot be read (a record that
+    may be missing, such as a cached library's ``.sha256``)."""
+    try:
+        with open(path) as fh:
+            return fh.read().strip()
+    except OSError:
+        return None
 
 
 def file_sha256(path: str) -> str:

@@ -17,7 +17,8 @@ from typing import Callable
 import torch
 from torch import nn
 
-from .ops import int8_linear, int8_linear_cpu, register_kernels
+from .cpu.ops import int8_linear_cpu, register_kernels
+from .ops import int8_linear
 from .qlinear import apply_keeping_dtypes
 from .status import REFERENCE, KernelStatus
 
@@ -115,7 +116,7 @@ class Int8Linear(nn.Module):
         return self.qweight.to(dtype) * self.scale.to(dtype)[:, None]
 
     def resident_bytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (self.qweight, self.scale))
+        return sum(t.nbytes for t in (self.qweight, self.scale))
 
     @property
     def kernel(self) -> str:

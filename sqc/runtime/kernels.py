@@ -24,7 +24,7 @@ def set_tvm_threads() -> None:
     """Size TVM's thread pool to this process's CPU affinity (``TVM_NUM_THREADS``) unless it is set already;
     TVM reads it when its runtime library starts its pool, so call this before that library loads.
 
-    The generated CPU kernels run their parallel loops on torch's OpenMP team (:mod:`sqc.runtime.threads`);
+    The generated CPU kernels run their parallel loops on torch's OpenMP team (:mod:`sqc.runtime.cpu.threads`);
     TVM's own pool serves only kernel libraries built by an older sqc, so it gets a short spin count
     (``TVM_THREAD_POOL_SPIN_COUNT=1000`` unless set) and yields the cores quickly. OpenMP's own spinning is
     left alone: it keeps torch's team warm between the many small kernel calls of a decode step

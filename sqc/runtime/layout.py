@@ -192,11 +192,10 @@ class PackedLinear:
 
     def nbytes(self) -> dict[str, int]:
         """Stored bytes by part: codes, tables, sparse (values + indices + row pointers)."""
-        nb = lambda t: t.numel() * t.element_size()  # noqa: E731
         return {
-            "codes": nb(self.codes),
-            "tables": nb(self.lut),
-            "sparse": nb(self.val) + nb(self.col) + nb(self.crow),
+            "codes": self.codes.nbytes,
+            "tables": self.lut.nbytes,
+            "sparse": self.val.nbytes + self.col.nbytes + self.crow.nbytes,
         }
 
     def bits_per_weight(self) -> float:

@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 from . import ops  # noqa: F401  (registers torch.ops.sqc.lut_linear)
-from .ops import lut_linear_cpu as _lut_linear_cpu
+from .cpu.ops import lut_linear_cpu as _lut_linear_cpu
 from .layout import PackedLinear, dequantize
 from .status import REFERENCE, KernelStatus
 
@@ -175,9 +175,8 @@ class SqcLinear(nn.Module):
 
     def resident_bytes(self) -> int:
         """Bytes of weight data this layer holds in memory (codes in whatever layout, tables, sparse)."""
-        nb = lambda t: t.numel() * t.element_size()  # noqa: E731
-        total = sum(nb(getattr(self, n)) for n in ("lut", "crow", "col", "val"))
-        total += self._kernels.nbytes() if self._kernels is not None else nb(self.codes)
+        total = sum(getattr(self, n).nbytes for n in ("lut", "crow", "col", "val"))
+        total += self._kernels.nbytes() if self._kernels is not None else self.codes.nbytes
         return total
 
     @property

@@ -78,7 +78,7 @@ class Spill:
             for k, t in todo.items():
                 pos += -pos % _ALIGN
                 offsets[k] = pos
-                pos += t.numel() * t.element_size()
+                pos += t.nbytes
             length = max(pos, 1)
             length += -length % _PAGE  # the next region starts on a page: mmap offsets must be
             fd = self._fh.fileno()
@@ -93,7 +93,7 @@ class Spill:
             addr = base.ctypes.data
             self._spans.append((addr, addr + length))
         for k, t in todo.items():
-            n = t.numel() * t.element_size()
+            n = t.nbytes
             raw = torch.from_numpy(base[offsets[k]:offsets[k] + n])  # keeps the map alive
             out[k] = raw.view(t.dtype).reshape(t.shape) if n else torch.empty(t.shape, dtype=t.dtype)
         return {k: out[k] for k in tensors}

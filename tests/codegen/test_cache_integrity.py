@@ -13,7 +13,7 @@ import tvm  # noqa: F401  (a hard dependency: a missing TVM fails these tests, i
 from sqc.codegen import build as B  # noqa: E402
 from sqc.codegen.cpu import GemvKnobs  # noqa: E402
 from sqc.runtime.target import parse_target  # noqa: E402
-from sqc.runtime.cpu import kernel_key  # noqa: E402
+from sqc.runtime.cpu.kernels import kernel_key  # noqa: E402
 from sqc.runtime.layout import PackedLinear, col_dtype_for, pack_codes  # noqa: E402
 from sqc.runtime.qlinear import SqcLinear  # noqa: E402
 

@@ -17,9 +17,11 @@ from sqc.codegen import build as B  # noqa: E402
 from sqc.codegen.cpu import GemvKnobs, LaneLayout, gemm_candidates, gemv_candidates  # noqa: E402
 from sqc.runtime.target import parse_target  # noqa: E402
 from sqc.codegen.tune import attach_cpu_kernels  # noqa: E402
-from sqc.runtime.cpu import CpuLutKernels, from_lane_words, host_lanes, kernel_key, to_lane_words  # noqa: E402
+from sqc.runtime.cpu.kernels import CpuLutKernels, host_lanes, kernel_key  # noqa: E402
+from sqc.runtime.cpu.lanes import from_lane_words, to_lane_words  # noqa: E402
 from sqc.runtime.ops import lut_linear_reference  # noqa: E402
 from sqc.runtime.qlinear import SqcLinear  # noqa: E402
+from sqc.runtime.status import REFERENCE  # noqa: E402
 from tests.conftest import module_with_kernels, random_packed  # noqa: E402
 
 AVX512 = "llvm -mcpu=skylake-avx512"  # AVX-512F without VBMI: the fp32 lane kernels (the byte kernels: test_vnni_kernels)
@@ -212,7 +214,7 @@ def test_module_keeps_one_copy_of_the_codes_and_saves_canonical(tmp_path):
     assert "codes" not in m._buffers  # the lane words replace the canonical codes in memory
     assert torch.equal(m.codes, packed.codes)
     assert torch.equal(m.state_dict()["codes"], packed.codes)
-    m.set_kernel(None, "reference")
+    m.set_kernel(None, REFERENCE)
     assert torch.equal(m._buffers["codes"], packed.codes)
 
 

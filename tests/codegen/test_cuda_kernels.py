@@ -24,7 +24,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from sqc.runtime.cuda import CudaUnavailable, from_chunk_words, to_chunk_words
+from sqc.runtime.cuda.chunks import from_chunk_words, to_chunk_words
+from sqc.runtime.cuda.kernels import CudaUnavailable
 
 HAVE_TVM = True
 try:  # noqa: SIM105
@@ -33,6 +34,7 @@ except ImportError:
     HAVE_TVM = False
 
 from sqc.codegen.nvcc import find_nvcc  # noqa: E402
+from sqc.runtime.status import REFERENCE  # noqa: E402
 
 needs_tvm = pytest.mark.skipif(not HAVE_TVM, reason="TVM is not installed (kernels are generated where it is)")
 needs_nvcc = pytest.mark.skipif(find_nvcc() is None, reason="nvcc not found (set SQC_NVCC or put it on PATH)")
@@ -41,7 +43,7 @@ gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU on t
 
 def check_keys():
     from sqc.codegen.cuda import CudaKey
-    from sqc.runtime.cuda_check import CHECK_KEYS
+    from sqc.cuda_check import CHECK_KEYS
 
     return [CudaKey(**k) for k in CHECK_KEYS]
 
@@ -161,7 +163,7 @@ def test_cuda_compile_save_load_without_gpu(tmp_path, mlp):
         assert not any(k.split('.')[0] in ('tvm', 'jax') for k in sys.modules), [k for k in sys.modules if 'tvm' in k]
         try:
             c(torch.randn(2, 100))
-        except sqc.runtime.cuda.CudaUnavailable as e:
+        except sqc.runtime.cuda.kernels.CudaUnavailable as e:
             print('clear error:', e)
     """)
     p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
@@ -178,7 +180,7 @@ def test_cuda_compile_save_load_without_gpu(tmp_path, mlp):
 
 
 def test_import_sqc_needs_neither_tvm_nor_jax():
-    code = ("import sys, sqc, sqc.runtime.cuda, sqc.runtime.cuda_check\n"
+    code = ("import sys, sqc, sqc.runtime.cuda.kernels, sqc.cuda_check\n"
             "bad = [k for k in sys.modules if k.split('.')[0] in ('tvm', 'jax')]\nassert not bad, bad\n")
     p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert p.returncode == 0, p.stderr[-2000:]
@@ -188,7 +190,7 @@ def test_import_sqc_needs_neither_tvm_nor_jax():
 
 @pytest.fixture(scope="module")
 def bundle(tmp_path_factory):
-    from sqc.runtime.cuda import CudaBundle
+    from sqc.runtime.cuda.kernels import CudaBundle
 
     path = os.environ.get("SQC_CUDA_BUNDLE")
     if path:
@@ -207,7 +209,7 @@ BATCHES = {"1": (1,), "2-16": (2, 7, 16), "17+": (17, 64, 100)}
 @gpu
 def test_every_kernel_matches_the_reference_op(bundle):
     g = torch.Generator().manual_seed(1234)
-    from sqc.runtime.cuda_check import check_kernel
+    from sqc.cuda_check import check_kernel
 
     failures, n_checked = [], 0
     for slot in bundle.plan["slots"]:
@@ -240,7 +242,7 @@ def test_compiled_model_runs_on_gpu_and_matches_the_reference(llama):
         compiled.to("cuda")
         out = compiled(ids.cuda()).logits.float().cpu()
         for m in mods.values():
-            m.set_kernel(None, "reference")
+            m.set_kernel(None, REFERENCE)
         ref = ref_model(ids.cuda()).logits.float().cpu()
     assert ((out - ref).norm() / ref.norm()) < 1e-2
 
@@ -259,7 +261,7 @@ def test_cuda_artifact_runs_on_gpu_without_tvm():
         out = {n: compiled(ids[:n]).logits.float() for n in (1, 2)}
         step = compiled.generate(ids[:1], max_new_tokens=4, do_sample=False)
         for m in compiled.quantized_modules().values():
-            m.set_kernel(None, "reference")
+            m.set_kernel(None, REFERENCE)
         ref = {n: compiled(ids[:n]).logits.float() for n in (1, 2)}
     for n in out:
         assert ((out[n] - ref[n]).norm() / ref[n].norm()) < 1e-2

@@ -1,5 +1,5 @@
 """The byte (VBMI + VNNI) CPU kernels against the reference that states their numerics
-(:func:`sqc.runtime.bytelanes.reference`), that reference against the exact op, and the layout's laws."""
+(:func:`sqc.runtime.cpu.bytelanes.reference`), that reference against the exact op, and the layout's laws."""
 import pytest
 import torch
 from hypothesis import given, settings
@@ -8,9 +8,9 @@ from hypothesis import strategies as st
 from sqc.codegen import build as B
 from sqc.codegen.cpu import KERNELS_ENV, cpu_lanes, gemm_candidates, gemv_candidates
 from sqc.runtime.target import parse_target
-from sqc.runtime import bytelanes
-from sqc.runtime.bytelanes import BYTE_LANES, ByteLayout, byte_tables, from_byte_words, quantize_x, to_byte_words
-from sqc.runtime.cpu import CpuLutKernels, host_lanes, kernel_key
+from sqc.runtime.cpu import bytelanes
+from sqc.runtime.cpu.bytelanes import BYTE_LANES, ByteLayout, byte_tables, from_byte_words, quantize_x, to_byte_words
+from sqc.runtime.cpu.kernels import CpuLutKernels, host_lanes, kernel_key
 from sqc.runtime.ops import lut_linear_reference
 from sqc.runtime.qlinear import SqcLinear
 from tests.conftest import module_with_kernels, random_packed

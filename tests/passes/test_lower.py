@@ -2,6 +2,7 @@ import torch
 
 import sqc
 from sqc.runtime.qlinear import SqcLinear
+from sqc.runtime.status import REFERENCE
 
 OP = torch.ops.sqc.lut_linear.default
 
@@ -32,7 +33,7 @@ def test_every_quantized_call_lowered(llama, tmp_path):
     torch.testing.assert_close(out_graph, compiled(ids).logits, rtol=1e-4, atol=1e-5)
     # with the kernels detached, the eager modules run the very op the graph calls: bit-identical
     for m in compiled.quantized_modules().values():
-        m.set_kernel(None, "reference")
+        m.set_kernel(None, REFERENCE)
     torch.testing.assert_close(out_graph, compiled(ids).logits, rtol=0, atol=0)
 
 

@@ -66,7 +66,7 @@ def test_packed_linear_validates():
 @pytest.mark.parametrize("bits", [2, 3, 4, 8])
 def test_packing_in_row_chunks_equals_one_piece(monkeypatch, bits):
     import sqc.runtime.layout as layout
-    from sqc.runtime.cpu import from_lane_words, to_lane_words
+    from sqc.runtime.cpu.lanes import from_lane_words, to_lane_words
 
     g = torch.Generator().manual_seed(bits)
     codes = torch.randint(0, 1 << bits, (37, 70), generator=g)

@@ -10,9 +10,9 @@ import tvm  # a hard dependency: a missing TVM fails these tests, it does not sk
 from sqc.codegen.build import LAUNCHER, KernelLibrary  # noqa: E402
 from sqc.codegen.cpu import build_gemv  # noqa: E402
 from sqc.runtime.target import parse_target  # noqa: E402
-from sqc.runtime import threads  # noqa: E402
-from sqc.runtime.cpu import kernel_key  # noqa: E402
-from sqc.runtime.lanes import GemvKnobs  # noqa: E402
+from sqc.runtime.cpu import threads  # noqa: E402
+from sqc.runtime.cpu.kernels import kernel_key  # noqa: E402
+from sqc.runtime.cpu.lanes import GemvKnobs  # noqa: E402
 from sqc.runtime.ops import lut_linear_reference  # noqa: E402
 from sqc.runtime.qlinear import SqcLinear  # noqa: E402
 

@@ -7,25 +7,13 @@ bf16 copy.
 """
 from __future__ import annotations
 
-import statistics
-import time
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
-__all__ = ["measure_kernels", "median_ms"]
+from .codegen.build import median_ms
 
-
-def median_ms(fn: Callable[[], Any], repeats: int, warmup: int = 2) -> float:
-    """Median wall time of ``repeats`` calls of ``fn`` in ms, after ``warmup`` untimed calls."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return 1e3 * statistics.median(times)
+__all__ = ["measure_kernels"]
 
 
 @torch.no_grad()

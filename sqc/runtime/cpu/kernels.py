@@ -1,68 +1,30 @@
 """Running the generated CPU kernels on torch tensors.
 
-:func:`to_lane_words` derives the CPU lane layout of the codes (see
-:mod:`sqc.runtime.lanes`) from the canonical packed weight and
-:func:`from_lane_words` inverts it; :class:`CpuLutKernels` holds one layer's
+:class:`CpuLutKernels` holds one layer's codes in the CPU lane layout (:mod:`sqc.runtime.cpu.lanes`), its
 lane words and compiled functions and runs ``y = x @ W_hat.T + b``. Tensors
 reach TVM through DLPack without copies; x is copied only when it is not a
 contiguous fp32 matrix as wide as the padded layout (the kernels declare
 small alignments, so misaligned views are safe as well).
 
 The kernels are built and tuned by :func:`sqc.codegen.tune.attach_cpu_kernels`;
-an artifact carries the built libraries and :class:`sqc.runtime.cpu_plan.CpuKernelPlan`
+an artifact carries the built libraries and :class:`sqc.runtime.cpu.plan.CpuKernelPlan`
 loads them with no compiler.
 """
 from __future__ import annotations
 
 from typing import Callable
 
-import numpy as np
 import torch
 
 from .bytelanes import BYTE_LANES, ByteLayout, byte_tables, from_byte_words, sparse_deltas, to_byte_words
-from .lanes import LANES_ISA, KernelKey, LaneLayout, padded_rows
-from .layout import PackedLinear, codes_as_numpy, pack_codes, row_chunks
+from .lanes import LANES_ISA, KernelKey, LaneLayout, from_lane_words, to_lane_words
+from ..layout import PackedLinear, pack_codes
 from .ops import lut_linear_cpu, register_kernels
 
-__all__ = ["to_lane_words", "from_lane_words", "CpuLutKernels", "kernel_key", "host_lanes", "cpu_flags"]
+__all__ = ["CpuLutKernels", "kernel_key", "host_lanes", "cpu_flags"]
 
 _DT = {torch.float16: "float16", torch.bfloat16: "bfloat16", torch.float32: "float32",
        torch.uint8: "uint8", torch.int16: "int16", torch.int32: "int32"}
-
-
-def to_lane_words(codes: torch.Tensor, bits: int, lanes: int) -> torch.Tensor:
-    """``[R, K]`` integer codes -> lane-layout words int32 ``[RP, NB * lanes]``."""
-    c = codes_as_numpy(codes, bits)
-    R, K = c.shape
-    lay = LaneLayout(K, bits, lanes)
-    RP = padded_rows(R)
-    out = np.zeros((RP, lay.n_blocks, lanes), dtype=np.uint32)
-    for lo, hi in row_chunks(R, lay.k_pad):
-        n = hi - lo
-        cc = np.zeros((n, lay.k_pad), dtype=np.uint8)
-        cc[:, :K] = c[lo:hi]
-        # [per_word, n, NB, lanes]: code t of every word, one contiguous plane per t
-        planes = np.ascontiguousarray(cc.reshape(n, lay.n_blocks, lay.per_word, lanes).transpose(2, 0, 1, 3))
-        words = out[lo:hi]
-        for t in range(lay.per_word):
-            words |= planes[t].astype(np.uint32) << np.uint32(t * bits)
-    return torch.from_numpy(out.view(np.int32).reshape(RP, lay.words))
-
-
-def from_lane_words(words: torch.Tensor, bits: int, lanes: int, out_features: int, in_features: int,
-                    dtype: torch.dtype = torch.int64) -> torch.Tensor:
-    """Inverse of :func:`to_lane_words`: codes ``[R, K]`` of ``dtype``."""
-    lay = LaneLayout(in_features, bits, lanes)
-    u = words.detach().contiguous().numpy().view(np.uint32).reshape(-1, lay.n_blocks, lanes)
-    out = np.empty((out_features, in_features), dtype=np.uint8)
-    mask = np.uint32((1 << bits) - 1)
-    for lo, hi in row_chunks(out_features, lay.k_pad):
-        n = hi - lo
-        planes = np.empty((lay.per_word, n, lay.n_blocks, lanes), dtype=np.uint8)
-        for t in range(lay.per_word):
-            planes[t] = (u[lo:hi] >> np.uint32(t * bits)) & mask
-        out[lo:hi] = planes.transpose(1, 2, 0, 3).reshape(n, lay.k_pad)[:, :in_features]
-    return torch.from_numpy(out).to(dtype)
 
 
 def cpu_flags(cpuinfo: str = "/proc/cpuinfo") -> frozenset[str]:
@@ -196,8 +158,8 @@ class CpuLutKernels:
         return pack_codes(codes, self.bits)
 
     def nbytes(self) -> int:
-        tables = sum(t.numel() * t.element_size() for t in self._derived)
-        return self.words.numel() * self.words.element_size() + self.scode.numel() + tables
+        tables = sum(t.nbytes for t in self._derived)
+        return self.words.nbytes + self.scode.numel() + tables
 
     def _x(self, x2: torch.Tensor) -> torch.Tensor:
         kx = self.layout.x_width

@@ -5,7 +5,7 @@ codes per 32-bit word; a *chunk* is four consecutive words, read with one
 16-byte load, holding the ``CW = 4 * P`` consecutive columns
 ``g * CW .. g * CW + CW - 1``: column ``g * CW + w * P + j`` is word ``4 * g + w``
 at bits ``j * bits``. A row has ``NC = ceil(K / CW)`` chunks, padded with code 0
-(:func:`sqc.runtime.cuda.to_chunk_words` derives it from the canonical codes).
+(:func:`to_chunk_words` derives it from the canonical codes, :func:`from_chunk_words` inverts it).
 
 A :class:`KernelSpec` is what the runtime needs to launch a kernel from a
 fatbin (symbol, block size, grid, parameter names); an artifact's
@@ -16,7 +16,9 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-__all__ = ["ChunkLayout", "CudaKey", "GemvKnobs", "GemmKnobs", "KernelSpec"]
+import torch
+
+__all__ = ["ChunkLayout", "CudaKey", "GemvKnobs", "GemmKnobs", "KernelSpec", "to_chunk_words", "from_chunk_words"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -100,3 +102,27 @@ class KernelSpec:
         knobs = (GemvKnobs if d["op"] == "gemv" else GemmKnobs)(**d["knobs"])
         return KernelSpec(d["name"], d["op"], CudaKey(**d["key"]), knobs, d["threads"], d["grid_x"],
                           d["batch_tile"], tuple(d["params"]))
+
+
+def to_chunk_words(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """``[R, K]`` integer codes -> chunk-layout words int32 ``[R, 4 * NC]``."""
+    R, K = codes.shape
+    lay = ChunkLayout(K, bits)
+    p = lay.per_word
+    c = torch.zeros((R, lay.n_chunks * lay.chunk_cols), dtype=torch.int64)
+    c[:, :K] = codes
+    c = c.view(R, lay.words, p)
+    words = torch.zeros((R, lay.words), dtype=torch.int64)
+    for j in range(p):
+        words |= c[:, :, j] << (j * bits)
+    words = torch.where(words >= 1 << 31, words - (1 << 32), words)
+    return words.to(torch.int32).contiguous()
+
+
+def from_chunk_words(words: torch.Tensor, bits: int, in_features: int) -> torch.Tensor:
+    """Inverse of :func:`to_chunk_words`: codes as int64 ``[R, K]``, on the words' device."""
+    lay = ChunkLayout(in_features, bits)
+    u = words.to(torch.int64).unsqueeze(-1) & 0xFFFFFFFF
+    shifts = torch.arange(lay.per_word, device=words.device) * bits
+    c = (u >> shifts) & ((1 << bits) - 1)
+    return c.reshape(words.shape[0], lay.n_chunks * lay.chunk_cols)[:, :in_features]

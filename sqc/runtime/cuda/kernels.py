@@ -9,7 +9,7 @@ and this module loads the fatbin with ``cuModuleLoadData`` and launches with
 torch's own work and can be captured in CUDA graphs.
 
 :func:`to_chunk_words` derives the chunk layout of the codes (see
-:mod:`sqc.runtime.chunks`) from the canonical packed weight;
+:mod:`sqc.runtime.cuda.chunks`) from the canonical packed weight;
 :class:`CudaLutKernels` holds one layer's chunk words and runs
 ``y = x @ W_hat.T + b`` in fp16 with fp32 accumulation.
 """
@@ -23,45 +23,17 @@ from typing import Any
 
 import torch
 
-from .chunks import KernelSpec
-from .kernels import BUCKETS, bucket_of
-from .layout import PackedLinear, pack_codes
-from .status import KernelStatus
+from .chunks import KernelSpec, from_chunk_words, to_chunk_words
+from ..kernels import BUCKETS, bucket_of
+from ..layout import PackedLinear, pack_codes
+from ..status import KernelStatus
 
-__all__ = ["to_chunk_words", "from_chunk_words", "CudaModule", "CudaLutKernels", "CudaUnavailable", "driver",
+__all__ = ["CudaModule", "CudaLutKernels", "CudaUnavailable", "driver",
            "CudaBundle"]
 
 
 class CudaUnavailable(RuntimeError):
     """Raised when a CUDA-compiled layer runs where no NVIDIA GPU/driver is usable."""
-
-
-def _chunk_geometry(in_features: int, bits: int) -> tuple[int, int]:
-    p = 32 // bits
-    return p, -(-in_features // (4 * p))
-
-
-def to_chunk_words(codes: torch.Tensor, bits: int) -> torch.Tensor:
-    """``[R, K]`` integer codes -> chunk-layout words int32 ``[R, 4 * NC]``."""
-    R, K = codes.shape
-    p, nc = _chunk_geometry(K, bits)
-    c = torch.zeros((R, nc * 4 * p), dtype=torch.int64)
-    c[:, :K] = codes
-    c = c.view(R, nc * 4, p)
-    words = torch.zeros((R, nc * 4), dtype=torch.int64)
-    for j in range(p):
-        words |= c[:, :, j] << (j * bits)
-    words = torch.where(words >= 1 << 31, words - (1 << 32), words)
-    return words.to(torch.int32).contiguous()
-
-
-def from_chunk_words(words: torch.Tensor, bits: int, in_features: int) -> torch.Tensor:
-    """Inverse of :func:`to_chunk_words`: codes as int64 ``[R, K]``, on the words' device."""
-    p, nc = _chunk_geometry(in_features, bits)
-    u = words.to(torch.int64).unsqueeze(-1) & 0xFFFFFFFF
-    shifts = torch.arange(p, device=words.device) * bits
-    c = (u >> shifts) & ((1 << bits) - 1)
-    return c.reshape(words.shape[0], nc * 4 * p)[:, :in_features]
 
 
 class _Driver:
@@ -255,7 +227,7 @@ def _dt(t: torch.Tensor) -> str:
 
 
 def layer_key(m) -> dict[str, Any]:
-    """What a layer's CUDA kernels are specialised on (matches :class:`sqc.runtime.chunks.CudaKey`)."""
+    """What a layer's CUDA kernels are specialised on (matches :class:`sqc.runtime.cuda.chunks.CudaKey`)."""
     return {"rows": m.out_features, "in_features": m.in_features, "bits": m.bits, "sparse": m.col.numel() > 0,
             "lut_dtype": _dt(m.lut), "col_dtype": _dt(m.col), "val_dtype": _dt(m.val)}
 
@@ -310,7 +282,7 @@ class CudaBundle:
     # -- attaching ---------------------------------------------------------------------------
     def attach(self, model: torch.nn.Module, target: str) -> None:
         """Give every quantized layer named in the plan its kernels (chosen symbols per bucket)."""
-        from .qlinear import SqcLinear
+        from ..qlinear import SqcLinear
 
         mods = {n: m for n, m in model.named_modules() if isinstance(m, SqcLinear)}
         names: dict[str, dict[str, str]] = {}
@@ -360,7 +332,7 @@ class CudaBundle:
         The model must already be on the GPU. Updates the plan (the artifact's
         tuning database) and re-attaches the chosen kernels.
         """
-        from .qlinear import SqcLinear
+        from ..qlinear import SqcLinear
 
         dev = torch.device("cuda", torch.cuda.current_device())
         mods = {n: m for n, m in model.named_modules() if isinstance(m, SqcLinear)}
@@ -379,7 +351,7 @@ class CudaBundle:
             for sym in slot["candidates"]:
                 times[sym] = event_median_ms(lambda: self.module.launch(sym, n, tensors, dev.index), repeats)
             chosen = min(times, key=times.get)
-            nbytes = k.nbytes() + sum(t.numel() * t.element_size() for t in (m.lut, m.crow, m.col, m.val))
+            nbytes = k.nbytes() + sum(t.nbytes for t in (m.lut, m.crow, m.col, m.val))
             nbytes += 2 * n * (m.in_features + m.out_features)
             slot.update(ms=times, chosen=chosen, bytes=nbytes, gbps=nbytes / (times[chosen] * 1e-3) / 1e9)
             slot["bw_ratio"] = slot["gbps"] / copy

@@ -31,14 +31,14 @@ import sys
 import threading
 from typing import Any
 
-from .cpu import CpuLutKernels, cpu_flags, host_lanes, kernel_key
+from .kernels import CpuLutKernels, cpu_flags, host_lanes, kernel_key
 from .threads import use_torch_threads
-from .files import file_sha256, fsync_file, write_synced
-from .kernels import BUCKETS, KernelFileError, KernelsUnusable, set_tvm_threads
+from ..files import file_sha256, fsync_file, read_stripped, write_synced
+from ..kernels import BUCKETS, KernelFileError, KernelsUnusable, set_tvm_threads
 from .lanes import KernelKey
-from .fused import kernel_layers
-from .int8 import Int8Kernels, Int8Linear
-from .status import KernelStatus
+from ..fused import kernel_layers
+from ..int8 import Int8Kernels, Int8Linear
+from ..status import KernelStatus
 
 __all__ = ["CpuKernelPlan", "PLAN_FILE", "PLAN_FORMAT", "kernel_runtime"]
 
@@ -108,7 +108,7 @@ class CpuKernelPlan:
     """Which compiled library each layer runs in each batch bucket, and how it was chosen.
 
     ``kernels`` holds one dict per (kernel key, bucket): ``key`` (a
-    :class:`~sqc.runtime.lanes.KernelKey` as a dict), ``bucket``, ``symbol``,
+    :class:`~sqc.runtime.cpu.lanes.KernelKey` as a dict), ``bucket``, ``symbol``,
     ``knobs``, ``layers``, ``kernel`` (the name reports show) and ``library``
     (a path; in ``plan.json`` a file name next to it, with its ``sha256``).
     ``tuning`` holds the tuning records (:meth:`records`).
@@ -142,7 +142,7 @@ class CpuKernelPlan:
                                       "kernel cache cleared?); compile the model again")
             name = os.path.basename(src)
             if name not in written:
-                expected = k.get("sha256") or _read_text(src + ".sha256")  # from an artifact, or the cache's record
+                expected = k.get("sha256") or read_stripped(src + ".sha256")  # from an artifact, or the cache's record
                 dst = os.path.join(folder, name)
                 shutil.copyfile(src, dst)
                 digest = file_sha256(dst)
@@ -258,11 +258,3 @@ class CpuKernelPlan:
         for layer, (fn, kname) in head_fns.items():
             m = heads[layer]
             m.set_kernel(Int8Kernels(fn, m.out_features, m.in_features, layer), KernelStatus.kernel(kname))
-
-
-def _read_text(path: str) -> str | None:
-    try:
-        with open(path) as fh:
-            return fh.read().strip()
-    except OSError:
-        return None

@@ -20,7 +20,7 @@ shape) the kernels stop the last block after ``(K % BLK) / L`` shifts, so they
 read exactly ``K`` values of x and x needs no padding (:attr:`LaneLayout.x_width`);
 otherwise x is padded with zeros to ``Kp``, so padding contributes nothing. The layout is derived from the canonical one
 (:mod:`sqc.runtime.layout`) when kernels attach
-(:func:`sqc.runtime.cpu.to_lane_words`); artifacts store the canonical layout.
+(:func:`to_lane_words`, inverted by :func:`from_lane_words`); artifacts store the canonical layout.
 
 A kernel library is built for one :class:`KernelKey` (shape, bits, lanes,
 storage dtypes) and one set of knobs (:class:`GemvKnobs` for batch 1,
@@ -32,15 +32,20 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+import numpy as np
+import torch
+
+from ..layout import codes_as_numpy, row_chunks
+
 __all__ = ["SUPPORTED_BITS", "ROW_PAD", "padded_rows", "LaneLayout", "GemvKnobs", "GemmKnobs", "KernelKey",
-           "LANES_ISA"]
+           "LANES_ISA", "to_lane_words", "from_lane_words"]
 
 #: code widths the CPU LUT kernels take
 SUPPORTED_BITS = (2, 3, 4)
 #: rows of the lane layout are padded to a multiple of this (every rt knob divides it)
 ROW_PAD = 8
 #: the instruction sets a lane count needs (flags of /proc/cpuinfo); 64 names the byte kernels of
-#: :mod:`sqc.runtime.bytelanes` (64 bytes per vector: VBMI byte lookups, VNNI int8 dot products)
+#: :mod:`sqc.runtime.cpu.bytelanes` (64 bytes per vector: VBMI byte lookups, VNNI int8 dot products)
 LANES_ISA = {64: ("avx512f", "avx512bw", "avx512vbmi", "avx512_vnni"), 16: ("avx512f",), 8: ("avx2",)}
 
 
@@ -136,3 +141,38 @@ class KernelKey:
     def tag(self) -> str:
         sp = f"_sp-{self.col_dtype}-{self.val_dtype}" if self.sparse else ""
         return f"{self.op}_{self.out_features}x{self.in_features}_b{self.bits}_l{self.lanes}_{self.lut_dtype}{sp}"
+
+
+def to_lane_words(codes: torch.Tensor, bits: int, lanes: int) -> torch.Tensor:
+    """``[R, K]`` integer codes -> lane-layout words int32 ``[RP, NB * lanes]``."""
+    c = codes_as_numpy(codes, bits)
+    R, K = c.shape
+    lay = LaneLayout(K, bits, lanes)
+    RP = padded_rows(R)
+    out = np.zeros((RP, lay.n_blocks, lanes), dtype=np.uint32)
+    for lo, hi in row_chunks(R, lay.k_pad):
+        n = hi - lo
+        cc = np.zeros((n, lay.k_pad), dtype=np.uint8)
+        cc[:, :K] = c[lo:hi]
+        # [per_word, n, NB, lanes]: code t of every word, one contiguous plane per t
+        planes = np.ascontiguousarray(cc.reshape(n, lay.n_blocks, lay.per_word, lanes).transpose(2, 0, 1, 3))
+        words = out[lo:hi]
+        for t in range(lay.per_word):
+            words |= planes[t].astype(np.uint32) << np.uint32(t * bits)
+    return torch.from_numpy(out.view(np.int32).reshape(RP, lay.words))
+
+
+def from_lane_words(words: torch.Tensor, bits: int, lanes: int, out_features: int, in_features: int,
+                    dtype: torch.dtype = torch.int64) -> torch.Tensor:
+    """Inverse of :func:`to_lane_words`: codes ``[R, K]`` of ``dtype``."""
+    lay = LaneLayout(in_features, bits, lanes)
+    u = words.detach().contiguous().numpy().view(np.uint32).reshape(-1, lay.n_blocks, lanes)
+    out = np.empty((out_features, in_features), dtype=np.uint8)
+    mask = np.uint32((1 << bits) - 1)
+    for lo, hi in row_chunks(out_features, lay.k_pad):
+        n = hi - lo
+        planes = np.empty((lay.per_word, n, lay.n_blocks, lanes), dtype=np.uint8)
+        for t in range(lay.per_word):
+            planes[t] = (u[lo:hi] >> np.uint32(t * bits)) & mask
+        out[lo:hi] = planes.transpose(1, 2, 0, 3).reshape(n, lay.k_pad)[:, :in_features]
+    return torch.from_numpy(out).to(dtype)

@@ -12,9 +12,9 @@ from typing import Any
 
 import torch
 
-from . import ops  # noqa: F401  (registers torch.ops.sqc.lut_linear)
-from .cuda import to_chunk_words
-from .layout import PackedLinear, pack_codes
+from .runtime import ops  # noqa: F401  (registers torch.ops.sqc.lut_linear)
+from .runtime.cuda.chunks import to_chunk_words
+from .runtime.layout import PackedLinear, pack_codes
 
 __all__ = ["random_packed", "run_kernel", "check_kernel", "TOLERANCE", "CHECK_KEYS"]
 

@@ -4,7 +4,7 @@ Where the CPU has AVX-512 VBMI and VNNI (``avx512vbmi``, ``avx512_vnni``), the L
 (:mod:`sqc.codegen.cpu_vnni`) multiply bytes instead of floats: per 64 weights, one
 ``vpmultishiftqb`` pulls 64 codes out of packed qwords, one ``vpermb`` looks them up in the
 row's table of unsigned bytes, and one ``vpdpbusd`` multiplies them with 64 int8 activations.
-The fp32 route (:mod:`sqc.runtime.lanes`) spends one permute and one FMA per 16 weights.
+The fp32 route (:mod:`sqc.runtime.cpu.lanes`) spends one permute and one FMA per 16 weights.
 
 The layout
 ----------
@@ -18,7 +18,7 @@ every qword, ``W_p = min(8, n - 8p)`` (8, except 5 for the last pass at 3 bits),
     c = z * BLK + 64 * p + q * W_p + j            (block z, pass p, qword q, 0 <= j < W_p)
 
 so a pass covers contiguous columns (64, or 40 in the last 3-bit pass). Rows are padded with code
-0 to ``NZ = ceil(K / BLK)`` blocks and to a multiple of :data:`~sqc.runtime.lanes.ROW_PAD` rows,
+0 to ``NZ = ceil(K / BLK)`` blocks and to a multiple of :data:`~sqc.runtime.cpu.lanes.ROW_PAD` rows,
 and stored in panels of :data:`PANEL` rows: panel ``r // PANEL`` holds block ``z`` of its rows
 side by side (row ``r``'s block ``z`` at bytes ``(z * PANEL + r % PANEL) * 64``), so the rows a
 kernel reads together are one sequential stream.
@@ -47,13 +47,13 @@ import numpy as np
 import torch
 
 from .lanes import padded_rows
-from .layout import codes_as_numpy, row_chunks
+from ..layout import codes_as_numpy, row_chunks
 
 __all__ = ["BYTE_LANES", "PANEL", "ByteLayout", "to_byte_words", "from_byte_words", "byte_tables", "sparse_deltas",
            "quantize_x",
            "reference"]
 
-#: the lane count that names the byte kernels in a :class:`~sqc.runtime.lanes.KernelKey` (64 bytes per vector)
+#: the lane count that names the byte kernels in a :class:`~sqc.runtime.cpu.lanes.KernelKey` (64 bytes per vector)
 BYTE_LANES = 64
 #: rows stored interleaved, block by block: the kernels read a panel's rows together, and a row-major layout
 #: made that several streams that jump at every row; a panel is one sequential stream (from DRAM on a Zen 4,
