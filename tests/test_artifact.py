@@ -20,6 +20,7 @@ def saved_llama(tmp_path):
     return compiled, path, ids
 
 
+@pytest.mark.slow
 def test_hf_round_trip_bit_exact(saved_llama):
     compiled, path, ids = saved_llama
     loaded = sqc.load(path)
@@ -33,6 +34,7 @@ def test_hf_round_trip_bit_exact(saved_llama):
     assert "lm_head" in loaded.report()
 
 
+@pytest.mark.slow
 def test_tied_weights_saved_once(tmp_path):
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -64,6 +66,7 @@ def test_tied_weights_saved_once(tmp_path):
         assert torch.equal(loaded(ids).logits, compiled(ids).logits)
 
 
+@pytest.mark.slow
 def test_plain_module_needs_model_and_accepts_meta(tmp_path, mlp):
     x = torch.randn(3, 100)
     compiled = sqc.compile(mlp, (x,), config="w4")
@@ -108,6 +111,7 @@ def test_load_refuses_a_model_the_artifact_does_not_cover(tmp_path, mlp, case):
         sqc.load(path, model=model)
 
 
+@pytest.mark.slow
 def test_manifest_edits_are_detected(saved_llama):
     _, path, _ = saved_llama
     mpath = os.path.join(path, "manifest.json")
@@ -120,6 +124,7 @@ def test_manifest_edits_are_detected(saved_llama):
         sqc.load(path)
 
 
+@pytest.mark.slow
 def test_artifact_mode_follows_umask_and_killed_saves_are_cleaned(saved_llama, tmp_path):
     compiled, path, _ = saved_llama
     assert os.stat(path).st_mode & 0o777 == 0o777 & ~_umask()
@@ -135,6 +140,7 @@ def _umask():
     return m
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kernels", [True, False])
 def test_state_dict_round_trip_between_compiled_models(kernels):
     ids = torch.randint(0, 128, (1, 10))
@@ -148,6 +154,7 @@ def test_state_dict_round_trip_between_compiled_models(kernels):
         assert torch.equal(b(ids).logits, want)
 
 
+@pytest.mark.slow
 def test_refuses_existing_folder(saved_llama):
     compiled, path, _ = saved_llama
     with pytest.raises(FileExistsError, match="overwrite=True"):
@@ -156,6 +163,7 @@ def test_refuses_existing_folder(saved_llama):
     assert not [p for p in os.listdir(os.path.dirname(path)) if p.startswith(".sqc-")]
 
 
+@pytest.mark.slow
 def test_overwrite_replaces_only_an_artifact(saved_llama, tmp_path):
     compiled, path, ids = saved_llama
     src = tmp_path / "src"
@@ -171,6 +179,7 @@ def test_overwrite_replaces_only_an_artifact(saved_llama, tmp_path):
     assert not [p for p in os.listdir(tmp_path) if p.startswith(".sqc-")]
 
 
+@pytest.mark.slow
 def test_truncated_file(saved_llama):
     _, path, _ = saved_llama
     f = os.path.join(path, "model.safetensors")
@@ -181,6 +190,7 @@ def test_truncated_file(saved_llama):
         sqc.load(path)
 
 
+@pytest.mark.slow
 def test_flipped_byte(saved_llama):
     _, path, _ = saved_llama
     f = os.path.join(path, "model.safetensors")
@@ -193,6 +203,7 @@ def test_flipped_byte(saved_llama):
         sqc.load(path)
 
 
+@pytest.mark.slow
 def test_future_version(saved_llama):
     _, path, _ = saved_llama
     m = os.path.join(path, "manifest.json")
@@ -208,6 +219,7 @@ def test_not_an_artifact(tmp_path):
         sqc.load(tmp_path)
 
 
+@pytest.mark.slow
 def test_bits_per_weight_from_file(saved_llama):
     compiled, path, _ = saved_llama
     bpw = artifact_bits_per_weight(path)
@@ -242,6 +254,7 @@ def _storage_check(tmp_path, rows_cap):
             assert v <= limit, (preset, bpw)
 
 
+@pytest.mark.slow
 def test_llama7b_row_shaped_bits_per_weight(tmp_path):
     """Storage targets with LLaMA-7B in_features (4096 / 11008) and 256 rows per layer.
 
@@ -257,6 +270,7 @@ def test_llama7b_shaped_bits_per_weight(tmp_path):
     _storage_check(tmp_path, rows_cap=1 << 30)
 
 
+@pytest.mark.slow
 def test_the_reported_kernel_is_the_one_running(saved_llama):
     compiled, path, ids = saved_llama
     # a CPU artifact loaded for a CUDA target has no CUDA kernels: the layers say they run the reference op
@@ -286,6 +300,7 @@ def saved_mlp(tmp_path, mlp):
     return compiled, sqc.save(compiled, tmp_path / "mlp", decode_steps=None), x
 
 
+@pytest.mark.slow
 @needs_avx2
 def test_a_cpu_artifact_carries_its_kernel_libraries_and_plan(saved_mlp):
     compiled, path, _ = saved_mlp
@@ -305,6 +320,7 @@ def test_a_cpu_artifact_carries_its_kernel_libraries_and_plan(saved_mlp):
     assert {(k["key"]["out_features"], k["bucket"]): k["knobs"] for k in plan["kernels"]} == chosen
 
 
+@pytest.mark.slow
 @needs_avx2
 def test_load_in_a_fresh_process_runs_the_saved_kernels_without_tvm(saved_mlp, tmp_path):
     import subprocess
@@ -350,6 +366,7 @@ def test_load_in_a_fresh_process_runs_the_saved_kernels_without_tvm(saved_mlp, t
     assert [f for _, _, files in os.walk(cache) for f in files] == []  # nothing built, nothing tuned, nothing cached
 
 
+@pytest.mark.slow
 @needs_avx2
 def test_a_damaged_kernel_library_is_named_not_loaded(saved_mlp):
     _, path, _ = saved_mlp
@@ -364,6 +381,7 @@ def test_a_damaged_kernel_library_is_named_not_loaded(saved_mlp):
         sqc.load(path, model=_meta_mlp())
 
 
+@pytest.mark.slow
 @needs_avx2
 def test_an_edited_kernel_plan_is_detected(saved_mlp):
     _, path, _ = saved_mlp
@@ -375,6 +393,7 @@ def test_an_edited_kernel_plan_is_detected(saved_mlp):
         sqc.load(path, model=_meta_mlp())
 
 
+@pytest.mark.slow
 @needs_avx2
 def test_a_cpu_without_the_instruction_set_rebuilds_with_the_compiler_or_says_why(saved_mlp, monkeypatch):
     compiled, path, x = saved_mlp
@@ -395,6 +414,7 @@ def test_a_cpu_without_the_instruction_set_rebuilds_with_the_compiler_or_says_wh
         torch.testing.assert_close(plain(x), compiled(x), rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.slow
 def test_a_format_1_artifact_still_loads(tmp_path, mlp):
     x = torch.randn(3, 100)
     compiled = sqc.compile(mlp, (x,), config="w4", kernels=False)

@@ -55,6 +55,7 @@ def compiled_dir(workspace):
     return out, json.loads(proc.stdout)
 
 
+@pytest.mark.slow
 def test_compile_json(compiled_dir):
     out, res = compiled_dir
     assert res["quantized_layers"] == 14 and res["linear_layers"] == 15
@@ -62,6 +63,7 @@ def test_compile_json(compiled_dir):
     assert (out / "tokenizer").is_dir() and (out / "manifest.json").exists()
 
 
+@pytest.mark.slow
 def test_eval_with_baseline(compiled_dir, workspace):
     out, _ = compiled_dir
     _, _, text = workspace
@@ -88,6 +90,7 @@ def test_eval_with_baseline(compiled_dir, workspace):
     assert res["ppl"] != res["baseline_ppl"]  # the quantized model is a different function
 
 
+@pytest.mark.slow
 def test_generate_and_bench(compiled_dir):
     out, _ = compiled_dir
     res = json.loads(run("generate", str(out), "--prompt", "the quick", "--max-new-tokens", "5", "--json",
@@ -100,6 +103,7 @@ def test_generate_and_bench(compiled_dir):
         assert res[k]["prefill_tok_s"] > 0 and res[k]["decode_tok_s"] > 0
 
 
+@pytest.mark.slow
 def test_progress_lines_when_not_a_tty(workspace, tmp_path):
     _, model_dir, text = workspace
     proc = run("compile", str(model_dir), "--preset", "w3", "--calib", str(text), "--calib-samples", "3",
@@ -112,6 +116,7 @@ def test_progress_lines_when_not_a_tty(workspace, tmp_path):
     assert "calibration backward + fit: 2/2" in proc.stderr  # streamed too: the model is a decoder stack
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "args,rc,msg",
     [
@@ -147,6 +152,7 @@ def test_errors(workspace, tmp_path, args, rc, msg):
     assert not (tmp_path / "x").exists()
 
 
+@pytest.mark.slow
 def test_report_in_headless_chromium(compiled_dir, tmp_path):
     """The HTML report loads in a real browser with its plots and table and no console errors."""
     from selenium import webdriver
@@ -218,6 +224,7 @@ def test_cuda_target_without_nvcc(workspace, tmp_path):
     assert proc.returncode == 1 and "needs nvcc on PATH" in proc.stderr
 
 
+@pytest.mark.slow
 def test_ctrl_c_leaves_no_half_written_artifact(workspace, tmp_path):
     import signal
     import time
@@ -241,6 +248,7 @@ def test_ctrl_c_leaves_no_half_written_artifact(workspace, tmp_path):
     assert not [p for p in os.listdir(tmp_path) if p.startswith(".sqc-")]
 
 
+@pytest.mark.slow
 def test_flags_reach_the_config(workspace, tmp_path):
     _, model_dir, _ = workspace
     res = json.loads(run("compile", str(model_dir), "--no-calib", "--bits", "3", "--outlier-pct", "1.0",
@@ -251,6 +259,7 @@ def test_flags_reach_the_config(workspace, tmp_path):
     assert res["quantized_layers"] == 7
 
 
+@pytest.mark.slow
 def test_a_bits_budget_from_the_command_line(workspace, tmp_path):
     _, model_dir, text = workspace
     res = json.loads(run("compile", str(model_dir), "--bpw", "5.5", "--calib", str(text), "--calib-samples", "2",
@@ -302,6 +311,7 @@ def test_smollm2_compile_eval_bench_generate_report(tmp_path):
     assert os.path.getsize(res["report"]) > 50_000
 
 
+@pytest.mark.slow
 def test_architecture_sqc_cannot_compile(tmp_path, workspace):
     """A real HF folder (tiny GPT-2) whose projections are transformers Conv1D: a clear error, exit 1."""
     from transformers import GPT2Config, GPT2LMHeadModel
@@ -320,6 +330,7 @@ def test_architecture_sqc_cannot_compile(tmp_path, workspace):
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.slow
 def test_ctrl_c_after_the_artifact_is_complete_says_so(workspace, tmp_path, monkeypatch, capsys):
     import sqc.report_html
     from sqc import cli
@@ -336,6 +347,7 @@ def test_ctrl_c_after_the_artifact_is_complete_says_so(workspace, tmp_path, monk
     assert (tmp_path / "x" / "manifest.json").exists()
 
 
+@pytest.mark.slow
 def test_ctrl_c_swallowed_by_a_library_callback_still_stops_the_run(workspace, tmp_path, monkeypatch, capsys):
     import signal
 

@@ -5,6 +5,7 @@ import sqc
 from tests.conftest import tiny_llama
 
 
+@pytest.mark.slow
 def test_llama_logits_within_quantization_error():
     ref = tiny_llama()
     model = tiny_llama()
@@ -26,6 +27,7 @@ def test_llama_logits_within_quantization_error():
     assert err8 < err / 4
 
 
+@pytest.mark.slow
 def test_generate_still_works(llama):
     ids = torch.randint(0, 128, (1, 5))
     compiled = sqc.compile(llama, (ids,), config="w3")
@@ -42,6 +44,8 @@ def test_sqc_calls_raise_no_deprecation_warnings(llama, tmp_path):
     configuration ignores them elsewhere: this test is where sqc's own calls are held to it)."""
     import warnings
 
+    import torch._inductor.compile_fx  # noqa: F401  (torch's own import-time deprecations are not sqc's calls)
+
     ids = torch.randint(0, 128, (1, 6))
     with warnings.catch_warnings():
         for category in (DeprecationWarning, FutureWarning, PendingDeprecationWarning):
@@ -53,6 +57,7 @@ def test_sqc_calls_raise_no_deprecation_warnings(llama, tmp_path):
         compiled.save_pretrained(tmp_path / "hf")
 
 
+@pytest.mark.slow
 def test_report_lists_every_layer(llama):
     compiled = sqc.compile(llama, (torch.randint(0, 128, (1, 8)),), config="w3-s0.45")
     text = compiled.report()
@@ -65,6 +70,7 @@ def test_report_lists_every_layer(llama):
     assert any("unweighted" in n for n in d["notes"])
 
 
+@pytest.mark.slow
 def test_targets_parsed():
     mlp = torch.nn.Sequential(torch.nn.Linear(8, 4))
     c = sqc.compile(mlp, (torch.randn(1, 8),), config="w4", target="cuda -arch=sm_86")
@@ -78,6 +84,7 @@ def test_bad_config_in_compile():
         sqc.compile(torch.nn.Sequential(torch.nn.Linear(8, 4)), (torch.randn(1, 8),), config="w9")
 
 
+@pytest.mark.slow
 def test_minilm_style_bert_compiles():
     from transformers import BertConfig, BertModel
 
@@ -100,6 +107,7 @@ def test_nan_weight_stops_compile_naming_layer(mlp):
         sqc.compile(mlp, (torch.randn(2, 100),), config="w3")
 
 
+@pytest.mark.slow
 def test_precomputed_sensitivity(mlp):
     from sqc.passes.annotate_sensitivity import fisher_information
 

@@ -139,6 +139,7 @@ def test_a_failed_trace_writes_nothing_and_names_the_way_out(stored, tmp_path, m
     assert os.listdir(tmp_path) == []  # no artifact, no temporary folder
 
 
+@pytest.mark.slow
 def test_step_lengths_are_checked(mlp, tmp_path):
     assert normalize_lengths("default") == (512, 1024, 2048, 4096)
     assert normalize_lengths(None) == () and normalize_lengths([256, 128, 256]) == (128, 256)

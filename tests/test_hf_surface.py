@@ -91,6 +91,7 @@ def loaded(saved):
     return transformers.AutoModelForCausalLM.from_pretrained(saved)
 
 
+@pytest.mark.slow
 def test_folder_is_a_hugging_face_checkpoint(saved, compiled):
     cfg = json.loads((saved / "config.json").read_text())
     qc = cfg["quantization_config"]
@@ -106,6 +107,7 @@ def test_folder_is_a_hugging_face_checkpoint(saved, compiled):
     assert not [p for p in saved.parent.iterdir() if p.name.startswith(".sqc-hf-")]  # no temporary folders left
 
 
+@pytest.mark.slow
 def test_from_pretrained_matches_compiled_and_sqc_load(loaded, compiled, tmp_path):
     model, ids = compiled
     assert isinstance(loaded, transformers.PreTrainedModel) and loaded.is_quantized
@@ -169,6 +171,7 @@ print("ok", sorted({x.kernel for x in layers}))
 """
 
 
+@pytest.mark.slow
 def test_from_pretrained_in_a_fresh_process_runs_the_carried_kernels_without_tvm(compiled, saved, tmp_path):
     model, ids = compiled
     if not all(m.status.generated for m in model.quantized_modules().values()):
@@ -207,6 +210,7 @@ def test_pipeline_text_generation(loaded, compiled, tok, saved):
     assert by_name[0]["generated_text"] == text
 
 
+@pytest.mark.slow
 def test_tied_embedding_keeps_its_float_weight(tmp_path):
     # SmolLM2's layout: the head gets its own int8 copy, the tied input embedding keeps the float table
     sqc.hf.register_with_transformers()
@@ -228,6 +232,7 @@ def test_tied_embedding_keeps_its_float_weight(tmp_path):
         assert torch.equal(loaded(ids).logits, model(ids).logits)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("tie", [False, True], ids=["untied", "tied"])
 def test_unfused_float_head_round_trips(tmp_path, tie):
     sqc.hf.register_with_transformers()
@@ -338,6 +343,7 @@ def test_dequantize_gives_float_linears(saved, compiled):
         torch.testing.assert_close(m(ids).logits, model(ids).logits, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.slow
 def test_registration_is_idempotent_and_lazy():
     from transformers.quantizers.auto import AUTO_QUANTIZATION_CONFIG_MAPPING, AUTO_QUANTIZER_MAPPING
 
@@ -354,6 +360,7 @@ def test_registration_is_idempotent_and_lazy():
     assert proc.returncode == 0, proc.stderr[-2000:]
 
 
+@pytest.mark.slow
 def test_loaded_model_resaves_with_transformers(loaded, compiled, tmp_path):
     # transformers' own save_pretrained on the loaded model writes the same format (codes rebuilt from the kernels)
     loaded.save_pretrained(tmp_path / "again")

@@ -138,6 +138,7 @@ def _files(d):
     return {os.path.relpath(os.path.join(r, f), d) for r, _, fs in os.walk(d) for f in fs}
 
 
+@pytest.mark.slow
 def test_two_ranks_write_the_artifact_one_process_writes(workspace, tmp_path):  # noqa: F811
     _, model_dir, text = workspace
     one = subprocess.run([sys.executable, "-m", "sqc", *_compile_args(model_dir, text, tmp_path / "one")],
@@ -173,6 +174,7 @@ def test_two_ranks_write_the_artifact_one_process_writes(workspace, tmp_path):  
     assert not [p for p in os.listdir(tmp_path) if p.startswith(".sqc-")]  # no temporary folder left
 
 
+@pytest.mark.slow
 def test_a_rank_that_dies_stops_the_job_and_writes_nothing(workspace, tmp_path):  # noqa: F811
     _, model_dir, text = workspace
     # rank 1 exits in its first collective (the first layer's statistics)

@@ -78,6 +78,7 @@ def live(model, tok):
     srv.close()
 
 
+@pytest.mark.slow
 def test_openai_client_completion_chat_and_stream(live):
     openai = pytest.importorskip("openai")
     client = openai.OpenAI(base_url=live.url + "/v1", api_key="none")
@@ -281,6 +282,7 @@ def test_sigterm_finishes_requests_in_flight(model, tok, tmp_path):
             proc.kill()
 
 
+@pytest.mark.slow
 def test_load_served_reads_artifacts_and_hf_folders(model, tok, tmp_path):
     from sqc.serve import load_served
 

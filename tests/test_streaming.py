@@ -38,6 +38,7 @@ def test_no_stack_in_a_plain_mlp(mlp):
     assert stack is None and "ModuleList" in why
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("offload", [False, True])
 def test_streamed_statistics_equal_the_whole_model_pass(monkeypatch, offload):
     if offload:  # every boundary goes through the temporary file
@@ -67,6 +68,7 @@ def _packed(compiled):
             for n, m in compiled.quantized_modules().items()}
 
 
+@pytest.mark.slow
 def test_streamed_compile_equals_the_whole_model_compile():
     calib = _calib(n=4, T=16)
     a = sqc.compile(tiny_llama(), config="w3-s0.45", calibration=calib, kernels=False, stream=False)
@@ -88,6 +90,7 @@ def test_streamed_compile_equals_the_whole_model_compile():
     assert [r.module for r in a.layers] == [r.module for r in b.layers]
 
 
+@pytest.mark.slow
 def test_streamed_compile_without_calibration_and_guided():
     model = tiny_llama()
     c = sqc.compile(model, (torch.zeros(1, 8, dtype=torch.long),), config="w4", kernels=False)
@@ -108,6 +111,7 @@ def test_stream_true_names_why_it_cannot_run(mlp):
     assert all(isinstance(m, SqcLinear) for m in c.quantized_modules().values())
 
 
+@pytest.mark.slow
 def test_compile_pretrained_reads_a_safetensors_folder_layer_by_layer(tmp_path):
     from sqc.lazy import load_lazy
 
@@ -161,6 +165,7 @@ def test_lazy_loading_names_what_is_wrong(tmp_path):
         load_lazy(str(tmp_path / "m"))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_a_half_model_streams_without_a_float32_copy(dtype):
     # the math upcasts one layer at a time: the Fisher of the half model is the fp32 model's Fisher
@@ -205,6 +210,7 @@ def _all_packed_tensors(compiled):
     return out
 
 
+@pytest.mark.slow
 def test_a_lazy_compile_keeps_its_packed_layers_in_the_spill_file(tmp_path):
     """With a weight source the packed layers (and the kernels' copies of the codes) go to the spill file
     as each layer is finished; the model runs the same and saves the same bytes as without."""

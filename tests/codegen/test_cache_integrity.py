@@ -27,6 +27,7 @@ def packed(R=16, K=64, bits=4):
                         torch.zeros(0))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("damage", ["truncate", "flip", "no_checksum"])
 def test_a_damaged_cached_library_is_rebuilt_not_loaded(tmp_path, monkeypatch, damage):
     monkeypatch.setenv("SQC_CACHE_DIR", str(tmp_path))
@@ -66,6 +67,7 @@ def test_a_damaged_cached_library_is_rebuilt_not_loaded(tmp_path, monkeypatch, d
     assert path.read_bytes() != data[: len(data) // 2] and (tmp_path / "kernels" / (so + ".sha256")).exists()
 
 
+@pytest.mark.slow
 def test_concurrent_writers_keep_every_tuning_entry(tmp_path):
     script = textwrap.dedent("""
         import sys

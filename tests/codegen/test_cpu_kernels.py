@@ -41,7 +41,10 @@ def reference(packed, x, bias=None):
 # every K (tail only, whole blocks of 16 or 32 lanes, blocks + tail, an LLM width) and every R (one row,
 # fewer rows than a task, several tasks with a partial last one) appears; building each pair's kernels is
 # what this test costs, so not all twelve pairs are built
-@pytest.mark.parametrize("R,K", [(1, 576), (3, 33), (3, 96), (53, 96), (53, 100), (53, 576)])
+# the fast tier builds one pair (blocks + tail, several tasks with a partial last one); the full suite all six
+@pytest.mark.parametrize("R,K", [pytest.param(*rk, marks=pytest.mark.slow) for rk in ((1, 576), (3, 33), (3, 96),
+                                                                                    (53, 96))]
+                         + [(53, 100), pytest.param(53, 576, marks=pytest.mark.slow)])
 def test_kernels_match_reference(target, bits, R, K):
     for sparse in (0.0, 0.03):
         packed = random_packed(R, K, bits, frac=sparse)
@@ -94,6 +97,7 @@ def _direct(k: CpuLutKernels, packed, x, y):
         k.fns["2-16" if x.shape[0] <= 16 else "17+"](x, k.words, packed.lut, packed.crow, packed.col, packed.val, k.scode, k.bias, y)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("target", TARGETS)
 @pytest.mark.parametrize("bits", [3, 4])
 def test_poisoned_outputs_are_all_written(target, bits):
@@ -158,6 +162,7 @@ def test_misaligned_and_noncontiguous_views(target):
         assert m(xh).dtype == torch.bfloat16
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("lut_dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("val_dtype", [torch.float16, torch.float32])
 def test_table_and_value_dtypes(lut_dtype, val_dtype):
@@ -168,6 +173,7 @@ def test_table_and_value_dtypes(lut_dtype, val_dtype):
         torch.testing.assert_close(m(x).double(), reference(packed, x), rtol=1e-5, atol=1e-4)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("target", TARGETS)
 def test_every_candidate_schedule_is_correct(target):
     packed = random_packed(53, 100, 3, frac=0.03)
@@ -245,6 +251,7 @@ def test_kernel_cache_hit_counts_no_build(tmp_path, monkeypatch):
     assert not [f for f in os.listdir(tmp_path / "kernels") if f.startswith(".tmp")]
 
 
+@pytest.mark.slow
 def test_tuning_db_is_reused_across_processes(tmp_path):
     script = textwrap.dedent(
         """
@@ -274,6 +281,7 @@ def test_tuning_db_is_reused_across_processes(tmp_path):
     assert len(db) == 6
 
 
+@pytest.mark.slow
 def test_thread_count_follows_affinity():
     script = "import os; os.sched_setaffinity(0, {sorted(os.sched_getaffinity(0))[0]}); " \
              "from sqc.codegen.build import import_tvm; tvm = import_tvm(); " \
@@ -284,6 +292,7 @@ def test_thread_count_follows_affinity():
     assert out.stdout.strip() == "1"
 
 
+@pytest.mark.slow
 def test_tuning_report_lists_kernels_and_layers():
     import sqc
 
@@ -314,6 +323,7 @@ def test_a_kernel_tvm_cannot_build_falls_back_to_the_reference_op(monkeypatch):
     torch.testing.assert_close(m(x).double(), reference(packed, x), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_tuning_progress_counts_trials(tmp_path, monkeypatch):
     import sqc
 

@@ -75,6 +75,7 @@ def check_source():
     return generate_source(reqs, "sm_90")
 
 
+@pytest.mark.slow
 @needs_tvm
 def test_generated_source_declares_every_kernel_with_its_parameters(check_source):
     source, specs = check_source
@@ -88,6 +89,7 @@ def test_generated_source_declares_every_kernel_with_its_parameters(check_source
     assert "mma.sync.aligned.m16n8k16" in source and "sqc_mma_16816(" in source
 
 
+@pytest.mark.slow
 @needs_tvm
 @needs_nvcc
 def test_every_kernel_builds_with_nvcc_without_spills(check_source):
@@ -126,6 +128,7 @@ def test_bad_arch_is_rejected():
         _arch_num("compute_86")
 
 
+@pytest.mark.slow
 @needs_tvm
 @needs_nvcc
 def test_cuda_compile_save_load_without_gpu(tmp_path, mlp):

@@ -56,6 +56,7 @@ def test_the_target_picks_the_byte_kernels():
     assert cpu_lanes(tvm.target.Target({"kind": "llvm", "mcpu": "skylake-avx512"})) == 16  # no VBMI
 
 
+@pytest.mark.slow
 @needs_vnni
 @pytest.mark.parametrize("bits", [2, 3, 4])
 # K: one partial block, whole blocks (128/168/256), blocks + a tail, an LLM width; R: one row, a partial task
@@ -74,6 +75,7 @@ def test_kernels_match_their_reference(bits, R, K):
             assert ((got - want).abs() <= tol(packed, x)).all(), (bits, R, K, frac, n, (got - want).abs().max())
 
 
+@pytest.mark.slow
 @needs_vnni
 def test_every_candidate_schedule_is_correct():
     packed = random_packed(53, 300, 3, frac=0.03)

@@ -85,6 +85,7 @@ def test_the_bits_go_to_the_sensitive_layer():
     assert sum(loud.values()) <= sum(plain.values())  # the same budget: others gave their bits up
 
 
+@pytest.mark.slow
 def test_guided_budget_round_trips_with_kernels(tmp_path):
     compiled = compile_budget(fit="guided")
     assert "AllocateBits" in compiled.stage_seconds and "FitGuided" in compiled.stage_seconds

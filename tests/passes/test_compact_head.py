@@ -36,6 +36,7 @@ def test_int8_kernel_against_reference(K):
     assert head(torch.randn(1, K).bfloat16()).dtype == torch.bfloat16
 
 
+@pytest.mark.slow
 def test_llama_head_is_int8_and_tied_embedding_kept(llama, tmp_path):
     llama.config.tie_word_embeddings = True
     llama.lm_head.weight = llama.model.embed_tokens.weight

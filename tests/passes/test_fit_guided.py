@@ -83,6 +83,7 @@ def test_guided_fit_lowers_each_layer_objective_and_keeps_the_format(mlp):
         assert rep.layer_objective <= rep.layer_objective_start
 
 
+@pytest.mark.slow
 def test_compile_guided_end_to_end_and_artifact_round_trip(mlp, tmp_path):
     import copy
 

@@ -45,6 +45,7 @@ def _compile(model, config, **kw):
     return sqc.compile(model, (x, z), config=config, tune=False, **kw), (x, z)
 
 
+@pytest.mark.slow
 def test_fusion_structure_and_numerics(tmp_path):
     model = QKVBias().eval()
     twin = copy.deepcopy(model)
@@ -87,6 +88,7 @@ def test_fusion_structure_and_numerics(tmp_path):
         torch.testing.assert_close(fused.model.q(h2)[..., :16] * 0 + fused.model.k(h2), plain.model.k(h2))
 
 
+@pytest.mark.slow
 def test_fused_model_saves_and_loads_per_member(tmp_path):
     model = QKVBias().eval()
     compiled, (x, z) = _compile(model, "w3")

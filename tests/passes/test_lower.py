@@ -1,3 +1,4 @@
+import pytest
 import torch
 
 import sqc
@@ -11,6 +12,7 @@ def count(gm, target):
     return sum(1 for n in gm.graph.nodes if n.op == "call_function" and n.target is target)
 
 
+@pytest.mark.slow
 def test_every_quantized_call_lowered(llama, tmp_path):
     ids = torch.randint(0, 128, (1, 12))
     # Lower on its own: no sibling fusion, the head left in float (those passes have their own tests)
@@ -37,6 +39,7 @@ def test_every_quantized_call_lowered(llama, tmp_path):
     torch.testing.assert_close(out_graph, compiled(ids).logits, rtol=0, atol=0)
 
 
+@pytest.mark.slow
 def test_float_weights_released(mlp):
     x = torch.randn(2, 100)
     import weakref

@@ -40,6 +40,7 @@ def problem(seed, shape, tokens, bits, sparse_frac=0.05, dead=0):
     return w, h, active, lut, codes
 
 
+@pytest.mark.slow
 @settings(max_examples=25, deadline=None)
 @given(seed=st.integers(0, 10_000), shape=st.sampled_from(SHAPES), tokens=st.sampled_from([2, 8, 200]),
        bits=st.sampled_from([2, 3, 4]), iters=st.integers(0, 2), dead=st.sampled_from([0, 3]))

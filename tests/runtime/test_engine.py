@@ -31,6 +31,7 @@ def alone(engine_args, p, n, params=GREEDY, model=None):
     return Engine(model, **engine_args).generate([p], max_new_tokens=n, params=params)[0]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("compile_step", [False, pytest.param(True, marks=pytest.mark.slow)])
 def test_batched_greedy_equals_compiled_generate(compiled, compile_step):
     ps = prompts(12, 5, 9, 20, 3)

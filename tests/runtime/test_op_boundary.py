@@ -14,6 +14,7 @@ def compiled():
     return sqc.compile(mlp, (torch.randn(3, 64),), config="w3")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("width", [63, 100, 128, 129])
 @pytest.mark.parametrize("batch", [1, 5])
 def test_wrong_input_width_is_refused(compiled, width, batch):
@@ -53,6 +54,7 @@ def test_table_beyond_fp16_range_is_an_error_naming_the_layer():
     assert torch.isfinite(ok(torch.randn(2, 16))).all()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("cast", ["half", "bfloat16", "double", "to_fp16", "float"])
 def test_casting_the_model_keeps_the_packed_format_and_follows_the_activation_dtype(cast):
     torch.manual_seed(0)
@@ -71,6 +73,7 @@ def test_casting_the_model_keeps_the_packed_format_and_follows_the_activation_dt
     torch.testing.assert_close(y.float(), ref, rtol=tol, atol=tol)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kernels", [True, False])
 def test_gradients_flow_through_quantized_layers_to_upstream_parameters(kernels):
     torch.manual_seed(0)

@@ -19,6 +19,7 @@ def make_packed(w: torch.Tensor, bits: int, pct: float = 1.0, table_dtype=torch.
     return PackedLinear(bits, w.shape[1], w.shape[0], pack_codes(codes, bits), lut, crow, col, val)
 
 
+@pytest.mark.slow
 @settings(max_examples=25, deadline=None)
 @given(
     bits=st.sampled_from([2, 3, 4, 5, 8]),

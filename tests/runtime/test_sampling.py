@@ -93,6 +93,7 @@ def test_penalties():
     assert sample_tokens(logits, *state.tensors()).item() == 2
 
 
+@pytest.mark.slow
 def test_draw_follows_the_kept_distribution():
     torch.manual_seed(0)
     logits = torch.tensor([[1.0, 0.5, 0.0, -0.5, -1.0, -8.0]])
