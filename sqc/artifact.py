@@ -49,7 +49,7 @@ from .runtime.fused import fused_groups
 from .runtime.int8 import Int8Linear
 from .runtime.files import SAFETENSORS_BYTES, SAFETENSORS_DTYPE, atomic_write, write_synced
 from .runtime.kernels import KernelFileError
-from .runtime.layout import PackedLinear
+from .runtime.layout import PackedLinear, dtype_name
 from .runtime.memory import release_memory
 from .runtime.report import LayerReport
 from .runtime.stepstore import StepStoreError, warm_restore
@@ -231,7 +231,7 @@ def save(
         "layers": layers,
         "persistent": state_keys,
         "tensors": {
-            n: {"dtype": str(t.dtype).replace("torch.", ""), "shape": list(t.shape), "sha256": digests[n]}
+            n: {"dtype": dtype_name(t), "shape": list(t.shape), "sha256": digests[n]}
             for n, t in tensors.items()
         },
         "aliases": aliases,

@@ -206,9 +206,9 @@ def compile(  # noqa: A001 - the public name
         if group.rank != 0:
             kernels = False  # rank 0 builds the kernels and writes the artifact
     stack, why = _choose_driver(model, traced, cfg, stream, sensitivity)
-    refuse = functools.partial(_cannot_stream, model, weight_source, group)
+    streaming_error = functools.partial(_cannot_stream, model, weight_source, group)
     if stack is None and (stream or weight_source is not None or group.distributed):
-        raise refuse(why)
+        raise streaming_error(why)
     gm = traced.graph_module
     del traced
     if weight_source is not None:
@@ -216,16 +216,16 @@ def compile(  # noqa: A001 - the public name
     if spill is None:
         spill = weight_source is not None
     if spill and stack is None:
-        raise refuse(why, for_spill=True)
+        raise streaming_error(why, for_spill=True)
     spilled = Spill() if spill else None
     if stack is not None:
         try:
             run_streamed(gm, ctx, stack, layer_pipeline(cfg, fuse=True), instruments, weight_source, spilled)
         except StreamingUnsupported as e:
             if weight_source is not None or stream or group.distributed:
-                raise refuse(str(e)) from e
+                raise streaming_error(str(e)) from e
             if spilled is not None:
-                raise refuse(str(e), for_spill=True) from e
+                raise streaming_error(str(e), for_spill=True) from e
             why, stack = str(e), None  # raised before any layer was changed: the whole-model path runs
     if stack is None:
         if calibration is not None:
@@ -235,8 +235,10 @@ def compile(  # noqa: A001 - the public name
         gm = PassManager(graph_pipeline(cfg, fuse=False), instruments).run(gm, ctx)
     if not dump_ir:
         gm = None  # what runs is ``model``; the rewritten graph is kept only for the IR that was asked for
-    kernel_set = _kernel_stage(model, spec, ctx, tune, tune_trials, progress, spilled) if kernels else None
-    if not kernels:
+    if kernels:
+        kernel_set = _kernel_stage(model, spec, ctx, tune, tune_trials, progress, spilled)
+    else:
+        kernel_set = None
         ctx.notes.append("compiled with kernels=False: every quantized layer runs the reference op")
     _release_memory()
     compiled = CompiledModel(model, cfg, spec, list(ctx.layers.values()), ctx.notes, ctx.stage_seconds, gm,

@@ -244,7 +244,7 @@ def save_pretrained(compiled, path: str | os.PathLike, tokenizer: Any = None) ->
     from .runtime.qlinear import SqcLinear
     from .trace import is_hf_model
 
-    # an sqc CompiledModel (by its fields: importing sqc.compiler here would make the two modules import each other)
+    # an sqc CompiledModel (by its fields: importing sqc.compiled here would make the two modules import each other)
     is_compiled = isinstance(compiled, nn.Module) and hasattr(compiled, "quant_config")
     model = compiled._modules.get("model") if is_compiled else None
     if model is None or not is_hf_model(model):

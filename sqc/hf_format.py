@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from .runtime.int8 import Int8Linear
-from .runtime.layout import PackedLinear, words_per_row
+from .runtime.layout import PackedLinear, dtype_name, words_per_row
 from .runtime.qlinear import SqcLinear
 from .runtime.files import SAFETENSORS_DTYPE
 from .restore import NOT_ATTACHED
@@ -33,10 +33,6 @@ REMAKE = ("re-create the folder from the compiled model with sqc.hf.save_pretrai
 
 class SqcCheckpointError(ValueError):
     """An sqc Hugging Face folder cannot be loaded; the message names the problem and the fix."""
-
-
-def dtype_name(t: torch.Tensor) -> str:
-    return str(t.dtype).replace("torch.", "")
 
 
 def layer_entry(m) -> dict[str, Any]:

@@ -30,7 +30,7 @@ from .backends import backend, compiler_missing
 from .runtime.fused import kernel_layers, refuse
 from .runtime.int8 import Int8Linear
 from .runtime.kernels import KernelFileError, KernelsUnusable
-from .runtime.layout import PackedLinear
+from .runtime.layout import PackedLinear, dtype_name
 from .runtime.memory import release_memory
 from .runtime.modules import replace_module
 from .runtime.qlinear import SqcLinear
@@ -133,14 +133,13 @@ def check_layers(model: nn.Module, stored: Stored, fail: Callable[[str], Excepti
         m = model.get_submodule(name)
         if not isinstance(m, SqcLinear):
             raise fail(f"layer {name} is a {type(m).__name__} after loading, not an SqcLinear; {stored.fix}")
-        _check_data(m, name, "layer", ("codes", *PackedLinear.TENSORS[1:], "bias") if info["bias"]
-                    else ("codes", *PackedLinear.TENSORS[1:]), stored, fail)
+        _check_data(m, name, "layer", PackedLinear.TENSORS + (("bias",) if info["bias"] else ()), stored, fail)
         for key, tensor in _DTYPE_KEYS.items():
             want = info.get(key)
             t = m._buffers.get(tensor)
-            if want is not None and t is not None and str(t.dtype).removeprefix("torch.") != want:
+            if want is not None and t is not None and dtype_name(t) != want:
                 # a loader cast a stored table: the kernels and the exact sparse values need it as stored
-                raise fail(f"layer {name}: {tensor} loaded as {str(t.dtype).removeprefix('torch.')}, stored as "
+                raise fail(f"layer {name}: {tensor} loaded as {dtype_name(t)}, stored as "
                            f"{want} (this loader casts buffers of quantized models); load with dtype='auto' or "
                            "use sqc.load on an sqc.save artifact")
         try:
@@ -166,7 +165,7 @@ def check_layers(model: nn.Module, stored: Stored, fail: Callable[[str], Excepti
 
 def _check_data(m: nn.Module, name: str, what: str, keys, stored: Stored, fail) -> None:
     for key in keys:
-        t = m._buffers.get(key) if key != "codes" else m.codes
+        t = getattr(m, key, None)  # an SqcLinear's codes come from its kernels once they are attached
         if t is None or t.device.type == "meta":
             raise fail(f"{what} {name}: no data for {key} after loading; {stored.fix}")
 

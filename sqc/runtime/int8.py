@@ -124,10 +124,8 @@ class Int8Linear(nn.Module):
         return str(self.status)
 
     def set_kernel(self, kernels: Int8Kernels | None, status: KernelStatus) -> None:
-        if (kernels is not None) != status.generated:
-            raise ValueError(f"set_kernel: status {status} does not describe {'no ' if kernels is None else ''}kernels")
+        self.status = status.check(kernels)
         self._kernels = kernels
-        self.status = status
         self._bind()
 
     def _bind(self) -> None:

@@ -40,10 +40,15 @@ import dataclasses
 import numpy as np
 import torch
 
-__all__ = ["PackedLinear", "pack_codes", "unpack_codes", "codes_as_numpy", "row_chunks", "words_per_row",
+__all__ = ["PackedLinear", "dtype_name", "pack_codes", "unpack_codes", "codes_as_numpy", "row_chunks", "words_per_row",
            "col_dtype_for"]
 
 _GROUP = 32
+
+
+def dtype_name(t: torch.Tensor) -> str:
+    """A tensor's dtype as stored formats write it: ``"float16"``, ``"int32"``, ..."""
+    return str(t.dtype).removeprefix("torch.")
 
 
 def words_per_row(in_features: int, bits: int) -> int:

@@ -107,8 +107,8 @@ class SqcLinear(nn.Module):
             if not hasattr(kernels, "member_status"):
                 raise ValueError("set_kernel needs a KernelStatus for these kernels")
             status = self.__dict__.get("_status", REFERENCE)
-        elif (kernels is not None) != status.generated:
-            raise ValueError(f"set_kernel: status {status} does not describe {'no ' if kernels is None else ''}kernels")
+        else:
+            status.check(kernels)
         if kernels is None and self._kernels is not None:
             codes = self._kernels.canonical_codes()
             self._kernels = None

@@ -41,6 +41,12 @@ class KernelStatus:
             raise ValueError("a generated kernel's status needs its name")
         return cls(name)
 
+    def check(self, kernels) -> "KernelStatus":
+        """This status, after checking it describes ``kernels`` (generated ones, or None for the reference op)."""
+        if (kernels is not None) != self.generated:
+            raise ValueError(f"kernel status {self} does not describe {'no ' if kernels is None else ''}kernels")
+        return self
+
     def with_fused(self, leaves: tuple[str, ...]) -> "KernelStatus":
         return dataclasses.replace(self, fused=tuple(leaves))
 

@@ -25,7 +25,7 @@ import torch
 
 from .chunks import KernelSpec, from_chunk_words, to_chunk_words
 from ..kernels import BUCKETS, bucket_of
-from ..layout import PackedLinear, pack_codes
+from ..layout import PackedLinear, dtype_name, pack_codes
 from ..status import KernelStatus
 
 __all__ = ["CudaModule", "CudaLutKernels", "CudaUnavailable", "driver",
@@ -222,14 +222,10 @@ BUCKET_TUNE_BATCH = {"1": 1, "2-16": 16, "17+": 64}
 CUDA_FORMAT = 1
 
 
-def _dt(t: torch.Tensor) -> str:
-    return str(t.dtype).replace("torch.", "")
-
-
 def layer_key(m) -> dict[str, Any]:
     """What a layer's CUDA kernels are specialised on (matches :class:`sqc.runtime.cuda.chunks.CudaKey`)."""
     return {"rows": m.out_features, "in_features": m.in_features, "bits": m.bits, "sparse": m.col.numel() > 0,
-            "lut_dtype": _dt(m.lut), "col_dtype": _dt(m.col), "val_dtype": _dt(m.val)}
+            "lut_dtype": dtype_name(m.lut), "col_dtype": dtype_name(m.col), "val_dtype": dtype_name(m.val)}
 
 
 class CudaBundle:
