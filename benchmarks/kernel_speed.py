@@ -110,7 +110,8 @@ def layer_calls(m, copies: int, x) -> list:
     (the ``sqc::lut_linear_cpu`` op on its own tensors): ``m`` itself and copies whose codes are random bytes
     (the kernels' speed does not depend on the values; building and converting each copy from a packed layer
     would dominate the run on a CPU with a large L3)."""
-    from sqc.runtime.cpu.ops import lut_linear_cpu, register_kernels
+    from sqc.runtime.cpu.ops import lut_linear_cpu
+    from sqc.runtime.kernels import register_kernels
 
     calls = [lambda: lut_linear_cpu(x, *m._args)]
     for i in range(copies - 1):

@@ -17,7 +17,8 @@ from typing import Callable
 import torch
 from torch import nn
 
-from .cpu.ops import int8_linear_cpu, register_kernels
+from .cpu.ops import int8_linear_cpu
+from .kernels import register_kernels
 from .ops import int8_linear
 from .qlinear import apply_keeping_dtypes
 from .status import REFERENCE, KernelStatus

@@ -5,7 +5,6 @@ import torch
 from torch import nn
 
 from . import ops  # noqa: F401  (registers torch.ops.sqc.lut_linear)
-from .cpu.ops import lut_linear_cpu as _lut_linear_cpu
 from .layout import PackedLinear, dequantize
 from .status import REFERENCE, KernelStatus
 
@@ -68,13 +67,16 @@ class SqcLinear(nn.Module):
         else:
             self.bias = None
         self._kernels = None
+        self._op = None
         self._args = None
 
     def _bind(self) -> None:
-        """Bind the kernels' op arguments once (after attach, a load or a move): the forward pass then reads
-        one tuple from the instance dict instead of six buffers through ``nn.Module.__getattr__``."""
+        """Bind the kernels' op and its arguments once (after attach, a load or a move): the forward pass then
+        reads them from the instance dict instead of six buffers through ``nn.Module.__getattr__``. The op is
+        the kernels' (``sqc::lut_linear_cpu`` or ``sqc::lut_linear_cuda``)."""
         k = self.__dict__.get("_kernels")
         bind = getattr(k, "bind", None)
+        self.__dict__["_op"] = getattr(k, "op", None)
         self.__dict__["_args"] = None if bind is None else bind(
             self._buffers["lut"], self._buffers["crow"], self._buffers["col"], self._buffers["val"],
             self._buffers.get("bias"))
@@ -191,7 +193,7 @@ class SqcLinear(nn.Module):
         if args is not None:  # generated kernels with bound arguments: one op call
             if x.requires_grad and torch.is_grad_enabled():
                 return _KernelGrad.apply(x, self)
-            return _lut_linear_cpu(x, *args)
+            return self._op(x, *args)
         if self._kernels is not None:
             if x.requires_grad and torch.is_grad_enabled():
                 return _KernelGrad.apply(x, self)

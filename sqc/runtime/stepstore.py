@@ -32,7 +32,7 @@ Files, in an artifact's ``steps/`` folder::
     inductor/<sub>/<name>.so   the compiled C++ kernels, copied into Inductor's cache when absent there
 
 The kernels the sqc ops run are found through the tensors they are called with
-(:func:`sqc.runtime.cpu.ops.register_kernels`), so a stored graph holds no process-specific constant.
+(:func:`sqc.runtime.kernels.register_kernels`), so a stored graph holds no process-specific constant.
 """
 from __future__ import annotations
 

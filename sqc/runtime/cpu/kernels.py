@@ -19,7 +19,8 @@ import torch
 from .bytelanes import BYTE_LANES, ByteLayout, byte_tables, from_byte_words, sparse_deltas, to_byte_words
 from .lanes import LANES_ISA, KernelKey, LaneLayout, from_lane_words, to_lane_words
 from ..layout import PackedLinear, pack_codes
-from .ops import lut_linear_cpu, register_kernels
+from ..kernels import register_kernels
+from .ops import lut_linear_cpu
 
 __all__ = ["CpuLutKernels", "kernel_key", "host_lanes", "cpu_flags"]
 
@@ -69,6 +70,8 @@ class CpuLutKernels:
     where they are kept (a file-backed tensor); with one, the canonical codes the layer came with
     are kept as well (they are in the store already), so :meth:`canonical_codes` rebuilds nothing.
     """
+
+    op = lut_linear_cpu
 
     def __init__(self, packed: PackedLinear, lanes: int, fns: dict[str, Callable], name: str,
                  store: Callable[[torch.Tensor], torch.Tensor] | None = None) -> None:

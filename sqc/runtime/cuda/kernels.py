@@ -24,7 +24,8 @@ from typing import Any
 import torch
 
 from .chunks import KernelSpec, from_chunk_words, to_chunk_words
-from ..kernels import BUCKETS, bucket_of
+from .ops import lut_linear_cuda
+from ..kernels import BUCKETS, bucket_of, register_kernels
 from ..layout import PackedLinear, dtype_name, pack_codes
 from ..status import KernelStatus
 
@@ -45,6 +46,8 @@ class _Driver:
         except OSError as e:
             raise CudaUnavailable(f"the NVIDIA driver library libcuda.so.1 cannot be loaded ({e})") from None
         self._check(self.lib.cuInit(0), "cuInit")
+        vp, u = ctypes.c_void_p, ctypes.c_uint
+        self.lib.cuLaunchKernel.argtypes = [vp, u, u, u, u, u, u, u, vp, vp, vp]
 
     def _check(self, rc: int, what: str) -> None:
         if rc != 0:
@@ -76,13 +79,22 @@ class _Driver:
         self._check(self.lib.cuModuleGetFunction(ctypes.byref(fn), mod, name.encode()), f"cuModuleGetFunction({name})")
         return fn
 
+    def launch_array(self, fn, grid, block: int, params, stream: int, name: str) -> None:
+        rc = self.lib.cuLaunchKernel(fn, grid[0], grid[1], grid[2], block, 1, 1, 0, stream, params, None)
+        if rc:
+            self._check(rc, f"cuLaunchKernel({name})")
+
     def launch(self, fn, grid, block, args: list, stream: int, name: str) -> None:
         holders = []
         for a in args:
             holders.append(ctypes.c_int32(a) if isinstance(a, int) else ctypes.c_void_p(a.data_ptr()))
         params = (ctypes.c_void_p * len(holders))(*[ctypes.cast(ctypes.pointer(h), ctypes.c_void_p) for h in holders])
-        rc = self.lib.cuLaunchKernel(fn, grid[0], grid[1], grid[2], block, 1, 1, 0, ctypes.c_void_p(stream), params, None)
-        self._check(rc, f"cuLaunchKernel({name})")
+        self.launch_array(fn, grid, block, params, stream, name)
+
+
+def _raw_stream(device: int) -> int:
+    """The handle of torch's current stream on ``device`` (an int; no ``torch.cuda.Stream`` object is made)."""
+    return torch._C._cuda_getCurrentRawStream(device)
 
 
 _DRIVER: _Driver | None = None
@@ -136,7 +148,19 @@ class CudaModule:
             fn = fns[name] = self._driver.function(self._mods[device], name)
         return fn
 
+    def launch_prepared(self, name: str, spec: KernelSpec, n: int, params, device: int) -> None:
+        """Launch ``name`` for batch ``n`` with a prepared parameter array on torch's current stream of ``device``."""
+        fns = self._fns.get(device)
+        fn = fns.get(name) if fns is not None else None
+        if fn is None:
+            fn = self.function(name, device)
+        self._driver.launch_array(fn, spec.grid(n), spec.threads, params, _raw_stream(device), name)
+
+    def __deepcopy__(self, memo) -> "CudaModule":
+        return self  # the fatbin and the functions loaded from it are shared by every copy of a model
+
     def launch(self, name: str, n: int, tensors: dict[str, Any], device: int) -> None:
+        """Launch ``name`` with the tensors named by its parameters (tuning and checks; layers launch prepared)."""
         spec = self.specs[name]
         args = [int(n) if p == "n" else tensors[p] for p in spec.params]
         fn = self.function(name, device)
@@ -145,12 +169,22 @@ class CudaModule:
 
 
 class CudaLutKernels:
-    """One layer's CUDA kernels: a gemv for batch 1, a gemm per batch bucket.
+    """One layer's CUDA kernels: a gemv for batch 1, a gemm per batch bucket, run by ``sqc::lut_linear_cuda``.
 
-    Holds the chunk words, the code under each sparse entry and the fp16 bias;
-    the tables and CSR arrays stay on the module and are passed at call time.
-    ``names`` maps each batch bucket to a kernel symbol of ``module``.
+    Holds the chunk words, the code under each sparse entry and the fp16 bias; the tables and CSR arrays stay
+    on the module. ``names`` maps each batch bucket to a kernel symbol of ``module``.
+
+    :meth:`bind` (after attach, a load, a move: :class:`~sqc.runtime.qlinear.SqcLinear` calls it) registers the
+    kernels under their code words and prepares each bucket's ``cuLaunchKernel`` parameter array once: one
+    ctypes cell per parameter, the layer's tensors written in at bind time, x, y and the batch rewritten in
+    place per call. A call then creates no Python object beyond the output tensor: it reads the raw stream
+    handle, writes three cells and launches. fp32 / bf16 activations pass through fp16 buffers the layer keeps
+    for batch 1 (the decode step's shape); larger batches convert into fresh ones. The cells are the layer's
+    own, so one layer must not be called from two threads at once (the compiled step and the server's engine
+    call each layer from one thread).
     """
+
+    op = lut_linear_cuda
 
     def __init__(self, packed: PackedLinear, bias: torch.Tensor | None, module: CudaModule, names: dict[str, str],
                  layer: str, target: str) -> None:
@@ -161,17 +195,31 @@ class CudaLutKernels:
         self.names = dict(names)
         self.layer = layer
         self.target = target
+        self._launches: dict[str, tuple] = {}
         self.rebind(packed, bias)
+
+    def __getstate__(self) -> dict:
+        # the parameter arrays point into this layer's tensors: a copy prepares its own (its layer rebinds it)
+        state = dict(self.__dict__)
+        for name in ("_launches", "_cells", "_x16", "_y16"):
+            state.pop(name, None)
+        return dict(state, _launches={})
+
+    def __setstate__(self, state) -> None:
+        self.__dict__.update(state)
+        register_kernels(self, self.words)
 
     def rebind(self, packed: PackedLinear, bias: torch.Tensor | None = None) -> None:
         """Take new codes and bias (``load_state_dict``): chunk words, sparse codes, fp16 bias."""
         dev = packed.lut.device  # the layer's own device (CPU at compile and load, the GPU when re-tuned there)
         codes = packed.unpack().cpu()
         self.words = to_chunk_words(codes, packed.bits).to(dev)
+        register_kernels(self, self.words)
         rows, cols = packed.sparse_coo()
         self.scode = codes[rows.cpu(), cols.cpu()].to(torch.uint8).contiguous().to(dev)
         b = bias.detach() if bias is not None else torch.zeros(packed.out_features, device=dev)
         self.bias16 = b.to(device=dev, dtype=torch.float16).contiguous()
+        self._launches = {}
 
     def apply(self, fn) -> None:
         """Follow the module's ``.to()`` / ``.cuda()``: move the words, sparse codes and bias (dtypes kept)."""
@@ -179,6 +227,37 @@ class CudaLutKernels:
         self.scode = fn(self.scode)
         b = fn(self.bias16)
         self.bias16 = b.to(torch.float16) if b.dtype != torch.float16 else b
+        self._launches = {}
+
+    def bind(self, lut, crow, col, val, bias) -> tuple:
+        """Register under the code words, prepare every bucket's launch, and return the op's arguments after x."""
+        if bias is not None:
+            self.bias16 = bias.detach().to(device=self.words.device, dtype=torch.float16).contiguous()
+        register_kernels(self, self.words)
+        x, y, n = ctypes.c_void_p(), ctypes.c_void_p(), ctypes.c_int32()
+        per_call = {"x": x, "y": y, "n": n}
+        fixed = {"w": self.words, "lut": lut, "crow": crow, "col": col, "val": val, "sc": self.scode,
+                 "bias": self.bias16}
+        launches = {}
+        for bucket, sym in self.names.items():
+            spec = self.module.specs[sym]
+            cells = []
+            for p in spec.params:
+                if p in per_call:
+                    cells.append(per_call[p])
+                elif p in fixed:
+                    cells.append(ctypes.c_void_p(fixed[p].data_ptr()))
+                else:
+                    raise ValueError(f"layer '{self.layer}': kernel {sym} takes a parameter {p!r} sqc does not know")
+            array = (ctypes.c_void_p * len(cells))(*[ctypes.addressof(c) for c in cells])
+            launches[bucket] = (sym, spec, array, cells)
+        self._cells = (x, y, n)
+        self._launches = launches
+        # batch 1 in fp32 / bf16 converts through these (made here, not in a call, so a CUDA graph captured
+        # later reads and writes memory that outlives it)
+        self._x16 = torch.empty((1, self.in_features), dtype=torch.float16, device=self.words.device)
+        self._y16 = torch.empty((1, self.out_features), dtype=torch.float16, device=self.words.device)
+        return (self.words, lut, crow, col, val, self.scode, self.bias16)
 
     def canonical_codes(self) -> torch.Tensor:
         return pack_codes(from_chunk_words(self.words, self.bits, self.in_features), self.bits)
@@ -186,33 +265,54 @@ class CudaLutKernels:
     def nbytes(self) -> int:
         return self.words.numel() * 4 + self.scode.numel()
 
-    def __call__(self, x: torch.Tensor, lut, crow, col, val, bias) -> torch.Tensor:
-        if not x.is_cuda:
-            raise CudaUnavailable(
-                f"layer '{self.layer}' was compiled for '{self.target}' and runs on an NVIDIA GPU: move the model "
-                f"and its inputs there (model.to('cuda'), x.to('cuda')), or compile with target='llvm' to run on "
-                f"this CPU (x is on {x.device})")
-        if self.words.device != x.device:
+    def not_on_a_gpu(self, x: torch.Tensor) -> None:
+        """The error for a call on CPU tensors (the op's CPU implementation)."""
+        raise CudaUnavailable(
+            f"layer '{self.layer}' was compiled for '{self.target}' and runs on an NVIDIA GPU: move the model "
+            f"and its inputs there (model.to('cuda'), x.to('cuda')), or compile with target='llvm' to run on "
+            f"this CPU (x is on {x.device}, the layer's codes on {self.words.device})")
+
+    def run(self, x: torch.Tensor, words, lut, crow, col, val, scode, bias) -> torch.Tensor:
+        """``y = x @ W_hat.T + bias`` in x's dtype (the op's CUDA implementation; the tensors are the bound ones)."""
+        dev = x.get_device()
+        if dev != self.words.get_device():
             raise RuntimeError(f"layer '{self.layer}': weights are on {self.words.device} but x is on {x.device}; "
                                "call model.to(x.device)")
-        if x.shape[-1] != self.in_features or not x.is_floating_point():
-            raise ValueError(f"layer '{self.layer}' expects floating-point inputs with {self.in_features} features "
-                             f"in the last dim (like nn.Linear), got {x.dtype} {tuple(x.shape)}")
+        K, R = self.in_features, self.out_features
+        if x.shape[-1] != K or not x.is_floating_point():
+            raise ValueError(f"layer '{self.layer}' expects floating-point inputs with {K} features in the last "
+                             f"dim (like nn.Linear), got {x.dtype} {tuple(x.shape)}")
         lead = x.shape[:-1]
-        x2 = x.reshape(-1, x.shape[-1])
-        if x2.dtype != torch.float16 or not x2.is_contiguous() or x2.data_ptr() % 16:
-            # fp16, contiguous, and aligned (the gemm reads x in 4-byte pairs): a fresh tensor
-            x2 = torch.empty(x2.shape, dtype=torch.float16, device=x2.device).copy_(x2)
+        x2 = x.reshape(-1, K)
         n = x2.shape[0]
-        y = torch.empty((n, self.out_features), dtype=torch.float16, device=x.device)
-        if n:
-            tensors = {"x": x2, "w": self.words, "lut": lut, "crow": crow, "col": col, "val": val, "sc": self.scode,
-                       "bias": self.bias16, "y": y}
-            try:
-                self.module.launch(self.names[bucket_of(n)], n, tensors, x.device.index or 0)
-            except (RuntimeError, KeyError) as e:
-                raise type(e)(f"layer '{self.layer}': {e}") from e
-        return y.to(x.dtype).view(*lead, self.out_features)
+        if n == 0:
+            return x.new_empty((*lead, R))
+        half = x2.dtype is torch.float16
+        if n == 1 and not half:  # the decode step's call: through the layer's own fp16 buffers
+            x16, y16 = self._x16, self._y16
+            x16.copy_(x2)
+            self._launch("1", x16, y16, 1, dev)
+            return y16.to(x.dtype).view(*lead, R)
+        if not half or not x2.is_contiguous() or x2.data_ptr() % 16:
+            # fp16, contiguous and aligned (the gemm reads x in 4-byte pairs): a fresh tensor
+            x2 = torch.empty(x2.shape, dtype=torch.float16, device=x2.device).copy_(x2)
+        y = torch.empty((n, R), dtype=torch.float16, device=x.device)
+        self._launch(bucket_of(n), x2, y, n, dev)
+        return (y if half else y.to(x.dtype)).view(*lead, R)
+
+    def _launch(self, bucket: str, x: torch.Tensor, y: torch.Tensor, n: int, device: int) -> None:
+        sym, spec, array, _ = self._launches[bucket]
+        cx, cy, cn = self._cells
+        cx.value, cy.value, cn.value = x.data_ptr(), y.data_ptr(), n
+        try:
+            self.module.launch_prepared(sym, spec, n, array, device)
+        except RuntimeError as e:
+            raise RuntimeError(f"layer '{self.layer}': {e}") from e
+
+    def __call__(self, x: torch.Tensor, lut, crow, col, val, bias) -> torch.Tensor:
+        if not self._launches:
+            self.bind(lut, crow, col, val, bias)
+        return lut_linear_cuda(x, self.words, lut, crow, col, val, self.scode, self.bias16)
 
 
 # -- the CUDA part of a compiled model: kernels, which layer runs which, tuning -------------------------------
@@ -353,6 +453,7 @@ class CudaBundle:
             slot["bw_ratio"] = slot["gbps"] / copy
             for layer in slot["layers"]:
                 mods[layer]._kernels.names[slot["bucket"]] = chosen
+                mods[layer]._bind()  # the prepared launches name the chosen kernel
 
 
 def event_median_ms(fn, repeats: int = 100, warmup: int = 10) -> float:
