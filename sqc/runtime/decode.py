@@ -15,6 +15,11 @@ recompiles); the later steps replay the captured Inductor graph on the same argu
 (:class:`_GraphCapture`), which saves the guard checks and the argument rebuilding of every token (about
 5 ms of a 25 ms SmolLM2 step). :attr:`CompiledDecoder.stats` says which path the steps took.
 
+The step runs where the model is: its buffers live on the model's device (:func:`model_device`). On a GPU the
+replayed graph is captured once per ``generate`` in a ``torch.cuda.CUDAGraph`` (every kernel, sqc's ops
+included, in one launch), and the host checks whether every row has ended only every
+:attr:`CompiledDecoder.SYNC_EVERY` tokens (:class:`_Ending`), so the GPU is never idle waiting for it.
+
 The first call pays the compilation (reported in :attr:`CompiledDecoder.stats`);
 Inductor caches the compiled graph on disk (``TORCHINDUCTOR_CACHE_DIR``), but TorchDynamo still traces the
 model in every process (about 10 s of SmolLM2's 15). An artifact therefore carries steps traced when it was
@@ -41,7 +46,7 @@ import torch
 from .sampling import SamplingParams, as_params, batch_state, sample_tokens
 from .stepstore import StepStoreError, StoredSteps, fingerprint
 
-__all__ = ["CompiledDecoder", "CACHE_STEP", "MODES", "use_gqa_attention"]
+__all__ = ["CompiledDecoder", "CACHE_STEP", "MODES", "use_gqa_attention", "model_device"]
 
 #: the decode step's modes: argmax, sampling, sampling with the repetition / presence / frequency penalties
 MODES = ("greedy", "sample", "sample+penalties")
@@ -126,6 +131,7 @@ class _GraphCapture:
         self.fn = None
         self.args: tuple = ()
         self.out = None
+        self.graph = None  # a torch.cuda.CUDAGraph of one replay, on a GPU (:meth:`capture_cuda_graph`)
 
     def __call__(self, gm, example_inputs):
         return self.wrap(torch._dynamo.lookup_backend("inductor")(gm, example_inputs))
@@ -145,11 +151,25 @@ class _GraphCapture:
         return self.fn is not None and isinstance(out, (list, tuple)) and len(out) == 1 and out[0] is result
 
     def replay(self) -> torch.Tensor:
+        if self.graph is not None:
+            self.graph.replay()
+            return self.out[0]
         return self.fn(*self.args)[0]
 
+    def capture_cuda_graph(self) -> None:
+        """Capture one replay (every kernel of the step, sqc's included: they launch on torch's current stream)
+        in a CUDA graph, so a later step is one ``cudaGraphLaunch``. Called after the step ran once (that run
+        loaded the kernels and warmed the allocator); capturing runs nothing, so the step's in-place effects
+        (the cache write, the penalty counts) happen once per replay as before. The graph's output tensor is
+        rewritten by every replay: callers copy what they keep."""
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = self.fn(*self.args)
+        self.graph, self.out = graph, out
+
     def release(self) -> None:
-        """Drop the recorded arguments (they hold the step's token buffers)."""
-        self.args, self.out = (), None
+        """Drop the recorded arguments (they hold the step's token buffers) and the CUDA graph."""
+        self.args, self.out, self.graph = (), None, None
 
 
 class CompiledDecoder:
@@ -161,9 +181,19 @@ class CompiledDecoder:
     #: reads every slot); shorter generations trace their own step
     STORED_SLACK = 4
 
-    def __init__(self, model: torch.nn.Module, compile_step: bool = True, stored: StoredSteps | None = None) -> None:
+    #: on a GPU, the host waits for the step only every this many tokens to see whether every row has ended
+    #: (then drops the tokens made past the end); on the CPU it looks after every token (it costs nothing there)
+    SYNC_EVERY = 8
+
+    def __init__(self, model: torch.nn.Module, compile_step: bool = True, stored: StoredSteps | None = None,
+                 cuda_graphs: bool = True) -> None:
         self.model = model
         self.compile_step = compile_step
+        #: on a GPU, replay the compiled step as one captured CUDA graph (the step must be compiled)
+        self.cuda_graphs = cuda_graphs
+        #: tokens between the host's looks at whether every row has ended; None: 1 on the CPU (and with stop
+        #: strings), :attr:`SYNC_EVERY` on a GPU
+        self.sync_every: int | None = None
         self.stored = stored if compile_step else None
         self._cache = None
         self._cache_len = 0
@@ -265,12 +295,12 @@ class CompiledDecoder:
 
     def _example_args(self, mode: str) -> tuple:
         """Arguments of the right shapes for the step of ``mode`` at the current batch (for tracing)."""
-        B = self._batch
-        tok, pos = torch.zeros((B, 1), dtype=torch.long), torch.zeros(1, dtype=torch.long)
+        B, dev = self._batch, model_device(self.model)
+        tok, pos = torch.zeros((B, 1), dtype=torch.long, device=dev), torch.zeros(1, dtype=torch.long, device=dev)
         if mode == "greedy":
             return tok, pos
         params = SamplingParams(repetition_penalty=1.1) if mode == "sample+penalties" else SamplingParams()
-        return (tok, pos) + batch_state([params] * B, self.model.config.vocab_size).tensors()
+        return (tok, pos) + batch_state([params] * B, self.model.config.vocab_size, device=dev).tensors()
 
     def trace_for_store(self, batch: int, cache_len: int, mode: str = "greedy") -> tuple[bytes, dict[str, Any]]:
         """Trace the step for ``batch``, ``cache_len`` and ``mode`` ahead of time: (its serialized form, the
@@ -285,7 +315,9 @@ class CompiledDecoder:
             cache = self._cache_for(batch, cache_len, mode, exact=True)
             # transformers allocates a static cache's tensors on its first update: run that update eagerly, as
             # generate's prefill does before every step, or the traced step would allocate a fresh cache each call
-            self.model(input_ids=torch.zeros((batch, 1), dtype=torch.long), cache_position=torch.arange(1),
+            dev = model_device(self.model)
+            self.model(input_ids=torch.zeros((batch, 1), dtype=torch.long, device=dev),
+                       cache_position=torch.arange(1, device=dev),
                        use_cache=True, logits_to_keep=1, **{cache_kwarg(self.model): cache})
             cache.reset()
             step = self._plain_step(mode)
@@ -362,17 +394,19 @@ class CompiledDecoder:
         if eos_token_id is None:
             eos_token_id = getattr(getattr(self.model, "generation_config", None), "eos_token_id", None)
         eos = set([eos_token_id] if isinstance(eos_token_id, int) else (eos_token_id or []))
+        dev = model_device(self.model)
+        input_ids = input_ids.to(dev)
         B, P = input_ids.shape
         params = self.sampling_params(B, kwargs)
         stops = _StopStrings(kwargs.get("stop_strings"), kwargs.get("tokenizer"), B)
         if params is None:
             mode, sampler = "greedy", None
         else:
-            sampler = batch_state(params, self.model.config.vocab_size, prompts=list(input_ids))
+            sampler = batch_state(params, self.model.config.vocab_size, prompts=list(input_ids), device=dev)
             mode = "sample+penalties" if sampler.penalties else "sample"
         cache = self._cache_for(B, P + max_new_tokens, mode)
-        out = self.model(input_ids=input_ids, cache_position=torch.arange(P), use_cache=True, logits_to_keep=1,
-                         **{cache_kwarg(self.model): cache})
+        out = self.model(input_ids=input_ids, cache_position=torch.arange(P, device=dev), use_cache=True,
+                         logits_to_keep=1, **{cache_kwarg(self.model): cache})
         if sampler is None:
             tok = out.logits[:, -1].argmax(-1, keepdim=True)
         else:
@@ -382,21 +416,16 @@ class CompiledDecoder:
         step, capture = self._step_fn(mode)
         toks = [tok]
         tokbuf = tok.clone()
-        posbuf = torch.zeros(1, dtype=torch.long)
+        posbuf = torch.zeros(1, dtype=torch.long, device=dev)
         args = (tokbuf, posbuf) + (() if sampler is None else sampler.tensors())
-        done = torch.zeros(B, dtype=torch.bool)
-        eos_ids = torch.tensor(sorted(eos), dtype=torch.long)
-        pad_id = next(iter(sorted(eos)), kwargs.get("pad_token_id") or 0)
+        sync = self.sync_every or (1 if dev.type == "cpu" or stops else self.SYNC_EVERY)
+        ending = _Ending(eos, stops, B, dev, kwargs.get("pad_token_id"), sync)
+        graphs = self.cuda_graphs and dev.type == "cuda" and capture is not None
         replay = False
         try:
             for i in range(max_new_tokens - 1):
-                if (eos or stops) and i + 1 >= min_new_tokens:
-                    if eos:
-                        done |= torch.isin(toks[-1][:, 0], eos_ids)
-                    if stops:
-                        done |= stops.hit(toks)
-                    if bool(done.all()):
-                        break
+                if ending and i + 1 >= min_new_tokens and ending.update(toks, i):
+                    break
                 tokbuf.copy_(toks[-1])
                 posbuf.fill_(P + i)
                 if sampler is not None:
@@ -416,14 +445,67 @@ class CompiledDecoder:
                     self.stats["replay"] = ("later steps replay the compiled graph on the first step's arguments "
                                             "(no guard checks)" if replay else
                                             "every step through TorchDynamo (the graph's output is not the step's)")
-                if eos or stops:
-                    nxt = torch.where(done[:, None], torch.full_like(nxt, pad_id), nxt)
-                toks.append(nxt.clone())
+                    if replay and graphs:
+                        capture.capture_cuda_graph()
+                        self.stats["replay"] += ", captured in one CUDA graph"
+                toks.append(ending.pad(nxt).clone())
+            toks = ending.trim(toks)
         finally:
             if capture is not None:
                 capture.release()
         self.stats["last_path"] = self.stats["mechanism"] + ("" if sampler is None else f", {mode} in the step")
         return torch.cat([input_ids, *toks], dim=1)
+
+
+def model_device(model: torch.nn.Module) -> torch.device:
+    """The device a model's weights are on (its first parameter's, else its first buffer's; the CPU without
+    either): the decode step's buffers live there."""
+    for t in model.parameters():
+        return t.device
+    for t in model.buffers():
+        return t.device
+    return torch.device("cpu")
+
+
+class _Ending:
+    """When a generation ends: every row has produced an end-of-sequence token or a stop string.
+
+    The done mask lives on the model's device and is updated after every token without the host waiting; the
+    host reads it only every ``sync_every`` tokens (1 on the CPU, where reading costs nothing, and with stop
+    strings, whose check decodes text on the host anyway). Tokens made after the last row ended are padding
+    (``pad``) and :meth:`trim` drops them, so the result is the one a check after every token gives."""
+
+    def __init__(self, eos: set[int], stops: "_StopStrings", batch: int, device: torch.device, pad_token_id,
+                 sync_every: int) -> None:
+        self.eos, self.stops, self.sync_every = eos, stops, sync_every
+        self.done = torch.zeros(batch, dtype=torch.bool, device=device)
+        self.eos_ids = torch.tensor(sorted(eos), dtype=torch.long, device=device)
+        self.pad_id = next(iter(sorted(eos)), pad_token_id or 0)
+        self.ended: list[torch.Tensor] = []  # per check: whether every row had ended (a device bool)
+        self.at: list[int] = []  # how many tokens there were at that check
+
+    def __bool__(self) -> bool:
+        return bool(self.eos or self.stops)
+
+    def update(self, toks: list[torch.Tensor], i: int) -> bool:
+        """Take the newest token into the done mask; True when the host saw that every row has ended."""
+        if self.eos:
+            self.done |= torch.isin(toks[-1][:, 0], self.eos_ids)
+        if self.stops:
+            self.done |= self.stops.hit(toks).to(self.done.device)
+        self.ended.append(self.done.all())
+        self.at.append(len(toks))
+        return len(self.ended) % self.sync_every == 0 and bool(self.ended[-1])
+
+    def pad(self, nxt: torch.Tensor) -> torch.Tensor:
+        return torch.where(self.done[:, None], torch.full_like(nxt, self.pad_id), nxt) if self else nxt
+
+    def trim(self, toks: list[torch.Tensor]) -> list[torch.Tensor]:
+        """``toks`` up to the token with which every row had ended (all of them when some row has not)."""
+        if not self.ended:
+            return toks
+        hit = torch.stack(self.ended).nonzero()
+        return toks[:self.at[int(hit[0, 0])]] if hit.numel() else toks
 
 
 class _StopStrings:

@@ -100,23 +100,26 @@ class SamplingParams:
     def penalized(self) -> bool:
         return self.repetition_penalty != 1 or self.presence_penalty != 0 or self.frequency_penalty != 0
 
-    def generator(self) -> torch.Generator | None:
-        return None if self.seed is None else torch.Generator().manual_seed(self.seed)
+    def generator(self, device: torch.device | str = "cpu") -> torch.Generator | None:
+        """A generator on ``device`` seeded with :attr:`seed` (None without one: torch's default generator of
+        that device). A seed repeats its tokens on one device; a GPU's stream of numbers is not the CPU's."""
+        return None if self.seed is None else torch.Generator(device=device).manual_seed(self.seed)
 
 
 class SamplerState:
     """A batch's sampling settings as ``[B, 1]`` tensors, its penalty counts and its noise buffer.
 
-    The tensors are allocated once per batch shape; :meth:`set_row` rewrites one row in place (a sequence joins),
-    :meth:`draw` refills the noise before each step and :meth:`record` counts tokens, so a captured step keeps
-    reading the same tensors.
+    The tensors are allocated once per batch shape, on ``device`` (the model's); :meth:`set_row` rewrites one
+    row in place (a sequence joins), :meth:`draw` refills the noise before each step (on the device, from each
+    row's generator there) and :meth:`record` counts tokens, so a captured step keeps reading the same tensors.
     """
 
-    def __init__(self, batch: int, vocab: int, penalties: bool) -> None:
+    def __init__(self, batch: int, vocab: int, penalties: bool, device: torch.device | str = "cpu") -> None:
         self.batch, self.vocab, self.penalties = batch, vocab, penalties
-        f32 = dict(dtype=torch.float32)
+        self.device = torch.device(device)
+        f32 = dict(dtype=torch.float32, device=self.device)
         self.temperature = torch.ones(batch, 1, **f32)
-        self.top_k = torch.zeros(batch, 1, dtype=torch.long)
+        self.top_k = torch.zeros(batch, 1, dtype=torch.long, device=self.device)
         self.top_p = torch.ones(batch, 1, **f32)
         self.min_p = torch.zeros(batch, 1, **f32)
         self.repetition = torch.ones(batch, 1, **f32)
@@ -139,12 +142,12 @@ class SamplerState:
         self.repetition[row] = params.repetition_penalty
         self.presence[row] = params.presence_penalty
         self.frequency[row] = params.frequency_penalty
-        self.generators[row] = params.generator()
+        self.generators[row] = params.generator(self.device)
         if self.penalties:
             self.seen[row].zero_()
             self.count[row].zero_()
             if prompt is not None and prompt.numel():
-                self.seen[row].index_fill_(0, prompt.reshape(-1).long(), 1.0)
+                self.seen[row].index_fill_(0, prompt.reshape(-1).long().to(self.device), 1.0)
 
     def draw(self, rows=None) -> None:
         """Fresh uniform noise for ``rows`` (default: every row), each from its own generator (or torch's
@@ -168,7 +171,7 @@ class SamplerState:
 
 def _count(seen: torch.Tensor, count: torch.Tensor, tok: torch.Tensor) -> None:
     seen.scatter_(1, tok, 1.0)
-    count.scatter_add_(1, tok, torch.ones(tok.shape, dtype=count.dtype))
+    count.scatter_add_(1, tok, torch.ones(tok.shape, dtype=count.dtype, device=count.device))
 
 
 def _order_key(x: torch.Tensor) -> torch.Tensor:
@@ -189,8 +192,8 @@ def _exact_threshold(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Ten
     key = _order_key(logits)
     B, V = logits.shape
     top_k = top_k.clamp(max=V)
-    lo = torch.full((B, 1), -(2**31), dtype=torch.int64)
-    hi = torch.full((B, 1), 2**31 - 1, dtype=torch.int64)
+    lo = torch.full((B, 1), -(2**31), dtype=torch.int64, device=logits.device)
+    hi = torch.full((B, 1), 2**31 - 1, dtype=torch.int64, device=logits.device)
     for _ in range(32):  # top_k: the largest t with count(key >= t) >= k
         mid = (lo + hi + 1) // 2
         ok = (key >= mid).sum(-1, keepdim=True) >= top_k
@@ -198,8 +201,8 @@ def _exact_threshold(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Ten
     thr_k = torch.where(top_k > 0, _from_order_key(lo), float("-inf"))
     kept = torch.where(logits >= thr_k, logits, float("-inf"))
     p = torch.softmax(kept, -1)
-    lo = torch.full((B, 1), -(2**31), dtype=torch.int64)
-    hi = torch.full((B, 1), 2**31 - 1, dtype=torch.int64)
+    lo = torch.full((B, 1), -(2**31), dtype=torch.int64, device=logits.device)
+    hi = torch.full((B, 1), 2**31 - 1, dtype=torch.int64, device=logits.device)
     for _ in range(32):  # top_p: the largest t whose tokens at or above it hold at least top_p of the mass
         mid = (lo + hi + 1) // 2
         ok = torch.where(key >= mid, p, 0.0).sum(-1, keepdim=True) >= top_p
@@ -272,10 +275,11 @@ def as_params(values: SamplingParams | dict | None, defaults: SamplingParams | N
     return dataclasses.replace(base, **values)
 
 
-def batch_state(params: Sequence[SamplingParams], vocab: int, prompts: Sequence[torch.Tensor] | None = None
-                ) -> SamplerState:
-    """A :class:`SamplerState` for ``params`` (one per row), with penalty buffers when any row needs them."""
-    state = SamplerState(len(params), vocab, penalties=any(p.penalized for p in params))
+def batch_state(params: Sequence[SamplingParams], vocab: int, prompts: Sequence[torch.Tensor] | None = None,
+                device: torch.device | str = "cpu") -> SamplerState:
+    """A :class:`SamplerState` for ``params`` (one per row) on ``device``, with penalty buffers when any row
+    needs them."""
+    state = SamplerState(len(params), vocab, penalties=any(p.penalized for p in params), device=device)
     for i, p in enumerate(params):
         state.set_row(i, p, None if prompts is None else prompts[i])
     return state

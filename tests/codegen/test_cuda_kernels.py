@@ -1,8 +1,9 @@
 """CUDA target: TVM-generated kernels built with nvcc in every run; run against the reference op on a GPU.
 
 Without a GPU (CI): the source is generated for every check key, built with
-nvcc for sm_80, sm_86 and sm_90, and ptxas's resource report must show no
-local-memory spills; a CUDA-compiled model saves its source and fatbin, loads
+nvcc for sm_80, sm_86, sm_89 and sm_90, and ptxas's resource report must show no
+local-memory spills in the gemv and registers and shared memory within a block's
+limits; a CUDA-compiled model saves its source and fatbin, loads
 without TVM or JAX, and running it on the CPU is a clear error.
 
 With a GPU (``gpu`` marker): every kernel of the check bundle (every batch
@@ -26,6 +27,8 @@ from hypothesis import strategies as st
 
 from sqc.runtime.cuda.chunks import from_chunk_words, to_chunk_words
 from sqc.runtime.cuda.kernels import CudaUnavailable
+from sqc.runtime.decode import CompiledDecoder
+from tests.conftest import ops_called
 
 HAVE_TVM = True
 try:  # noqa: SIM105
@@ -93,17 +96,22 @@ def test_generated_source_declares_every_kernel_with_its_parameters(check_source
 @needs_tvm
 @needs_nvcc
 def test_every_kernel_builds_with_nvcc_without_spills(check_source):
-    """Every check kernel (all candidates) for sm_80, sm_86 and sm_90, from one nvcc run."""
+    """Every check kernel (all candidates) for every architecture sqc builds for (sm_80, sm_86, sm_89, sm_90),
+    from one nvcc run."""
+    from sqc.codegen.cuda import CUDA_ARCHS
     from sqc.codegen.nvcc import resource_report
 
     source, specs = check_source
-    archs = ("sm_80", "sm_86", "sm_90")
+    archs = CUDA_ARCHS
+    assert set(archs) >= {"sm_80", "sm_86", "sm_89", "sm_90"}
     report = resource_report(source, archs)
     for arch in archs:
         assert set(report[arch]) == {s.name for s in specs}, arch
         for s in specs:
             r = report[arch][s.name]
             assert r["smem"] <= 48 * 1024, (arch, s.name, r)
+            # the block fits one SM's register file (64 Ki 32-bit registers) at ptxas's count, at most 255 each
+            assert r["registers"] <= 255 and r["registers"] * s.threads <= 65536, (arch, s.name, s.threads, r)
             if s.op == "gemv":  # no local memory at all in the gemv: no spills, no stack arrays
                 assert r["spill_stores"] == r["spill_loads"] == r["stack"] == 0, (arch, s.name, r)
             else:  # ptxas spills up to 40 bytes in a few gemm variants (it picks 32 registers for some); bounded
@@ -243,6 +251,16 @@ def test_compiled_model_runs_on_gpu_and_matches_the_reference(llama):
     assert mods and all(m.kernel.startswith("tvm-cuda") for m in mods.values())
     with torch.no_grad():
         compiled.to("cuda")
+        assert "lut_linear_cuda" in ops_called(compiled, ids.cuda())
+        # the compiled decode step on the GPU: buffers there, later steps one captured CUDA graph, eager's tokens
+        eager = CompiledDecoder(compiled.model, compile_step=False).generate(ids.cuda(), max_new_tokens=10,
+                                                                            min_new_tokens=10)
+        got = compiled.generate(ids, max_new_tokens=10, min_new_tokens=10)
+        assert got.is_cuda and torch.equal(got, eager)
+        assert compiled.decode_stats["replay"].endswith("captured in one CUDA graph")
+        sampled = compiled.generate(ids.cuda(), max_new_tokens=6, min_new_tokens=6, do_sample=True, seed=3)
+        assert torch.equal(sampled, compiled.generate(ids.cuda(), max_new_tokens=6, min_new_tokens=6, do_sample=True,
+                                                   seed=3))  # sampling on the GPU: a seed repeats its tokens
         out = compiled(ids.cuda()).logits.float().cpu()
         for m in mods.values():
             m.set_kernel(None, REFERENCE)

@@ -123,3 +123,4 @@ def test_more_decoders_than_dynamos_recompile_limit(compiled_llama):
     for _ in range(torch._dynamo.config.recompile_limit + 2):
         dec = CompiledDecoder(compiled.model)
         assert torch.equal(dec.generate(ids, max_new_tokens=3, min_new_tokens=3), want)
+
