@@ -105,14 +105,14 @@ class KernelSpec:
 
 
 def to_chunk_words(codes: torch.Tensor, bits: int) -> torch.Tensor:
-    """``[R, K]`` integer codes -> chunk-layout words int32 ``[R, 4 * NC]``."""
+    """``[R, K]`` integer codes -> chunk-layout words int32 ``[R, 4 * NC]``, on the codes' device."""
     R, K = codes.shape
     lay = ChunkLayout(K, bits)
     p = lay.per_word
-    c = torch.zeros((R, lay.n_chunks * lay.chunk_cols), dtype=torch.int64)
+    c = torch.zeros((R, lay.n_chunks * lay.chunk_cols), dtype=torch.int64, device=codes.device)
     c[:, :K] = codes
     c = c.view(R, lay.words, p)
-    words = torch.zeros((R, lay.words), dtype=torch.int64)
+    words = torch.zeros((R, lay.words), dtype=torch.int64, device=codes.device)
     for j in range(p):
         words |= c[:, :, j] << (j * bits)
     words = torch.where(words >= 1 << 31, words - (1 << 32), words)

@@ -211,12 +211,12 @@ class CudaLutKernels:
 
     def rebind(self, packed: PackedLinear, bias: torch.Tensor | None = None) -> None:
         """Take new codes and bias (``load_state_dict``): chunk words, sparse codes, fp16 bias."""
-        dev = packed.lut.device  # the layer's own device (CPU at compile and load, the GPU when re-tuned there)
-        codes = packed.unpack().cpu()
-        self.words = to_chunk_words(codes, packed.bits).to(dev)
+        dev = packed.lut.device  # the layer's own device (CPU at compile and load, the GPU when built there)
+        codes = packed.unpack(torch.uint8).to(dev)  # unpacked on the CPU; laid out where the layer is
+        self.words = to_chunk_words(codes, packed.bits)
         register_kernels(self, self.words)
         rows, cols = packed.sparse_coo()
-        self.scode = codes[rows.cpu(), cols.cpu()].to(torch.uint8).contiguous().to(dev)
+        self.scode = codes[rows.to(dev), cols.to(dev)].to(torch.uint8).contiguous()
         b = bias.detach() if bias is not None else torch.zeros(packed.out_features, device=dev)
         self.bias16 = b.to(device=dev, dtype=torch.float16).contiguous()
         self._launches = {}
