@@ -237,6 +237,20 @@ def test_every_kernel_matches_the_reference_op(bundle):
     assert not failures, failures[:5]
 
 
+def check_gpu_decode(compiled, ids: torch.Tensor) -> None:
+    """A CUDA model (on the GPU) runs its layers through ``sqc::lut_linear_cuda``, and ``generate`` runs the
+    compiled step with its buffers on the GPU, later steps replayed as one captured CUDA graph, giving the
+    eager step's tokens; sampling there repeats with a seed."""
+    assert "lut_linear_cuda" in ops_called(compiled, ids.cuda())
+    eager = CompiledDecoder(compiled.model, compile_step=False).generate(ids.cuda(), max_new_tokens=10,
+                                                                        min_new_tokens=10)
+    got = compiled.generate(ids.cpu(), max_new_tokens=10, min_new_tokens=10)  # the prompt moves to the model
+    assert got.is_cuda and torch.equal(got, eager)
+    assert compiled.decode_stats["replay"].endswith("captured in one CUDA graph"), compiled.decode_stats
+    kw = dict(max_new_tokens=6, min_new_tokens=6, do_sample=True, seed=3)
+    assert torch.equal(compiled.generate(ids.cuda(), **kw), compiled.generate(ids.cuda(), **kw))
+
+
 @gpu
 def test_compiled_model_runs_on_gpu_and_matches_the_reference(llama):
     if not (HAVE_TVM and find_nvcc()):
@@ -251,16 +265,7 @@ def test_compiled_model_runs_on_gpu_and_matches_the_reference(llama):
     assert mods and all(m.kernel.startswith("tvm-cuda") for m in mods.values())
     with torch.no_grad():
         compiled.to("cuda")
-        assert "lut_linear_cuda" in ops_called(compiled, ids.cuda())
-        # the compiled decode step on the GPU: buffers there, later steps one captured CUDA graph, eager's tokens
-        eager = CompiledDecoder(compiled.model, compile_step=False).generate(ids.cuda(), max_new_tokens=10,
-                                                                            min_new_tokens=10)
-        got = compiled.generate(ids, max_new_tokens=10, min_new_tokens=10)
-        assert got.is_cuda and torch.equal(got, eager)
-        assert compiled.decode_stats["replay"].endswith("captured in one CUDA graph")
-        sampled = compiled.generate(ids.cuda(), max_new_tokens=6, min_new_tokens=6, do_sample=True, seed=3)
-        assert torch.equal(sampled, compiled.generate(ids.cuda(), max_new_tokens=6, min_new_tokens=6, do_sample=True,
-                                                   seed=3))  # sampling on the GPU: a seed repeats its tokens
+        check_gpu_decode(compiled, ids)
         out = compiled(ids.cuda()).logits.float().cpu()
         for m in mods.values():
             m.set_kernel(None, REFERENCE)
@@ -281,6 +286,7 @@ def test_cuda_artifact_runs_on_gpu_without_tvm():
     with torch.no_grad():
         out = {n: compiled(ids[:n]).logits.float() for n in (1, 2)}
         step = compiled.generate(ids[:1], max_new_tokens=4, do_sample=False)
+        check_gpu_decode(compiled, ids[:1])
         for m in compiled.quantized_modules().values():
             m.set_kernel(None, REFERENCE)
         ref = {n: compiled(ids[:n]).logits.float() for n in (1, 2)}
