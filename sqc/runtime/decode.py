@@ -446,8 +446,13 @@ class CompiledDecoder:
                                             "(no guard checks)" if replay else
                                             "every step through TorchDynamo (the graph's output is not the step's)")
                     if replay and graphs:
-                        capture.capture_cuda_graph()
-                        self.stats["replay"] += ", captured in one CUDA graph"
+                        try:
+                            capture.capture_cuda_graph()
+                            self.stats["replay"] += ", captured in one CUDA graph"
+                        except RuntimeError as e:  # something in the step cannot be captured (a host sync)
+                            self.stats["replay"] += f", not captured in a CUDA graph ({e})"
+                            warnings.warn(f"sqc: the decode step could not be captured in a CUDA graph ({e}); "
+                                          "its steps replay without one", stacklevel=3)
                 toks.append(ending.pad(nxt).clone())
             toks = ending.trim(toks)
         finally:

@@ -319,6 +319,9 @@ class CudaLutKernels:
 
 #: the batch each bucket's kernel is timed at on the GPU (16, not the CPU's 8: the gemm's batch tile is 16)
 BUCKET_TUNE_BATCH = {"1": 1, "2-16": 16, "17+": 64}
+#: the relative error (against the layer's fp32 product on the same fp16 x) a candidate must stay under to be
+#: timed by :meth:`CudaBundle.tune`: fp16 outputs of fp32 sums land near 1e-3
+TUNE_TOLERANCE = 1e-2
 CUDA_FORMAT = 1
 
 
@@ -443,9 +446,22 @@ class CudaBundle:
             y = torch.empty(n, m.out_features, device=dev, dtype=torch.float16)
             tensors = {"x": x, "w": k.words, "lut": m.lut, "crow": m.crow, "col": m.col, "val": m.val,
                        "sc": k.scode, "bias": k.bias16, "y": y}
-            times = {}
+            # a candidate is timed only once it computes the layer (a fast wrong kernel must not win)
+            want = x.float() @ m.packed.dequantize(torch.float32).T + k.bias16.float()
+            times, wrong = {}, {}
             for sym in slot["candidates"]:
+                y.fill_(float("nan"))
+                self.module.launch(sym, n, tensors, dev.index)
+                err = float((y.float() - want).norm() / want.norm())
+                if not err <= TUNE_TOLERANCE:  # NaN (an unwritten output) fails too
+                    wrong[sym] = err
+                    continue
                 times[sym] = event_median_ms(lambda: self.module.launch(sym, n, tensors, dev.index), repeats)
+            if wrong:
+                slot["wrong"] = wrong
+            if not times:
+                raise RuntimeError(f"no CUDA kernel for {slot['layers'][0]} (bucket {slot['bucket']}) matches the "
+                                   f"layer on this GPU (relative errors {wrong}); tuning stops here")
             chosen = min(times, key=times.get)
             nbytes = k.nbytes() + sum(t.nbytes for t in (m.lut, m.crow, m.col, m.val))
             nbytes += 2 * n * (m.in_features + m.out_features)
