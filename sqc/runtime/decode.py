@@ -199,6 +199,7 @@ class CompiledDecoder:
         self._cache_len = 0
         self._batch = 0
         self._inference = False
+        self._device: torch.device | None = None  # where the cache was made (a model moved since needs a new one)
         self._steps: dict[tuple[int, str], tuple] = {}
         self._first = False
         #: set to a list to collect the wall time of every decode step (benchmarks; off by default)
@@ -222,12 +223,13 @@ class CompiledDecoder:
 
         need = length if exact else self._cache_length(batch, length, mode)
         inference = torch.is_inference_mode_enabled()  # a cache made under inference_mode is read-only outside it
-        if (self._cache is None or self._cache_len < need or self._batch != batch
+        device = model_device(self.model)
+        if (self._cache is None or self._cache_len < need or self._batch != batch or self._device != device
                 or self._inference != inference or (exact and self._cache_len != need)):
             cfg = self.model.config
             self._cache = StaticCache(config=cfg, max_cache_len=need, max_batch_size=batch) if batch > 1 else \
                 StaticCache(config=cfg, max_cache_len=need)
-            self._cache_len, self._batch, self._inference = need, batch, inference
+            self._cache_len, self._batch, self._inference, self._device = need, batch, inference, device
             self._steps.clear()
         else:
             self._cache.reset()

@@ -44,3 +44,24 @@ def test_the_step_buffers_follow_the_model_device():
                         prompts=[torch.tensor([1, 2]), torch.tensor([3])], device="meta")
     assert {t.device.type for t in state.tensors() if t is not None} == {"meta"}
     assert SamplingParams(seed=3).generator("cpu").initial_seed() == 3
+
+
+def test_a_model_moved_between_generations_gets_a_new_cache():
+    """The static cache lives where the model was at the last generation; once the model is elsewhere the next
+    generation makes a new one (and new steps) instead of writing into the old device's tensors."""
+    import os
+    import sys
+
+    from sqc.runtime.decode import CompiledDecoder
+
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+    from conftest import tiny_llama
+
+    dec = CompiledDecoder(tiny_llama(), compile_step=False)
+    ids = torch.randint(0, 128, (1, 5), generator=torch.Generator().manual_seed(4))
+    first = dec.generate(ids, max_new_tokens=6, min_new_tokens=6)
+    cache = dec._cache
+    assert dec.generate(ids, max_new_tokens=6, min_new_tokens=6).equal(first) and dec._cache is cache  # reused
+    dec._device = torch.device("meta")  # as if the model had been on another device at the last generation
+    assert dec.generate(ids, max_new_tokens=6, min_new_tokens=6).equal(first)
+    assert dec._cache is not cache and dec._device == torch.device("cpu")
