@@ -207,3 +207,12 @@ def test_a_traced_cuda_layer_holds_its_op_and_tensors_and_no_handle(driver):
     calls = [n for n in first.graph.nodes if n.op == "call_function"]
     assert [n.target for n in calls] == [torch.ops.sqc.lut_linear_cuda.default]
     assert all(a.op == "placeholder" for a in calls[0].args) and len(calls[0].args) == 8  # x and 7 layer tensors
+
+
+def test_an_unprepared_bucket_is_a_clear_error(driver):
+    layer = cuda_layer(driver)
+    k = layer._kernels
+    k.names = {"1": "gemv_k"}
+    layer._bind()
+    with pytest.raises(RuntimeError, match=r"layer 'mlp.up': no prepared launch for batch bucket 2-16"):
+        k.run(torch.randn(3, K, dtype=torch.float16), *layer._args)

@@ -301,7 +301,12 @@ class CudaLutKernels:
         return (y if half else y.to(x.dtype)).view(*lead, R)
 
     def _launch(self, bucket: str, x: torch.Tensor, y: torch.Tensor, n: int, device: int) -> None:
-        sym, spec, array, _ = self._launches[bucket]
+        prepared = self._launches.get(bucket)
+        if prepared is None:
+            raise RuntimeError(f"layer '{self.layer}': no prepared launch for batch bucket {bucket} (kernels for "
+                               f"{sorted(self.names)}; bound: {sorted(self._launches) or 'none'}); call the layer "
+                               "itself, which binds its kernels")
+        sym, spec, array, _ = prepared
         cx, cy, cn = self._cells
         cx.value, cy.value, cn.value = x.data_ptr(), y.data_ptr(), n
         try:
