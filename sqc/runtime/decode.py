@@ -426,7 +426,7 @@ class CompiledDecoder:
         replay = False
         try:
             for i in range(max_new_tokens - 1):
-                if ending and i + 1 >= min_new_tokens and ending.update(toks, i):
+                if ending and i + 1 >= min_new_tokens and ending.update(toks):
                     break
                 tokbuf.copy_(toks[-1])
                 posbuf.fill_(P + i)
@@ -494,7 +494,7 @@ class _Ending:
     def __bool__(self) -> bool:
         return bool(self.eos or self.stops)
 
-    def update(self, toks: list[torch.Tensor], i: int) -> bool:
+    def update(self, toks: list[torch.Tensor]) -> bool:
         """Take the newest token into the done mask; True when the host saw that every row has ended."""
         if self.eos:
             self.done |= torch.isin(toks[-1][:, 0], self.eos_ids)
