@@ -6,8 +6,8 @@ Two steps, because the GPU machines have no TVM:
   with the default kernels of every linear shape of the models below (3-bit codes, 0.45 % sparse: the
   ``w3-s0.45`` storage) and writes it to ``DIR``.
 * ``python benchmarks/e2e_cuda.py --bundle DIR`` (on the GPU) builds each model with random fp16 weights on
-  the GPU, makes a copy whose decoder linears are sqc layers (random 3-bit codes and tables, 0.45 % sparse
-  entries per row) with the bundle's kernels attached by :meth:`sqc.runtime.cuda.kernels.CudaBundle.attach`,
+  the GPU, makes a copy whose decoder linears are sqc layers (:func:`sqc.cuda_check.random_packed`: random
+  3-bit codes and tables, each entry sparse with probability 0.45 %) with the bundle's kernels attached by :meth:`sqc.runtime.cuda.kernels.CudaBundle.attach`,
   and times greedy decoding. Decode speed depends on the shapes, not on the values: the real SmolLM2 weights
   (98 MB) do not travel to the GPU machine, so "smollm2-135m" is its configuration with random weights.
 
@@ -101,24 +101,10 @@ def fp16_model(cfg: dict, device) -> torch.nn.Module:
     return model.eval()
 
 
-def random_packed(rows: int, k: int, device, gen: torch.Generator):
-    """A random 3-bit packed weight on ``device``: any words are valid codes; per-row fp16 tables; 0.45 % of
-    each row's columns sparse (fp16 values)."""
-    from sqc.runtime.layout import PackedLinear, col_dtype_for, words_per_row
-
-    words = torch.randint(-2**31, 2**31 - 1, (rows, words_per_row(k, BITS)), generator=gen, device=device,
-                          dtype=torch.int64).to(torch.int32)
-    lut = (torch.randn((rows, 1 << BITS), generator=gen, device=device) * 0.02).half()
-    per_row = max(1, round(DENSITY * k))
-    cols = torch.rand((rows, k), generator=gen, device=device).topk(per_row, dim=1).indices.sort(dim=1).values
-    crow = torch.arange(rows + 1, device=device, dtype=torch.int32) * per_row
-    val = (torch.randn(rows * per_row, generator=gen, device=device) * 0.05).half()
-    return PackedLinear(BITS, k, rows, words, lut, crow, cols.reshape(-1).to(col_dtype_for(k)), val)
-
-
 def quantize_random(model: torch.nn.Module, bundle, target: str) -> int:
     """Replace every decoder linear of ``model`` with an sqc layer of random codes and attach the bundle's
     kernels (the plan's slots are pointed at the layers by their key, then :meth:`CudaBundle.attach`)."""
+    from sqc.cuda_check import random_packed
     from sqc.runtime.cuda.kernels import layer_key
     from sqc.runtime.modules import replace_module
     from sqc.runtime.qlinear import SqcLinear
@@ -127,7 +113,7 @@ def quantize_random(model: torch.nn.Module, bundle, target: str) -> int:
     names = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and n.rsplit(".", 1)[-1] in LINEARS]
     for name in names:
         lin = model.get_submodule(name)
-        packed = random_packed(lin.out_features, lin.in_features, lin.weight.device, gen)
+        packed = random_packed(cuda_key(lin.out_features, lin.in_features), gen, DENSITY)
         replace_module(model, name, SqcLinear(packed, None))
     slots = {}
     for slot in bundle.plan["slots"]:

@@ -40,23 +40,25 @@ _DT = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.fl
 
 
 def random_packed(key: dict[str, Any], gen: torch.Generator, density: float = 0.0045) -> PackedLinear:
-    """A random packed layer for ``key`` (rows, in_features, bits, sparse, dtypes), on the CPU."""
+    """A random packed layer for ``key`` (rows, in_features, bits, sparse, dtypes), drawn on ``gen``'s device:
+    uniform codes, small per-row tables and, when sparse, each entry sparse with probability ``density`` (every
+    row's count binomial; the first row keeps at least one)."""
     R, K, b = key["rows"], key["in_features"], key["bits"]
-    codes = torch.randint(0, 1 << b, (R, K), generator=gen)
-    lut = (torch.randn((R, 1 << b), generator=gen) * 0.05).to(_DT[key["lut_dtype"]])
+    dev = gen.device
+    codes = torch.randint(0, 1 << b, (R, K), generator=gen, device=dev, dtype=torch.uint8)
+    lut = (torch.randn((R, 1 << b), generator=gen, device=dev) * 0.05).to(_DT[key["lut_dtype"]])
     if key["sparse"]:
-        per_row = torch.binomial(torch.full((R,), float(K)), torch.full((R,), density), generator=gen).long()
-        per_row = per_row.clamp(min=0, max=K)
-        per_row[0] = max(int(per_row[0]), 1)  # at least one non-zero
-        cols = [torch.randperm(K, generator=gen)[: int(n)].sort().values for n in per_row]
-        col = torch.cat(cols).to(_DT[key["col_dtype"]])
-        crow = torch.zeros(R + 1, dtype=torch.int32)
-        crow[1:] = torch.cumsum(per_row, 0).to(torch.int32)
-        val = (torch.randn(int(crow[-1]), generator=gen) * 0.2).to(_DT[key["val_dtype"]])
+        mask = torch.rand((R, K), generator=gen, device=dev) < density
+        mask[0, 0] = True  # at least one non-zero
+        rows, cols = mask.nonzero(as_tuple=True)  # row by row, each row's columns ascending
+        col = cols.to(_DT[key["col_dtype"]])
+        crow = torch.zeros(R + 1, dtype=torch.int32, device=dev)
+        crow[1:] = torch.bincount(rows, minlength=R).cumsum(0)
+        val = (torch.randn(len(cols), generator=gen, device=dev) * 0.2).to(_DT[key["val_dtype"]])
     else:
-        crow = torch.zeros(R + 1, dtype=torch.int32)
-        col = torch.zeros(0, dtype=_DT[key["col_dtype"]])
-        val = torch.zeros(0, dtype=_DT[key["val_dtype"]])
+        crow = torch.zeros(R + 1, dtype=torch.int32, device=dev)
+        col = torch.zeros(0, dtype=_DT[key["col_dtype"]], device=dev)
+        val = torch.zeros(0, dtype=_DT[key["val_dtype"]], device=dev)
     return PackedLinear(b, K, R, pack_codes(codes, b), lut, crow, col, val)
 
 

@@ -3,18 +3,14 @@
 import pytest
 import torch
 
+from tests.conftest import tiny_llama
+
 
 @pytest.mark.parametrize("sync_every", [2, 3, 8])
 def test_a_deferred_end_check_gives_the_tokens_of_a_check_per_token(sync_every):
     """On a GPU the host looks at the done mask only every few tokens; the tokens made past the end are dropped,
     so the output is the one a check after every token gives (each row padded after its own end)."""
-    import os
-    import sys
-
     from sqc.runtime.decode import CompiledDecoder
-
-    sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-    from conftest import tiny_llama
 
     model = tiny_llama()
     ids = torch.randint(0, 128, (2, 6), generator=torch.Generator().manual_seed(3))
@@ -49,13 +45,7 @@ def test_the_step_buffers_follow_the_model_device():
 def test_a_model_moved_between_generations_gets_a_new_cache():
     """The static cache lives where the model was at the last generation; once the model is elsewhere the next
     generation makes a new one (and new steps) instead of writing into the old device's tensors."""
-    import os
-    import sys
-
     from sqc.runtime.decode import CompiledDecoder
-
-    sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-    from conftest import tiny_llama
 
     dec = CompiledDecoder(tiny_llama(), compile_step=False)
     ids = torch.randint(0, 128, (1, 5), generator=torch.Generator().manual_seed(4))

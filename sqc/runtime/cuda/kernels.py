@@ -200,10 +200,8 @@ class CudaLutKernels:
 
     def __getstate__(self) -> dict:
         # the parameter arrays point into this layer's tensors: a copy prepares its own (its layer rebinds it)
-        state = dict(self.__dict__)
-        for name in ("_launches", "_cells", "_x16", "_y16"):
-            state.pop(name, None)
-        return dict(state, _launches={})
+        skip = ("_cells", "_x16", "_y16")
+        return {k: ({} if k == "_launches" else v) for k, v in self.__dict__.items() if k not in skip}
 
     def __setstate__(self, state) -> None:
         self.__dict__.update(state)
@@ -253,6 +251,7 @@ class CudaLutKernels:
             launches[bucket] = (sym, spec, array, cells)
         self._cells = (x, y, n)
         self._launches = launches
+        self._device = self.words.get_device()  # what a call's x must be on (-1: the CPU)
         # batch 1 in fp32 / bf16 converts through these (made here, not in a call, so a CUDA graph captured
         # later reads and writes memory that outlives it)
         self._x16 = torch.empty((1, self.in_features), dtype=torch.float16, device=self.words.device)
@@ -275,7 +274,7 @@ class CudaLutKernels:
     def run(self, x: torch.Tensor, words, lut, crow, col, val, scode, bias) -> torch.Tensor:
         """``y = x @ W_hat.T + bias`` in x's dtype (the op's CUDA implementation; the tensors are the bound ones)."""
         dev = x.get_device()
-        if dev != self.words.get_device():
+        if dev != self._device:
             raise RuntimeError(f"layer '{self.layer}': weights are on {self.words.device} but x is on {x.device}; "
                                "call model.to(x.device)")
         K, R = self.in_features, self.out_features
